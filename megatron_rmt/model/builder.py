@@ -1,0 +1,109 @@
+"""Build Megatron-Core `GPTModel` stages for the three families this project trains.
+
+Qwen3: RMSNorm, SwiGLU, QK-norm, GQA, RoPE, no biases. Qwen2 (DeepSeek-R1-Distill-Qwen): the same
+with a bias on the fused QKV projection and no QK-norm. Llama (SmolLM2): no QK-norm, no biases.
+Whether embeddings are tied is a per-checkpoint setting (`untie_embeddings_and_output_weights`).
+
+The layer spec is chosen here and only here: Transformer Engine's when it imports, Megatron's
+local modules otherwise. On CPU the fused kernels are switched off and weights initialise on the
+CPU (which also makes TP shards slices of one full initialisation).
+"""
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state as ps
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from megatron_rmt import platform
+from megatron_rmt.config import ModelConfig
+
+
+def te_available() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return platform.cuda_available()
+
+
+def use_transformer_engine(m: ModelConfig) -> bool:
+    if m.transformer_impl == "transformer_engine" and not te_available():
+        raise RuntimeError("transformer_impl=transformer_engine but Transformer Engine is absent")
+    return m.transformer_impl == "transformer_engine" or (
+        m.transformer_impl == "auto" and te_available()
+    )
+
+
+def layer_spec(m: ModelConfig) -> ModuleSpec:
+    if use_transformer_engine(m):
+        from megatron.core.models.gpt.gpt_layer_specs import (
+            get_gpt_layer_with_transformer_engine_spec,
+        )
+
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=m.qk_layernorm)
+    return get_gpt_layer_local_spec(qk_layernorm=m.qk_layernorm, normalization="RMSNorm")
+
+
+def transformer_config(m: ModelConfig, tp: int, pp: int) -> TransformerConfig:
+    on_gpu = platform.cuda_available()
+    dtype = torch.bfloat16 if m.bf16 else torch.float32
+    return TransformerConfig(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        ffn_hidden_size=m.ffn_hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        kv_channels=m.kv_channels,
+        normalization="RMSNorm",
+        layernorm_epsilon=m.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=m.add_qkv_bias,
+        qk_layernorm=m.qk_layernorm,
+        init_method_std=m.init_method_std,
+        attention_dropout=m.attention_dropout,
+        hidden_dropout=m.hidden_dropout,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        pipeline_dtype=dtype,
+        params_dtype=dtype,
+        bf16=m.bf16,
+        # Each loss term is normalised by its own global token count (see losses.py).
+        calculate_per_token_loss=True,
+        use_cpu_initialization=not on_gpu,
+        bias_activation_fusion=on_gpu,
+        masked_softmax_fusion=on_gpu,
+        bias_dropout_fusion=on_gpu,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=on_gpu,
+    )
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
+    """Megatron pads the vocabulary so every TP shard has equal, aligned rows."""
+    multiple = divisible_by * tp
+    return -(-vocab_size // multiple) * multiple
+
+
+def build_model(m: ModelConfig, vocab_size: int) -> GPTModel:
+    """This rank's pipeline stage of the model (TP/PP come from the initialised parallel state)."""
+    tp = ps.get_tensor_model_parallel_world_size()
+    pp = ps.get_pipeline_model_parallel_world_size()
+    model = GPTModel(
+        config=transformer_config(m, tp, pp),
+        transformer_layer_spec=layer_spec(m),
+        vocab_size=vocab_size,
+        max_sequence_length=m.max_position_embeddings,
+        pre_process=ps.is_pipeline_first_stage(),
+        post_process=ps.is_pipeline_last_stage(),
+        parallel_output=True,
+        share_embeddings_and_output_weights=not m.untie_embeddings_and_output_weights,
+        position_embedding_type="rope",
+        rotary_base=m.rotary_base,
+    )
+    return model.to(platform.device())
