@@ -1,0 +1,122 @@
+"""One small tokenizer wrapper for preprocessing, the data pipeline and the trainer's prompts.
+
+Two kinds, named as Megatron-LM names them:
+- `HuggingFaceTokenizer`: a directory holding `tokenizer.json` (and optionally
+  `tokenizer_config.json` with a chat template), e.g. Qwen3 or SmolLM2.
+- `GPT2BPETokenizer`: the original GPT-2 `vocab.json` + `merges.txt`.
+
+Deliberate choices:
+- Both are served by the Rust `tokenizers` library directly: loading takes milliseconds and
+  encoding has no Python-side overhead, which keeps preprocessing close to the bare tokenizer's
+  speed. `transformers` is imported only for `apply_chat_template`, because Jinja chat templates
+  rely on helpers it provides.
+- No special tokens are ever added (no BOS): documents are separated by an explicit EOD id.
+  Special-token text inside a document (e.g. a literal `<|endoftext|>`) is matched as the special
+  token, as Hugging Face tokenizers and Megatron-LM's HuggingFaceTokenizer do.
+- `eod` is `<|endoftext|>` when the vocabulary has it (Qwen3, GPT-2, SmolLM2), else the
+  tokenizer's `eos_token`.
+- The object carries `vocab_size` and `eod`, which is all megatron.core's GPTDataset asks of its
+  tokenizer, so it is passed to GPTDatasetConfig as it is.
+"""
+
+import json
+import os
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+_EOD_TEXT = "<|endoftext|>"
+
+
+class TextTokenizer:
+    """Encode/decode text with a `tokenizers.Tokenizer`; see the module docstring."""
+
+    def __init__(self, backend: Tokenizer, eod: int, hf_dir: str | None = None):
+        self._backend = backend
+        self.eod = eod
+        self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
+        self._hf_dir = hf_dir
+        self._chat = None  # transformers tokenizer, loaded on first apply_chat_template
+
+    def encode(self, text: str) -> list[int]:
+        return self._backend.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self._backend.decode(list(ids), skip_special_tokens=False)
+
+    def token_text(self, token_id: int) -> str:
+        """The text one token decodes to on its own (partial UTF-8 bytes decode to U+FFFD)."""
+        return self.decode([token_id])
+
+    @property
+    def has_chat_template(self) -> bool:
+        return self._hf_dir is not None and "chat_template" in _read_config(self._hf_dir)
+
+    def apply_chat_template(
+        self, messages: list[dict], add_generation_prompt: bool = True, **template_kwargs
+    ) -> list[int]:
+        """Render `messages` with the tokenizer's own chat template and encode the result.
+
+        Extra keyword arguments reach the template (Qwen3: `enable_thinking=False`)."""
+        if not self.has_chat_template:
+            raise ValueError("this tokenizer has no chat template (no tokenizer_config.json one)")
+        if self._chat is None:
+            from transformers import AutoTokenizer
+
+            self._chat = AutoTokenizer.from_pretrained(self._hf_dir)
+        text = self._chat.apply_chat_template(
+            messages,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+            **template_kwargs,
+        )
+        # The rendered text spells special tokens out; encode() maps them back to their ids.
+        return self.encode(text)
+
+
+def build_tokenizer(
+    tokenizer_type: str,
+    tokenizer_model: str | None = None,
+    vocab_file: str | None = None,
+    merge_file: str | None = None,
+) -> TextTokenizer:
+    """Build the tokenizer Megatron-LM's flags describe (`--tokenizer-type` and its files)."""
+    if tokenizer_type == "HuggingFaceTokenizer":
+        if tokenizer_model is None:
+            raise ValueError("HuggingFaceTokenizer needs --tokenizer-model DIR")
+        path = os.path.join(tokenizer_model, "tokenizer.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no tokenizer.json in {tokenizer_model}")
+        backend = Tokenizer.from_file(path)
+        return TextTokenizer(backend, _find_eod(backend, tokenizer_model), hf_dir=tokenizer_model)
+    if tokenizer_type == "GPT2BPETokenizer":
+        if vocab_file is None or merge_file is None:
+            raise ValueError("GPT2BPETokenizer needs --vocab-file and --merge-file")
+        backend = Tokenizer(models.BPE.from_file(vocab_file, merge_file))
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.decoder = decoders.ByteLevel()
+        backend.add_special_tokens([_EOD_TEXT])  # already in vocab.json: marks it special
+        return TextTokenizer(backend, _find_eod(backend, None))
+    raise ValueError(
+        f"unknown tokenizer type {tokenizer_type!r}: use HuggingFaceTokenizer or GPT2BPETokenizer"
+    )
+
+
+def _read_config(hf_dir: str) -> dict:
+    path = os.path.join(hf_dir, "tokenizer_config.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _find_eod(backend: Tokenizer, hf_dir: str | None) -> int:
+    eod = backend.token_to_id(_EOD_TEXT)
+    if eod is not None:
+        return eod
+    eos = _read_config(hf_dir).get("eos_token") if hf_dir else None
+    if isinstance(eos, dict):  # older configs store AddedToken objects
+        eos = eos.get("content")
+    eod = backend.token_to_id(eos) if eos else None
+    if eod is None:
+        raise ValueError(f"tokenizer has neither {_EOD_TEXT} nor an eos_token to use as EOD")
+    return eod
