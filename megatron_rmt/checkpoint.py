@@ -1,0 +1,144 @@
+"""Save and resume training with megatron.core.dist_checkpointing.
+
+A checkpoint is `{dir}/iter_{step:07d}/`: model and optimizer as sharded tensors (so it loads at
+any TP/PP/DP), and a common part written once: scheduler, step (which drives B_t and p(t)), data
+position (consumed samples) and the resolved config. Each rank's RNG states sit beside it and are
+restored when the layout is unchanged (all randomness of the method is also seeded by step).
+
+Writes are atomic: everything goes to `iter_N.tmp/`, which is renamed once every rank finished,
+and only then does `latest_checkpointed_iteration.txt` (Megatron-LM's tracker name) move to it,
+itself replaced atomically. A crash mid-save leaves the previous checkpoint as "latest".
+"""
+
+import os
+import random
+import shutil
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+from megatron.core import parallel_state as ps
+
+from megatron_rmt import config as config_mod
+from megatron_rmt.build import Trainable
+
+TRACKER = "latest_checkpointed_iteration.txt"
+_OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_sharded_model_space"}
+
+
+@dataclass
+class Progress:
+    """What, besides tensors, a resumed run must continue from."""
+
+    step: int = 0
+    consumed_samples: int = 0
+
+
+def iteration_dir(root: str, step: int) -> str:
+    return os.path.join(root, f"iter_{step:07d}")
+
+
+def latest_step(root: str) -> int | None:
+    try:
+        with open(os.path.join(root, TRACKER)) as fh:
+            return int(fh.read().strip())
+    except FileNotFoundError:
+        return None
+
+
+def save(root: str, trainable: Trainable, progress: Progress, cfg) -> str:
+    """Write a checkpoint of every rank's state; returns its directory."""
+    final = iteration_dir(root, progress.step)
+    tmp = final + ".tmp"
+    rank = dist.get_rank()
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    dist.barrier()
+    # Before the first optimizer step there is no optimizer state: such a checkpoint (also what
+    # the HF converter writes) holds the model only, and loading it starts a fresh optimizer.
+    with_optimizer = progress.step > 0
+    state = _sharded_state(trainable, is_loading=False, with_optimizer=with_optimizer)
+    state.update(
+        scheduler=trainable.scheduler.state_dict(),
+        progress=vars(progress).copy(),
+        has_optimizer=with_optimizer,
+        config=config_mod.to_yaml(cfg),
+    )
+    dist_checkpointing.save(state, tmp)
+    torch.save(_rng_state(), os.path.join(tmp, f"rng_rank{rank:05d}.pt"))
+    dist.barrier()
+    if rank == 0:
+        with open(os.path.join(tmp, "config.yaml"), "w") as fh:
+            fh.write(config_mod.to_yaml(cfg))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        _write_tracker(root, progress.step)
+    dist.barrier()
+    return final
+
+
+def load(root: str, trainable: Trainable, load_optimizer: bool = True) -> Progress:
+    """Load the latest checkpoint under `root` into `trainable`; returns where to continue."""
+    step = latest_step(root)
+    if step is None:
+        raise FileNotFoundError(f"{root}: no {TRACKER}; not a checkpoint directory")
+    path = iteration_dir(root, step)
+    common = dist_checkpointing.load_common_state_dict(path)
+    with_optimizer = load_optimizer and common.get("has_optimizer", False)
+    loaded = dist_checkpointing.load(_sharded_state(trainable, True, with_optimizer), path)
+    trainable.model[0].module.load_state_dict(loaded["model"])
+    if not with_optimizer:
+        trainable.optimizer.reload_model_params()
+        return Progress()
+    trainable.optimizer.load_state_dict(loaded["optimizer"])
+    trainable.scheduler.load_state_dict(common["scheduler"])
+    rng_file = os.path.join(path, f"rng_rank{dist.get_rank():05d}.pt")
+    if os.path.exists(rng_file):
+        _restore_rng(torch.load(rng_file, weights_only=False))
+    return Progress(**common["progress"])
+
+
+def _sharded_state(trainable: Trainable, is_loading: bool, with_optimizer: bool) -> dict:
+    model_sd = trainable.model[0].module.sharded_state_dict()
+    if not with_optimizer:
+        return {"model": model_sd}
+    optim_sd = trainable.optimizer.sharded_state_dict(
+        model_sd, is_loading=is_loading, metadata=_OPTIM_METADATA
+    )
+    return {"model": model_sd, "optimizer": optim_sd}
+
+
+def _rng_state() -> dict:
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    return {
+        "layout": (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(), dist.get_world_size()),
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "tracker": get_cuda_rng_tracker().get_states(),
+    }
+
+
+def _restore_rng(saved: dict) -> None:
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    layout = (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(), dist.get_world_size())
+    if saved["layout"] != layout:
+        return  # another TP/PP/DP layout: the per-rank streams do not correspond
+    random.setstate(saved["python"])
+    np.random.set_state(saved["numpy"])
+    torch.set_rng_state(saved["torch"])
+    get_cuda_rng_tracker().set_states(saved["tracker"])
+
+
+def _write_tracker(root: str, step: int) -> None:
+    tmp = os.path.join(root, TRACKER + ".tmp")
+    with open(tmp, "w") as fh:
+        fh.write(str(step))
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, os.path.join(root, TRACKER))
