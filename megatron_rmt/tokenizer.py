@@ -15,8 +15,9 @@ Deliberate choices:
   token, as Hugging Face tokenizers and Megatron-LM's HuggingFaceTokenizer do.
 - `eod` is `<|endoftext|>` when the vocabulary has it (Qwen3, GPT-2, SmolLM2), else the
   tokenizer's `eos_token`.
-- The object carries `vocab_size` and `eod`, which is all megatron.core's GPTDataset asks of its
-  tokenizer, so it is passed to GPTDatasetConfig as it is.
+- The object carries `vocab_size`, `eod` and `unique_identifiers` (part of the dataset index
+  cache key), which is all megatron.core's GPTDataset asks of its tokenizer, so it is passed to
+  GPTDatasetConfig as it is; no MegatronTokenizer subclass is needed.
 """
 
 import json
@@ -30,12 +31,18 @@ _EOD_TEXT = "<|endoftext|>"
 class TextTokenizer:
     """Encode/decode text with a `tokenizers.Tokenizer`; see the module docstring."""
 
-    def __init__(self, backend: Tokenizer, eod: int, hf_dir: str | None = None):
+    def __init__(self, backend: Tokenizer, eod: int, source: str, hf_dir: str | None = None):
         self._backend = backend
         self.eod = eod
         self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
+        self.source = source  # the files it was built from, for cache keys and messages
         self._hf_dir = hf_dir
         self._chat = None  # transformers tokenizer, loaded on first apply_chat_template
+
+    @property
+    def unique_identifiers(self) -> dict:
+        """What megatron.core hashes into its dataset index cache key."""
+        return {"class": type(self).__name__, "source": self.source, "eod": self.eod}
 
     def encode(self, text: str) -> list[int]:
         return self._backend.encode(text, add_special_tokens=False).ids
@@ -87,7 +94,8 @@ def build_tokenizer(
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no tokenizer.json in {tokenizer_model}")
         backend = Tokenizer.from_file(path)
-        return TextTokenizer(backend, _find_eod(backend, tokenizer_model), hf_dir=tokenizer_model)
+        eod = _find_eod(backend, tokenizer_model)
+        return TextTokenizer(backend, eod, os.path.abspath(path), hf_dir=tokenizer_model)
     if tokenizer_type == "GPT2BPETokenizer":
         if vocab_file is None or merge_file is None:
             raise ValueError("GPT2BPETokenizer needs --vocab-file and --merge-file")
@@ -95,7 +103,8 @@ def build_tokenizer(
         backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         backend.decoder = decoders.ByteLevel()
         backend.add_special_tokens([_EOD_TEXT])  # already in vocab.json: marks it special
-        return TextTokenizer(backend, _find_eod(backend, None))
+        source = f"{os.path.abspath(vocab_file)} + {os.path.abspath(merge_file)}"
+        return TextTokenizer(backend, _find_eod(backend, None), source)
     raise ValueError(
         f"unknown tokenizer type {tokenizer_type!r}: use HuggingFaceTokenizer or GPT2BPETokenizer"
     )

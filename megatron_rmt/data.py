@@ -1,0 +1,181 @@
+"""Streaming pretraining windows from indexed shards (.bin/.idx), with a resumable position.
+
+`build_train_dataset` turns Megatron-LM style `--data-path` (prefixes, optionally weighted:
+`0.7 pathA 0.3 pathB`) and `--split` into megatron.core's GPTDataset / BlendedDataset through
+BlendedMegatronDatasetBuilder, so shuffling, epochs, splits and blending are exactly Megatron's.
+`MicrobatchIterator` walks that dataset in order from a global `consumed_samples` position.
+
+Deliberate choices:
+- Sample layout is Megatron's pretraining sampler: microbatch k of a step covers the global
+  samples [c, c + mbs * dp) with c = consumed_samples, and DP rank r takes the r-th run of `mbs`
+  of them. DP ranks are disjoint; TP/PP ranks of one replica share a dp_rank and so get the same
+  samples. Resuming is just constructing the iterator with the saved `consumed_samples`.
+- Document boundaries come from EOD tokens (shards are built with `--append-eod`), the same
+  signal Megatron's reset_position_ids uses: `context_len[j]` counts same-document tokens up to
+  and including position j, restarting at 1 after an EOD and at the window start.
+- `loss_mask` is GPTDataset's with `eod_mask_loss`: 0 where the input token is EOD (its label is
+  the next document's first token, which no context predicts) and where the label is padding.
+- Every rank builds the dataset (each replica rank reads its own windows); the builder lets
+  global rank 0 write the index cache first, so build_train_dataset is collective when
+  torch.distributed is initialised. The cache goes next to the data (`<dir>/cache`), or to
+  `$XDG_CACHE_HOME/megatron_rmt/datasets` when that directory is not writable.
+- megatron-core 0.16's BlendedDataset asks torch.distributed for the rank unguarded, so outside
+  a distributed run (tests, tools) a private world-of-one gloo group on an in-memory store
+  stands in while the datasets are built, and is torn down right after.
+"""
+
+import contextlib
+import os
+
+import torch
+import torch.distributed as dist
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+from megatron.core.datasets.indexed_dataset import IndexedDataset
+from megatron.core.datasets.utils import get_blend_from_list
+
+
+def parse_data_path(data_path: list[str]) -> tuple[list[str], list[float] | None]:
+    """`["pathA", "pathB"]` or `["0.7", "pathA", "0.3", "pathB"]` -> (prefixes, weights)."""
+    if not data_path:
+        raise ValueError("data_path is empty: give at least one .bin/.idx prefix")
+    prefixes, weights = get_blend_from_list(list(data_path))
+    missing = [p for p in prefixes if not IndexedDataset.exists(p)]
+    if missing:
+        raise FileNotFoundError(
+            f"no indexed dataset (.bin + .idx) at {missing}; build one with tools/preprocess_data.py"
+        )
+    return prefixes, weights
+
+
+def default_cache_dir(prefixes: list[str]) -> str:
+    """`<dir of the first prefix>/cache`, or the user cache dir when the data is read-only."""
+    data_dir = os.path.dirname(os.path.abspath(prefixes[0]))
+    cache = os.path.join(data_dir, "cache")
+    if os.access(cache if os.path.isdir(cache) else data_dir, os.W_OK):
+        return cache
+    user_cache = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return os.path.join(user_cache, "megatron_rmt", "datasets")
+
+
+def build_train_dataset(
+    data_path: list[str],
+    split: str,
+    seq_length: int,
+    num_samples: int,
+    seed: int,
+    tokenizer,
+    cache_dir: str | None = None,
+):
+    """The training split of the (blended) corpus: at least `num_samples` windows of
+    `seq_length` tokens (+1 for the shifted labels). `tokenizer` needs `eod` and `vocab_size`."""
+    prefixes, weights = parse_data_path(data_path)
+    config = GPTDatasetConfig(
+        random_seed=seed,
+        sequence_length=seq_length,
+        blend=(prefixes, weights),
+        split=split,
+        path_to_cache=cache_dir or default_cache_dir(prefixes),
+        tokenizer=tokenizer,
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=True,
+        create_attention_mask=False,  # the model applies its own causal mask
+    )
+    # Only the train split is drawn from; the others get size 0 but keep Megatron's split layout.
+    builder = BlendedMegatronDatasetBuilder(GPTDataset, [num_samples, 0, 0], lambda: True, config)
+    with _world_of_one_if_needed():
+        train = builder.build()[0]
+    if train is None or len(train) < num_samples:
+        raise ValueError(
+            f"the train split has {0 if train is None else len(train)} samples, "
+            f"{num_samples} requested (split={split!r})"
+        )
+    return train
+
+
+@contextlib.contextmanager
+def _world_of_one_if_needed():
+    if dist.is_initialized():
+        yield
+        return
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def context_lengths(tokens: torch.Tensor, eod: int) -> torch.Tensor:
+    """Same-document tokens up to and including each position, counted from the window start.
+
+    tokens: [b, s] int64 -> [b, s] int64; 1 at position 0 and right after every EOD."""
+    b, s = tokens.shape
+    pos = torch.arange(s, device=tokens.device).expand(b, s)
+    starts = torch.zeros_like(tokens, dtype=torch.bool)
+    starts[:, 0] = True
+    starts[:, 1:] = tokens[:, :-1] == eod
+    last_start = torch.where(starts, pos, torch.zeros_like(pos)).cummax(dim=1).values
+    return pos - last_start + 1
+
+
+class MicrobatchIterator:
+    """Yields this DP rank's microbatches, in order, from global position `consumed_samples`.
+
+    Each item is a dict of CPU tensors: tokens, labels, position_ids, context_len [b, s] int64,
+    loss_mask [b, s] float32, sample_ids [b] int64 (global sample index)."""
+
+    def __init__(
+        self,
+        dataset,
+        micro_batch_size: int,
+        global_batch_size: int,
+        dp_rank: int,
+        dp_size: int,
+        consumed_samples: int = 0,
+    ):
+        per_microbatch = micro_batch_size * dp_size
+        if global_batch_size % per_microbatch:
+            raise ValueError(
+                f"global batch {global_batch_size} is not a multiple of micro batch "
+                f"{micro_batch_size} x data-parallel size {dp_size}"
+            )
+        if consumed_samples % per_microbatch:
+            raise ValueError(
+                f"consumed_samples {consumed_samples} is not a multiple of {per_microbatch}"
+            )
+        if not 0 <= dp_rank < dp_size:
+            raise ValueError(f"dp_rank {dp_rank} outside [0, {dp_size})")
+        self.dataset = dataset
+        self.micro_batch_size = micro_batch_size
+        self.dp_rank = dp_rank
+        self.dp_size = dp_size
+        self.num_microbatches = global_batch_size // per_microbatch
+        self._consumed = consumed_samples
+        self._eod = dataset.config.tokenizer.eod
+
+    @property
+    def consumed_samples(self) -> int:
+        """Global samples handed out so far, over all DP ranks: the state to checkpoint."""
+        return self._consumed
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        per_microbatch = self.micro_batch_size * self.dp_size
+        if self._consumed + per_microbatch > len(self.dataset):
+            raise StopIteration
+        first = self._consumed + self.dp_rank * self.micro_batch_size
+        sample_ids = torch.arange(first, first + self.micro_batch_size)  # [b]
+        samples = [self.dataset[int(i)] for i in sample_ids]
+        tokens = torch.stack([x["tokens"] for x in samples])  # [b, s]
+        self._consumed += per_microbatch
+        return {
+            "tokens": tokens,
+            "labels": torch.stack([x["labels"] for x in samples]),  # [b, s]
+            "loss_mask": torch.stack([x["loss_mask"] for x in samples]).float(),  # [b, s]
+            "position_ids": torch.arange(tokens.shape[1]).expand_as(tokens).clone(),  # [b, s]
+            "context_len": context_lengths(tokens, self._eod),  # [b, s]
+            "sample_ids": sample_ids,
+        }
