@@ -12,7 +12,9 @@ Deliberate choices:
   fp32 `[tokens, v/tp]` tensor ever exists, so peak extra memory is O(chunk x v/tp).
 - Only the input logits and the per-token log-sum-exp (fp32 `[N]`) are saved. The backward
   recomputes the softmax chunk by chunk from them. Because the saved log-sum-exp is already the
-  global one, each rank's gradient `(softmax - onehot) / T` needs no communication.
+  global one, each rank's gradient `(softmax - onehot) / T` needs no communication. Optionally
+  the gradient overwrites the logits (they are dead after the backward), which removes the last
+  `[N, v/tp]` allocation; the chunk's fp32 work buffers are then the only extra memory.
 - Entropy is returned detached (marked non-differentiable): it drives selection and metrics,
   never a loss.
 - `temperature` divides the logits before everything, so with the sampling temperature `-loss`
@@ -32,11 +34,16 @@ def vocab_parallel_ce_entropy(
     tp_group: dist.ProcessGroup | None = None,
     temperature: float = 1.0,
     chunk_tokens: int = 1024,
+    inplace_backward: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-position CE of `labels` and entropy of softmax(logits / temperature), nats, fp32.
 
     `tp_group` is the tensor-parallel group the vocabulary is sharded over (None: no TP).
     Returns `(loss [...], entropy [...])`; only `loss` carries a gradient.
+    `inplace_backward=True` writes the gradient into the logits' own storage (as Megatron's
+    vocab_parallel_cross_entropy does), saving one `[N, v/tp]` tensor: only for logits nothing
+    reads after the backward, such as GPTModel's output. A second backward through the same graph
+    then fails loudly (autograd sees the saved logits were modified).
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
@@ -46,7 +53,9 @@ def vocab_parallel_ce_entropy(
         raise ValueError(f"logits {tuple(logits.shape)} do not match labels {tuple(labels.shape)}")
     if tp_group is not None and dist.get_world_size(tp_group) == 1:
         tp_group = None
-    return _FusedCEEntropy.apply(logits, labels, tp_group, temperature, chunk_tokens)
+    return _FusedCEEntropy.apply(
+        logits, labels, tp_group, temperature, chunk_tokens, inplace_backward
+    )
 
 
 def _vocab_offset(v_local: int, tp_group: dist.ProcessGroup | None) -> int:
@@ -61,9 +70,21 @@ def _local_targets(labels: torch.Tensor, offset: int, v_local: int):
     return rows, local[rows]
 
 
+def _workspace(count: int, rows: int, v_local: int, device: torch.device):
+    """`count` fp32 buffers of `[rows, v/tp]`: the only vocabulary-sized fp32 memory used."""
+    return [torch.empty(rows, v_local, dtype=torch.float32, device=device) for _ in range(count)]
+
+
+def _scaled_fp32(chunk: torch.Tensor, temperature: float, buf: torch.Tensor) -> torch.Tensor:
+    """chunk / temperature in fp32, written into `buf` (never into the caller's logits)."""
+    z = buf[: chunk.shape[0]]  # [c, v/tp]
+    z.copy_(chunk)
+    return z if temperature == 1.0 else z.div_(temperature)
+
+
 class _FusedCEEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, labels, tp_group, temperature, chunk_tokens):
+    def forward(ctx, logits, labels, tp_group, temperature, chunk_tokens, inplace_backward):
         v_local = logits.shape[-1]
         flat = logits.reshape(-1, v_local)  # [N, v/tp]
         flat_labels = labels.reshape(-1)  # [N]
@@ -72,20 +93,20 @@ class _FusedCEEntropy(torch.autograd.Function):
         loss = torch.empty(n_tokens, dtype=torch.float32, device=logits.device)
         entropy = torch.empty_like(loss)
         lse = torch.empty_like(loss)
+        # Two fp32 work buffers reused by every chunk: allocating per chunk costs page faults.
+        z_buf, exp_buf = _workspace(2, min(chunk_tokens, n_tokens), v_local, logits.device)
         for start in range(0, n_tokens, chunk_tokens):
             stop = min(start + chunk_tokens, n_tokens)
-            # A fresh fp32 copy, so the in-place ops below never touch the caller's logits.
-            z = flat[start:stop].to(torch.float32, copy=True).div_(temperature)  # [c, v/tp]
+            z = _scaled_fp32(flat[start:stop], temperature, z_buf)  # [c, v/tp]
             z_max = z.amax(dim=-1)  # [c]
             if tp_group is not None:
                 dist.all_reduce(z_max, op=dist.ReduceOp.MAX, group=tp_group)
             z.sub_(z_max.unsqueeze(-1))
-            exp_z = torch.exp(z)  # [c, v/tp]
+            exp_z = torch.exp(z, out=exp_buf[: stop - start])  # [c, v/tp]
             # stats[0] = sum exp(z), stats[1] = sum exp(z) * z, stats[2] = target logit.
             stats = torch.zeros(3, stop - start, dtype=torch.float32, device=logits.device)
             stats[0] = exp_z.sum(dim=-1)
             stats[1] = torch.linalg.vecdot(exp_z, z)
-            del exp_z
             rows, cols = _local_targets(flat_labels[start:stop], offset, v_local)
             stats[2, rows] = z[rows, cols]
             if tp_group is not None:
@@ -99,6 +120,7 @@ class _FusedCEEntropy(torch.autograd.Function):
         ctx.tp_group = tp_group
         ctx.temperature = temperature
         ctx.chunk_tokens = chunk_tokens
+        ctx.inplace_backward = inplace_backward
         entropy = entropy.view(labels.shape)
         ctx.mark_non_differentiable(entropy)
         return loss.view(labels.shape), entropy
@@ -111,12 +133,14 @@ class _FusedCEEntropy(torch.autograd.Function):
         flat_labels = labels.reshape(-1)  # [N]
         scale = grad_loss.reshape(-1).to(torch.float32) / ctx.temperature  # [N]
         offset = _vocab_offset(v_local, ctx.tp_group)
-        grad = torch.empty_like(flat)
+        # In place, each chunk's logits are read into p before its gradient overwrites them.
+        grad = flat if ctx.inplace_backward else torch.empty_like(flat)
+        (p_buf,) = _workspace(1, min(ctx.chunk_tokens, flat.shape[0]), v_local, logits.device)
         for start in range(0, flat.shape[0], ctx.chunk_tokens):
             stop = min(start + ctx.chunk_tokens, flat.shape[0])
-            p = flat[start:stop].to(torch.float32, copy=True).div_(ctx.temperature)  # [c, v/tp]
+            p = _scaled_fp32(flat[start:stop], ctx.temperature, p_buf)  # [c, v/tp]
             p.sub_(lse[start:stop].unsqueeze(-1)).exp_()
             rows, cols = _local_targets(flat_labels[start:stop], offset, v_local)
             p[rows, cols] -= 1.0
             grad[start:stop] = p.mul_(scale[start:stop].unsqueeze(-1))
-        return grad.view(logits.shape), None, None, None, None
+        return grad.view(logits.shape), None, None, None, None, None

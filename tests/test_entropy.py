@@ -62,6 +62,22 @@ def test_bf16_input_is_computed_in_fp32():
     torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-2, rtol=1e-2)
 
 
+def test_inplace_backward_writes_the_gradient_into_the_logits():
+    logits, labels = make_inputs((3, 5), 40)
+    x_ref = logits.clone().requires_grad_()
+    naive(x_ref, labels, 0.9)[0].sum().backward()
+
+    x = logits.clone().requires_grad_()
+    loss, _ = vocab_parallel_ce_entropy(
+        x, labels, temperature=0.9, chunk_tokens=4, inplace_backward=True
+    )
+    loss.sum().backward(retain_graph=True)
+    torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-6, rtol=1e-5)
+    assert x.grad.data_ptr() == x.data_ptr()  # no second [N, v] tensor
+    with pytest.raises(RuntimeError, match="inplace"):
+        loss.sum().backward()  # the saved logits are gone: autograd must refuse
+
+
 def test_leaves_input_untouched_and_rejects_bad_arguments():
     logits, labels = make_inputs((2, 3), 10)
     before = logits.clone()

@@ -1,0 +1,132 @@
+"""Fused chunked CE + entropy vs the naive full-vocabulary fp32 softmax: time and peak memory.
+
+    python benchmarks/entropy.py [--tokens 4096] [--vocab 151936] [--dtype bf16] [--chunk 1024]
+
+Both variants do the same work: per-token CE of the label (with gradient) and entropy (detached),
+then backward with a ones gradient. Each runs in a fresh subprocess so one's allocations cannot
+hide the other's. Peak extra memory is measured above the inputs (logits, labels) and includes
+the gradient of the logits, which both variants must return (the in-place variant writes it
+over the logits, so it costs nothing extra there): on GPU from
+`torch.cuda.max_memory_allocated`, on CPU as peak RSS (`ru_maxrss`) minus the RSS after the
+inputs exist (PyTorch's CPU allocator returns large blocks to the OS, so RSS tracks live tensors).
+The table also gives the workspace: peak extra minus a separately allocated gradient.
+"""
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import psutil
+import torch
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def naive_step(logits, labels):
+    """The usual way: upcast everything to fp32, full log-softmax, entropy from it."""
+    logp = torch.log_softmax(logits.float(), dim=-1)  # [N, v] fp32
+    loss = -logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    with torch.no_grad():
+        entropy = -(logp.exp() * logp).sum(-1)
+    loss.backward(torch.ones_like(loss))
+    return entropy
+
+
+def fused_step(logits, labels, chunk, inplace):
+    from megatron_rmt.entropy import vocab_parallel_ce_entropy
+
+    loss, entropy = vocab_parallel_ce_entropy(
+        logits, labels, chunk_tokens=chunk, inplace_backward=inplace
+    )
+    loss.backward(torch.ones_like(loss))
+    return entropy
+
+
+def measure(args) -> dict:
+    """One variant in this process: warm-up, then `--repeats` timed forward+backward passes."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    labels = torch.randint(0, args.vocab, (args.tokens,), device=device)
+    logits = torch.randn(args.tokens, args.vocab, device=device, dtype=DTYPES[args.dtype])
+    logits.requires_grad_()
+    if args.variant == "naive":
+        step = lambda: naive_step(logits, labels)  # noqa: E731
+    else:
+        inplace = args.variant == "fused-inplace"
+        step = lambda: fused_step(logits, labels, args.chunk, inplace)  # noqa: E731
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = psutil.Process().memory_info().rss
+    step()
+    logits.grad = None
+    sync()
+    times = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - start)
+        logits.grad = None
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    inplace = args.variant == "fused-inplace"
+    grad_extra = 0 if inplace else logits.numel() * logits.element_size()
+    return {"device": str(device), "seconds": min(times), "peak": peak, "grad_extra": grad_extra}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--vocab", type=int, default=151936)
+    parser.add_argument("--dtype", choices=DTYPES, default="bf16")
+    parser.add_argument("--chunk", type=int, nargs="+", default=[1024, 512, 256])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--variant", help=argparse.SUPPRESS)  # set in the child processes
+    args = parser.parse_args()
+    if args.variant:
+        args.chunk = args.chunk[0]
+        print(json.dumps(measure(args)))
+        return
+
+    runs = [("naive fp32", "naive", args.chunk[0])]
+    for c in args.chunk:
+        runs += [(f"fused c={c}", "fused", c), (f"fused c={c} inpl", "fused-inplace", c)]
+    results = []
+    for name, variant, chunk in runs:
+        cmd = [sys.executable, __file__, "--variant", variant, "--chunk", str(chunk)]
+        cmd += ["--tokens", str(args.tokens), "--vocab", str(args.vocab)]
+        cmd += ["--dtype", args.dtype, "--repeats", str(args.repeats)]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        results.append((name, json.loads(out.strip().splitlines()[-1])))
+
+    naive = results[0][1]
+    gib = 2.0**30
+    print(f"{args.tokens} tokens x vocab {args.vocab}, {args.dtype} logits, {naive['device']}")
+    print(
+        f"{'variant':<18}{'fwd+bwd s':>10}{'peak extra GiB':>16}{'workspace GiB':>15}"
+        f"{'time ratio':>12}{'peak ratio':>12}"
+    )
+    for name, r in results:
+        print(
+            f"{name:<18}{r['seconds']:>10.3f}{r['peak'] / gib:>16.3f}"
+            f"{(r['peak'] - r['grad_extra']) / gib:>15.3f}{r['seconds'] / naive['seconds']:>12.3f}"
+            f"{r['peak'] / naive['peak']:>12.3f}"
+        )
+    print("ratios are fused / naive: peak target <= 0.125, time target <= 1.0")
+
+
+if __name__ == "__main__":
+    main()
