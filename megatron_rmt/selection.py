@@ -1,0 +1,154 @@
+"""Which positions become RL problems: candidates, difficulty buckets, curriculum and sampling.
+
+Paper section 4.2 (curriculum-based adaptive sampling, CAS) with the choices it leaves open:
+- Levels are disjoint entropy bins: below `tau_easy` not a candidate, `[easy, medium)` easy (0),
+  `[medium, hard)` medium (1), `>= hard` hard (2). Defaults 0.5 / 1.0 / 1.5 nats (RPT's cut-offs
+  made disjoint). Quantile mode takes the thresholds from the candidates' own entropies instead.
+  `NOT_CANDIDATE` (-1) marks every other position.
+- A position is a candidate only with real context: at least `min_context` tokens of the same
+  document up to and including it (early positions look uncertain only because context is
+  missing), a nonzero loss mask, and neither its token nor its label is end-of-document.
+- Curriculum (Eq. 4): p(t) = p^{t1} before t1, linear to p^{t2} between t1 and t2, p^{t2} after;
+  defaults (0.5, 0.4, 0.1) -> (0.1, 0.3, 0.6) at 30% and 70% of training (the paper's t1, t2;
+  it does not publish the vectors).
+- Sampling draws k positions per sequence without replacement: a level from p(t) renormalised
+  over the levels that still have candidates, then a position uniformly inside it. Fewer than k
+  candidates: all are taken. Everything random comes from an explicit `torch.Generator`, so ranks
+  seeded alike draw the same positions from the same levels.
+- Ablations: `uniform` (without CAS) draws k uniformly among all candidates; `all` (the RPT
+  baseline) keeps every candidate and only caps the count at k, by the same uniform draw. The two
+  share one sampler and differ in the k the configuration passes (RPT: every candidate).
+"""
+
+import torch
+
+NOT_CANDIDATE = -1
+LEVELS = ("easy", "medium", "hard")
+
+
+def context_lengths(tokens: torch.Tensor, eod_id: int) -> torch.Tensor:
+    """Tokens of the current document up to and including each position, within the window.
+
+    tokens `[b, s]` -> `[b, s]` int64; 0 at an EOD token, which ends a document.
+    """
+    _, s = tokens.shape
+    index = torch.arange(s, device=tokens.device).expand_as(tokens)  # [b, s]
+    eod_index = torch.where(tokens == eod_id, index, torch.full_like(index, -1))
+    last_eod = torch.cummax(eod_index, dim=1).values  # [b, s] latest EOD at or before j
+    return index - last_eod
+
+
+def candidate_mask(
+    context_len: torch.Tensor,  # [b, s]
+    loss_mask: torch.Tensor,  # [b, s]
+    tokens: torch.Tensor,  # [b, s]
+    labels: torch.Tensor,  # [b, s]
+    *,
+    eod_id: int,
+    min_context: int,
+) -> torch.Tensor:
+    """`[b, s]` bool: positions allowed to become RL problems (before any entropy test)."""
+    return (context_len >= min_context) & (loss_mask > 0) & (tokens != eod_id) & (labels != eod_id)
+
+
+def quantile_thresholds(
+    entropy: torch.Tensor,  # [b, s]
+    candidates: torch.Tensor,  # [b, s] bool
+    quantiles: tuple[float, float, float] = (0.5, 0.75, 0.9),
+) -> tuple[float, float, float]:
+    """Thresholds at the given quantiles of the candidates' entropies (bottom half dropped,
+    then easy / medium / hard = next 25% / 15% / top 10% by default). Computed over what the
+    caller passes, e.g. one micro-batch; no candidates gives +inf (nothing is selected)."""
+    values = entropy[candidates].float()
+    if values.numel() == 0:
+        return (float("inf"),) * 3
+    q = torch.quantile(values, torch.tensor(quantiles, dtype=values.dtype))
+    return tuple(q.tolist())
+
+
+def difficulty_levels(
+    entropy: torch.Tensor,  # [b, s]
+    candidates: torch.Tensor,  # [b, s] bool
+    thresholds: tuple[float, float, float] = (0.5, 1.0, 1.5),
+) -> torch.Tensor:
+    """`[b, s]` int64: 0 easy, 1 medium, 2 hard, NOT_CANDIDATE elsewhere."""
+    tau_easy, tau_medium, tau_hard = thresholds
+    if not tau_easy <= tau_medium <= tau_hard:
+        raise ValueError(f"thresholds must be non-decreasing, got {thresholds}")
+    boundaries = torch.tensor(thresholds, dtype=entropy.dtype, device=entropy.device)
+    # bucketize(right=True) counts thresholds <= H: 0 below tau_easy, 3 at or above tau_hard.
+    levels = torch.bucketize(entropy, boundaries, right=True) - 1
+    return torch.where(candidates & (levels >= 0), levels, NOT_CANDIDATE)
+
+
+def curriculum_probs(
+    step: int,
+    total_steps: int,
+    p_t1: tuple[float, float, float] = (0.5, 0.4, 0.1),
+    p_t2: tuple[float, float, float] = (0.1, 0.3, 0.6),
+    t1_frac: float = 0.3,
+    t2_frac: float = 0.7,
+) -> tuple[float, float, float]:
+    """Eq. 4: (p_easy, p_medium, p_hard) at `step` of `total_steps`."""
+    if not 0 <= t1_frac < t2_frac <= 1:
+        raise ValueError(f"need 0 <= t1 < t2 <= 1, got {t1_frac}, {t2_frac}")
+    t1, t2 = t1_frac * total_steps, t2_frac * total_steps
+    if step < t1:
+        return tuple(p_t1)
+    if step >= t2:
+        return tuple(p_t2)
+    tau = (step - t1) / (t2 - t1)
+    return tuple((1 - tau) * a + tau * b for a, b in zip(p_t1, p_t2, strict=True))
+
+
+def sample_positions(
+    levels: torch.Tensor,  # [b, s] int, NOT_CANDIDATE or a level
+    probs: tuple[float, float, float],
+    k_per_sequence: int,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """CAS: `[b, s]` bool mask of up to k positions per sequence (level first, then position)."""
+    chosen = torch.zeros(levels.shape, dtype=torch.bool)
+    weights = torch.tensor(probs, dtype=torch.float64)
+    for row, row_levels in enumerate(levels.cpu()):
+        pools = [(row_levels == d).nonzero().flatten().tolist() for d in range(len(probs))]
+        for _ in range(k_per_sequence):
+            alive = torch.tensor([len(p) > 0 for p in pools], dtype=torch.float64)
+            if alive.sum() == 0:
+                break
+            w = weights * alive
+            # A level with candidates but zero probability is only used once all others are empty.
+            level = torch.multinomial(w if w.sum() > 0 else alive, 1, generator=generator).item()
+            pool = pools[level]
+            pick = torch.randint(len(pool), (1,), generator=generator).item()
+            chosen[row, pool.pop(pick)] = True
+    return chosen.to(levels.device)
+
+
+def sample_uniform(
+    levels: torch.Tensor,  # [b, s] int
+    k_per_sequence: int,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """`[b, s]` bool: k candidates per sequence uniformly at random (all of them if fewer)."""
+    chosen = torch.zeros(levels.shape, dtype=torch.bool)
+    for row, row_levels in enumerate(levels.cpu()):
+        pool = (row_levels != NOT_CANDIDATE).nonzero().flatten()
+        order = torch.randperm(pool.numel(), generator=generator)
+        chosen[row, pool[order[:k_per_sequence]]] = True
+    return chosen.to(levels.device)
+
+
+def select_positions(
+    levels: torch.Tensor,  # [b, s] int
+    mode: str,
+    probs: tuple[float, float, float],
+    k_per_sequence: int,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """`[b, s]` bool mask C. mode: 'curriculum' (CAS), 'uniform' (without CAS), 'all' (RPT)."""
+    if mode == "curriculum":
+        return sample_positions(levels, probs, k_per_sequence, generator)
+    if mode in ("uniform", "all"):
+        return sample_uniform(levels, k_per_sequence, generator)
+    raise ValueError(f"unknown selection mode {mode!r}")

@@ -1,0 +1,117 @@
+"""Buckets, candidate filtering, curriculum (Eq. 4) and the samplers, against direct rules."""
+
+import pytest
+import torch
+
+from megatron_rmt.selection import (
+    NOT_CANDIDATE,
+    candidate_mask,
+    context_lengths,
+    curriculum_probs,
+    difficulty_levels,
+    quantile_thresholds,
+    sample_positions,
+    select_positions,
+)
+
+EOD = 0
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_context_lengths_restart_after_each_eod():
+    tokens = torch.tensor([[5, 6, EOD, 7, 8, 9], [EOD, 1, 2, EOD, EOD, 3]])
+    expected = torch.tensor([[1, 2, 0, 1, 2, 3], [0, 1, 2, 0, 0, 1]])
+    assert torch.equal(context_lengths(tokens, EOD), expected)
+
+
+def test_candidate_mask_applies_every_rule():
+    tokens = torch.tensor([[5, 6, 7, EOD, 8, 9, 4]])
+    labels = torch.tensor([[6, 7, EOD, 8, 9, 4, 3]])
+    loss_mask = torch.tensor([[1, 1, 1, 1, 1, 0, 1]])
+    ctx = context_lengths(tokens, EOD)  # [1, 2, 3, 0, 1, 2, 3]
+    got = candidate_mask(ctx, loss_mask, tokens, labels, eod_id=EOD, min_context=2)
+    # pos 0: short context; 2: label EOD; 3: token EOD; 4: short; 5: loss mask 0.
+    assert got.tolist() == [[False, True, False, False, False, False, True]]
+
+
+def test_levels_are_disjoint_bins():
+    entropy = torch.tensor([[0.1, 0.5, 0.99, 1.0, 1.49, 1.5, 3.0, 2.0]])
+    candidates = torch.tensor([[True] * 7 + [False]])
+    got = difficulty_levels(entropy, candidates)
+    n = NOT_CANDIDATE
+    assert got.tolist() == [[n, 0, 0, 1, 1, 2, 2, n]]
+    with pytest.raises(ValueError):
+        difficulty_levels(entropy, candidates, (1.0, 0.5, 1.5))
+
+
+def test_quantile_thresholds_use_only_candidates():
+    entropy = torch.arange(100, dtype=torch.float32).view(2, 50)
+    candidates = entropy < 80  # 0..79
+    got = quantile_thresholds(entropy, candidates, (0.5, 0.75, 0.9))
+    expected = torch.quantile(torch.arange(80.0), torch.tensor([0.5, 0.75, 0.9])).tolist()
+    assert got == pytest.approx(expected)
+    assert quantile_thresholds(entropy, torch.zeros_like(candidates)) == (float("inf"),) * 3
+
+
+def test_curriculum_follows_eq4():
+    p1, p2 = (0.5, 0.4, 0.1), (0.1, 0.3, 0.6)
+    assert curriculum_probs(0, 100) == p1
+    assert curriculum_probs(29, 100) == p1
+    assert curriculum_probs(30, 100) == pytest.approx(p1)  # tau = 0 at t1
+    assert curriculum_probs(50, 100) == pytest.approx((0.3, 0.35, 0.35))  # tau = 1/2
+    assert curriculum_probs(60, 100) == pytest.approx(
+        tuple(0.25 * a + 0.75 * b for a, b in zip(p1, p2, strict=True))
+    )
+    assert curriculum_probs(70, 100) == p2
+    assert curriculum_probs(100, 100) == p2
+    assert sum(curriculum_probs(45, 100)) == pytest.approx(1.0)
+
+
+def test_sampler_respects_k_candidates_and_seed():
+    g = torch.Generator().manual_seed(1)
+    levels = torch.randint(-1, 3, (4, 64), generator=g)
+    a = sample_positions(levels, (0.2, 0.3, 0.5), 5, gen(7))
+    b = sample_positions(levels, (0.2, 0.3, 0.5), 5, gen(7))
+    assert torch.equal(a, b)  # same seed, same positions: what keeps ranks in agreement
+    assert a.sum(dim=1).tolist() == [5, 5, 5, 5]  # a mask cannot pick a position twice
+    assert (levels[a] != NOT_CANDIDATE).all()
+
+
+def test_sampler_takes_everything_when_short_and_falls_back_to_nonempty_levels():
+    levels = torch.full((2, 10), NOT_CANDIDATE)
+    levels[0, [1, 4]] = 0  # only easy candidates, while p puts all mass on hard
+    levels[1, 3] = 2
+    got = sample_positions(levels, (0.0, 0.0, 1.0), 4, gen())
+    assert torch.equal(got, levels != NOT_CANDIDATE)
+
+
+def test_sampler_level_frequencies_follow_probs():
+    # One candidate per level per "slot": the first draw's level follows p exactly.
+    levels = torch.tensor([[0, 1, 2]]).repeat(4000, 1)
+    probs = (0.5, 0.3, 0.2)
+    chosen = sample_positions(levels, probs, 1, gen(3))
+    freq = chosen.float().mean(dim=0)
+    assert freq.tolist() == pytest.approx(probs, abs=0.03)
+
+
+def test_sampler_is_uniform_within_a_level():
+    levels = torch.tensor([[0, 0, 0, 0, 1]]).repeat(4000, 1)
+    chosen = sample_positions(levels, (1.0, 0.0, 0.0), 1, gen(4))
+    freq = chosen.float().mean(dim=0)
+    assert freq[:4].tolist() == pytest.approx([0.25] * 4, abs=0.03)
+    assert freq[4] == 0  # zero-probability level while another has candidates
+
+
+@pytest.mark.parametrize("mode", ["uniform", "all"])
+def test_uniform_modes_cap_at_k_over_all_candidates(mode):
+    levels = torch.full((3, 20), NOT_CANDIDATE)
+    levels[0, :12] = 2
+    levels[1, 5:8] = 0
+    got = select_positions(levels, mode, (1.0, 0.0, 0.0), 4, gen())
+    assert got.sum(dim=1).tolist() == [4, 3, 0]
+    assert (levels[got] != NOT_CANDIDATE).all()
+    with pytest.raises(ValueError):
+        select_positions(levels, "bogus", (1.0, 0.0, 0.0), 4, gen())
