@@ -192,8 +192,8 @@ def parse(argv: list[str] | None = None, world_size: int | None = None) -> Confi
     parser = _build_parser()
     args = parser.parse_args(argv)
     values = {name: {} for name in SECTIONS}
-    if args.config:
-        _merge_yaml(values, args.config)
+    for path in args.config:
+        _merge_yaml(values, path)
     for section, cls in SECTIONS.items():
         for f in dataclasses.fields(cls):
             if getattr(args, f.name, None) is not None:
@@ -208,7 +208,9 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Reinforcement Mid-Training on Megatron-Core",
         argument_default=None,
     )
-    parser.add_argument("--config", help="YAML preset; flags override it")
+    parser.add_argument(
+        "--config", nargs="+", default=[], help="YAML presets, later ones win; flags override all"
+    )
     for section, cls in SECTIONS.items():
         group = parser.add_argument_group(section)
         for f in dataclasses.fields(cls):
