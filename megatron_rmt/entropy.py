@@ -9,7 +9,8 @@ Deliberate choices:
 - One `torch.autograd.Function`. The forward visits `chunk_tokens` positions at a time, upcasts
   that chunk to fp32 and all-reduces four per-token numbers over TP: the max logit, then
   (sum exp, sum exp * z, target logit) in one call. The full vocabulary is never gathered and no
-  fp32 `[tokens, v/tp]` tensor ever exists, so peak extra memory is O(chunk x v/tp).
+  fp32 `[tokens, v/tp]` tensor ever exists: forward and backward each work in a single reused
+  fp32 `[chunk, v/tp]` buffer, so peak extra memory is O(chunk x v/tp).
 - Only the input logits and the per-token log-sum-exp (fp32 `[N]`) are saved. The backward
   recomputes the softmax chunk by chunk from them. Because the saved log-sum-exp is already the
   global one, each rank's gradient `(softmax - onehot) / T` needs no communication. Optionally
@@ -93,22 +94,24 @@ class _FusedCEEntropy(torch.autograd.Function):
         loss = torch.empty(n_tokens, dtype=torch.float32, device=logits.device)
         entropy = torch.empty_like(loss)
         lse = torch.empty_like(loss)
-        # Two fp32 work buffers reused by every chunk: allocating per chunk costs page faults.
-        z_buf, exp_buf = _workspace(2, min(chunk_tokens, n_tokens), v_local, logits.device)
+        # One fp32 work buffer reused by every chunk: allocating per chunk costs page faults.
+        (buf,) = _workspace(1, min(chunk_tokens, n_tokens), v_local, logits.device)
         for start in range(0, n_tokens, chunk_tokens):
             stop = min(start + chunk_tokens, n_tokens)
-            z = _scaled_fp32(flat[start:stop], temperature, z_buf)  # [c, v/tp]
+            z = _scaled_fp32(flat[start:stop], temperature, buf)  # [c, v/tp]
             z_max = z.amax(dim=-1)  # [c]
             if tp_group is not None:
                 dist.all_reduce(z_max, op=dist.ReduceOp.MAX, group=tp_group)
             z.sub_(z_max.unsqueeze(-1))
-            exp_z = torch.exp(z, out=exp_buf[: stop - start])  # [c, v/tp]
             # stats[0] = sum exp(z), stats[1] = sum exp(z) * z, stats[2] = target logit.
             stats = torch.zeros(3, stop - start, dtype=torch.float32, device=logits.device)
-            stats[0] = exp_z.sum(dim=-1)
-            stats[1] = torch.linalg.vecdot(exp_z, z)
             rows, cols = _local_targets(flat_labels[start:stop], offset, v_local)
             stats[2, rows] = z[rows, cols]
+            # Everything in place in the one buffer: e = exp(z), then e * z = e * log(e)
+            # (xlogy is 0 where e underflowed to 0, which is the limit of e * z there).
+            exp_z = z.exp_()
+            stats[0] = exp_z.sum(dim=-1)
+            stats[1] = exp_z.xlogy_(exp_z).sum(dim=-1)
             if tp_group is not None:
                 dist.all_reduce(stats, group=tp_group)
             log_sum = stats[0].log()
