@@ -1,0 +1,178 @@
+"""RMT's loss terms and how they meet Megatron-Core's loss_func contract.
+
+L = L_RL + lambda * L_NTP (paper Eq. 9), each term normalised by its own global count:
+L_NTP = mean CE over every NTP token of the step (all micro-batches, all DP ranks) that is not a
+chosen RL position (Eq. 8's m_pos); L_RL = GRPO's policy loss averaged over all response tokens
+(token aggregation) or over all responses (sequence aggregation: each response's mean first).
+
+The pure functions take per-token log-probs already computed by entropy.py (logp = -CE at the
+sampling temperature) and return `(sum, count)` pairs, so the caller decides the normaliser.
+
+Megatron contract. Megatron's schedule calls `loss_func(output_tensor) -> (loss, num_tokens,
+report)` once per micro-batch on the last pipeline stage and backpropagates `loss` as given.
+1. The trainer sets `calculate_per_token_loss=True` on the model config. Then the schedule divides
+   `loss` neither by `num_tokens` nor by the number of micro-batches, and Megatron's DDP *sums*
+   gradients over data-parallel ranks instead of averaging them.
+2. It sets `finalize_model_grads_func=None`, so neither pass reduces or rescales gradients on its
+   own; it calls `finalize_model_grads` itself, once, after both passes (without num_tokens).
+3. NTP pass: `make_ntp_loss_func(...)` returns `(lambda * sum_ntp_ce, n_ntp, report)`. The
+   gradient buffers now hold lambda * d(sum_ntp_ce) for this rank. The trainer adds up
+   `report["ntp_tokens"]` over its micro-batches, broadcasts it from the last pipeline stage
+   (only that stage computes losses), all-reduces it over DP to N_ntp, and scales every model
+   chunk's gradient buffers by 1 / N_ntp (`DistributedDataParallel.scale_gradients`).
+4. RL pass: the rollouts are finished before it starts, so N_rl (response tokens, or responses,
+   summed over DP with `rl_count`) is known in advance; `make_rl_loss_func(...)` returns
+   `(sum_rl / N_rl, n_rl, report)`, which accumulates on top of the scaled NTP gradients.
+5. `finalize_model_grads` sums over DP: grad = lambda * d(sum_ntp)/N_ntp + d(sum_rl)/N_rl, the
+   gradient of L. Both counts travel in the reports for the RL/NTP token ratio metric.
+"""
+
+from collections.abc import Callable
+
+import torch
+
+from megatron_rmt.entropy import vocab_parallel_ce_entropy
+
+
+def ntp_loss_sum(
+    token_loss: torch.Tensor,  # [b, s] per-token CE
+    loss_mask: torch.Tensor,  # [b, s] 1 on real labels
+    rl_mask: torch.Tensor,  # [b, s] bool, the chosen RL positions C
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 8: (sum of CE over kept positions, their count); C is masked out."""
+    keep = (loss_mask > 0) & ~rl_mask.bool()  # [b, s]
+    return (token_loss * keep).sum(), keep.sum().to(torch.int)
+
+
+def rl_count(resp_mask: torch.Tensor, aggregation: str) -> torch.Tensor:
+    """The RL normaliser's local part: response tokens ('token') or non-empty responses
+    ('sequence') in `resp_mask` `[n, L]`. The trainer sums it over DP before the RL pass."""
+    if aggregation == "token":
+        return (resp_mask > 0).sum().to(torch.int)
+    if aggregation == "sequence":
+        return (resp_mask > 0).any(dim=1).sum().to(torch.int)
+    raise ValueError(f"aggregation must be 'token' or 'sequence', not {aggregation!r}")
+
+
+def aggregate(
+    values: torch.Tensor,  # [n, L] per-token loss
+    resp_mask: torch.Tensor,  # [n, L] 1 on response tokens
+    aggregation: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum, count): token = sum over all response tokens; sequence = sum over responses of
+    each response's mean (empty responses add 0 and are not counted)."""
+    mask = (resp_mask > 0).to(values.dtype)  # [n, L]
+    count = rl_count(resp_mask, aggregation)
+    if aggregation == "token":
+        return (values * mask).sum(), count
+    per_sequence = (values * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)  # [n]
+    return per_sequence.sum(), count
+
+
+def policy_loss(
+    logp: torch.Tensor,  # [n, L] log pi(o_t | ...) of the sampled tokens
+    old_logp: torch.Tensor | None,  # [n, L] rollout log-probs, used only with clip_eps
+    adv: torch.Tensor,  # [n] one advantage per response
+    resp_mask: torch.Tensor,  # [n, L]
+    aggregation: str = "token",
+    clip_eps: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GRPO policy loss (sum, count): -A * logp, or with `clip_eps` PPO's clipped surrogate
+    -min(rho A, clip(rho, 1 - eps, 1 + eps) A), rho = exp(logp - old_logp)."""
+    a = adv.to(logp.dtype).unsqueeze(1)  # [n, 1]
+    if clip_eps is None:
+        per_token = -a * logp
+    else:
+        if old_logp is None:
+            raise ValueError("clip_eps needs the rollout log-probs (old_logp)")
+        ratio = torch.exp(logp - old_logp)
+        clipped = torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
+        per_token = -torch.minimum(ratio * a, clipped * a)
+    return aggregate(per_token, resp_mask, aggregation)
+
+
+def kl_penalty(
+    logp: torch.Tensor,  # [n, L]
+    ref_logp: torch.Tensor,  # [n, L]
+    estimator: str = "k3",
+) -> torch.Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from sampled tokens, `[n, L]`: k1 = log(pi/ref)
+    (unbiased, can be negative); k3 = ref/pi - log(ref/pi) - 1 (unbiased, never negative)."""
+    log_ratio = ref_logp - logp
+    if estimator == "k1":
+        return -log_ratio
+    if estimator == "k3":
+        return torch.exp(log_ratio) - log_ratio - 1.0
+    raise ValueError(f"estimator must be 'k1' or 'k3', not {estimator!r}")
+
+
+LossFunc = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, dict]]
+
+
+def make_ntp_loss_func(
+    labels: torch.Tensor,  # [b, s]
+    loss_mask: torch.Tensor,  # [b, s]
+    select: Callable[[torch.Tensor], torch.Tensor],
+    lam: float,
+    *,
+    tp_group=None,
+    chunk_tokens: int = 1024,
+) -> LossFunc:
+    """loss_func for one NTP micro-batch. `select(entropy [b, s]) -> rl_mask [b, s]` picks C
+    (buckets + CAS live in the caller, which also keeps C for the rollouts)."""
+
+    def loss_func(logits: torch.Tensor):  # [b, s, v/tp]
+        token_loss, entropy = vocab_parallel_ce_entropy(
+            logits, labels, tp_group=tp_group, chunk_tokens=chunk_tokens
+        )
+        rl_mask = select(entropy)  # [b, s] bool
+        total, count = ntp_loss_sum(token_loss, loss_mask, rl_mask)
+        report = {
+            "ntp_loss_sum": total.detach(),
+            "ntp_tokens": count,
+            "rl_positions": rl_mask.sum().to(torch.int),
+        }
+        return lam * total, count, report
+
+    return loss_func
+
+
+def make_rl_loss_func(
+    labels: torch.Tensor,  # [n, L] next token of each position (the response tokens)
+    old_logp: torch.Tensor | None,  # [n, L] rollout log-probs
+    adv: torch.Tensor,  # [n]
+    resp_mask: torch.Tensor,  # [n, L]
+    n_rl_global: int,
+    *,
+    aggregation: str = "token",
+    clip_eps: float | None = None,
+    temperature: float = 1.0,
+    ref_logp: torch.Tensor | None = None,  # [n, L], needed when kl_beta > 0
+    kl_beta: float = 0.0,
+    kl_estimator: str = "k3",
+    tp_group=None,
+    chunk_tokens: int = 1024,
+) -> LossFunc:
+    """loss_func for one RL micro-batch of prompt + response sequences; the loss is already
+    divided by the global RL count `n_rl_global` (see the module docstring)."""
+    if kl_beta > 0 and ref_logp is None:
+        raise ValueError("kl_beta > 0 needs the reference log-probs (ref_logp)")
+
+    def loss_func(logits: torch.Tensor):  # [n, L, v/tp]
+        token_loss, _ = vocab_parallel_ce_entropy(
+            logits, labels, tp_group=tp_group, temperature=temperature, chunk_tokens=chunk_tokens
+        )
+        logp = -token_loss  # [n, L]
+        total, count = policy_loss(logp, old_logp, adv, resp_mask, aggregation, clip_eps)
+        report = {"rl_loss_sum": total.detach(), "rl_count": count}
+        if kl_beta > 0:
+            kl_sum, _ = aggregate(kl_penalty(logp, ref_logp, kl_estimator), resp_mask, aggregation)
+            total = total + kl_beta * kl_sum
+            report["kl_sum"] = kl_sum.detach()
+        if old_logp is not None:
+            gap = (logp.detach() - old_logp).abs() * (resp_mask > 0)
+            report["logp_gap_sum"] = gap.sum()  # trainer vs rollout engine, per response token
+            report["rl_tokens"] = rl_count(resp_mask, "token")
+        return total / max(n_rl_global, 1), count, report
+
+    return loss_func
