@@ -11,6 +11,9 @@ The Megatron vocabulary is the HF one padded the Megatron way (a multiple of
 later load builds exactly the rows the checkpoint holds.
 """
 
+import os
+import shutil
+
 from megatron_rmt.config import ModelConfig
 from megatron_rmt.model.builder import padded_vocab_size
 
@@ -20,6 +23,17 @@ ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
 }
 _MODEL_TYPES = {family: arch for arch, family in ARCHITECTURES.items()}
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "generation_config.json",  # not the tokenizer, but its special ids belong with it
+)
 
 
 class UnsupportedModelError(ValueError):
@@ -120,3 +134,11 @@ def hf_config_from_model_config(
     hf["rope_parameters"] = {"rope_theta": float(m.rotary_base), "rope_type": "default"}
     hf.pop("dtype", None)  # HF 5 spelling; `torch_dtype` above is read by both 4.x and 5.x
     return hf
+
+
+def copy_tokenizer_files(src_dir: str, dst_dir: str) -> list[str]:
+    """Copy whichever HF tokenizer files exist in src_dir; returns their names."""
+    found = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(src_dir, n))]
+    for name in found:
+        shutil.copyfile(os.path.join(src_dir, name), os.path.join(dst_dir, name))
+    return found
