@@ -1,7 +1,8 @@
 """HF <-> Megatron conversion for Qwen3, Qwen2 and Llama (tied) on tiny random HF models.
 
-Each layout runs one gloo job for all three families: TP2 converts and exports; PP2 loads the TP2
-checkpoints (resharding) and exports; TP1 converts and exports into one file. Logits come through
+One 2-process gloo job runs every layout for all three families: TP2 converts and exports; PP2
+loads the TP2 checkpoints (resharding) and exports; TP1 (as two data-parallel replicas) converts
+and exports into one file. Logits come through
 the trainer's own path (build_trainable + checkpoint.load + Megatron's forward schedule) and are
 compared with transformers' on the same tokens; exported safetensors must equal the originals bit
 for bit. The layout helpers are checked against naive per-row references.
@@ -176,15 +177,14 @@ def _failures(hf_dir: str, out: str) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------
-# The three layouts.
+# The three layouts, in one 2-process gloo job (starting processes costs more than converting).
 
 
-def _jobs(work, layout: str, source_layout: str | None):
-    root = work["root"]
+def _jobs(root: str, layout: str, source_layout: str | None, hf: dict) -> list:
     return [
         (
             f,
-            work["hf"][f] if source_layout is None else None,
+            hf[f] if source_layout is None else None,
             os.path.join(root, f"ckpt-{f}-{source_layout or layout}"),
             os.path.join(root, f"out-{f}-{layout}"),
         )
@@ -192,28 +192,36 @@ def _jobs(work, layout: str, source_layout: str | None):
     ]
 
 
-@pytest.fixture(scope="module")
-def tp2(work):
-    results = spawn(run_layout, 2, tp=2, args=(_jobs(work, "tp2", None), work["tokens"], 2, 1))
-    return results[0]
+def all_layouts(root: str, hf: dict, tokens) -> dict:
+    """TP2 converts; PP2 reshards the TP2 checkpoints on load; TP1 (two data-parallel replicas)
+    converts again. Every layout exports. Returns {layout: logits} where this rank has them."""
+    from megatron.core import parallel_state as ps
+
+    out = {"tp2": run_layout(_jobs(root, "tp2", None, hf), tokens, 2, 1)}
+    ps.destroy_model_parallel()
+    ps.initialize_model_parallel(pipeline_model_parallel_size=2)
+    out["pp2"] = run_layout(_jobs(root, "pp2", "tp2", hf), tokens, 1, 2)
+    ps.destroy_model_parallel()
+    ps.initialize_model_parallel()
+    failure_dir = os.path.join(root, "failed")
+    out["tp1"] = run_layout(_jobs(root, "tp1", None, hf), tokens, 1, 1, failure_dir)
+    return out
 
 
 @pytest.fixture(scope="module")
-def pp2(work, tp2):  # loads the TP2 checkpoints at PP2
-    results = spawn(run_layout, 2, pp=2, args=(_jobs(work, "pp2", "tp2"), work["tokens"], 1, 2))
-    return results[1]  # the last stage
-
-
-@pytest.fixture(scope="module")
-def tp1(work):
-    failure_dir = os.path.join(work["root"], "failed")
-    args = (_jobs(work, "tp1", None), work["tokens"], 1, 1, failure_dir)
-    return spawn(run_layout, 1, args=args)[0]
+def layouts(work):
+    ranks = spawn(all_layouts, 2, tp=2, args=(work["root"], work["hf"], work["tokens"]))
+    merged = {}
+    for name in ("tp1", "tp2", "pp2"):  # each layout's logits live on its last stage's TP rank 0
+        have = [r[name] for r in ranks if r[name]["qwen3"] is not None]
+        assert len(have) == 1 or name == "tp1", name  # TP1 runs as two identical replicas
+        merged[name] = have[0]
+    return merged
 
 
 @pytest.fixture(params=["tp1", "tp2", "pp2"])
-def layout(request):
-    return request.param, request.getfixturevalue(request.param)
+def layout(request, layouts):
+    return request.param, layouts[request.param]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -243,7 +251,7 @@ def test_round_trip_is_bit_exact(work, layout, family):
         assert torch.equal(exported[key], tensor), key
 
 
-def test_export_loads_in_transformers_with_its_files(work, tp1, pp2):
+def test_export_loads_in_transformers_with_its_files(work, layouts):
     from transformers import AutoModelForCausalLM
 
     out = os.path.join(work["root"], "out-qwen3-tp1")
@@ -261,7 +269,7 @@ def test_export_loads_in_transformers_with_its_files(work, tp1, pp2):
     assert not os.path.exists(out + ".partial")
 
 
-def test_checkpoint_directory_is_what_the_trainer_reads(work, tp1):
+def test_checkpoint_directory_is_what_the_trainer_reads(work, layouts):
     ckpt = os.path.join(work["root"], "ckpt-llama-tp1")
     from megatron_rmt.config import parse
 
@@ -274,8 +282,8 @@ def test_checkpoint_directory_is_what_the_trainer_reads(work, tp1):
         assert os.path.isfile(os.path.join(ckpt, name)), name
 
 
-def test_failure_leaves_no_output_and_shapes_are_named(work, tp1):
-    broken, mismatch = tp1["failures"]
+def test_failure_leaves_no_output_and_shapes_are_named(work, layouts):
+    broken, mismatch = layouts["tp1"]["failures"]
     assert "simulated read error" in broken
     out = os.path.join(work["root"], "failed")
     assert not os.path.exists(out) and not os.path.exists(out + ".partial")

@@ -71,9 +71,9 @@ def _hf_template(root: str, cfg) -> dict:
 
 
 def write_stage(model, model_cfg, vocab_rows, dtype, out: str, max_shard_bytes: int) -> list:
-    """Write this stage's tensors (TP rank 0 writes, every TP rank gathers); returns
-    [(file name, {tensor name: nbytes})] of the files this rank wrote."""
-    writer = ps.get_tensor_model_parallel_rank() == 0
+    """Write this stage's tensors (every TP rank gathers, TP rank 0 of DP replica 0 writes);
+    returns [(file name, {tensor name: nbytes})] of the files this rank wrote."""
+    writer = ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
     stage = ps.get_pipeline_model_parallel_rank()
     files, pending, pending_bytes = [], {}, 0
 
