@@ -19,7 +19,6 @@ import subprocess
 import sys
 import time
 
-import psutil
 import torch
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -67,6 +66,8 @@ def measure(args) -> dict:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
+        import psutil  # CPU only: the GPU machines need not have it
+
         base = psutil.Process().memory_info().rss
     step()
     logits.grad = None

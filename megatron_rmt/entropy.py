@@ -71,9 +71,9 @@ def _local_targets(labels: torch.Tensor, offset: int, v_local: int):
     return rows, local[rows]
 
 
-def _workspace(count: int, rows: int, v_local: int, device: torch.device):
-    """`count` fp32 buffers of `[rows, v/tp]`: the only vocabulary-sized fp32 memory used."""
-    return [torch.empty(rows, v_local, dtype=torch.float32, device=device) for _ in range(count)]
+def _workspace(rows: int, v_local: int, device: torch.device) -> torch.Tensor:
+    """The fp32 `[rows, v/tp]` buffer: the only vocabulary-sized fp32 memory used."""
+    return torch.empty(rows, v_local, dtype=torch.float32, device=device)
 
 
 def _scaled_fp32(chunk: torch.Tensor, temperature: float, buf: torch.Tensor) -> torch.Tensor:
@@ -95,7 +95,7 @@ class _FusedCEEntropy(torch.autograd.Function):
         entropy = torch.empty_like(loss)
         lse = torch.empty_like(loss)
         # One fp32 work buffer reused by every chunk: allocating per chunk costs page faults.
-        (buf,) = _workspace(1, min(chunk_tokens, n_tokens), v_local, logits.device)
+        buf = _workspace(min(chunk_tokens, n_tokens), v_local, logits.device)
         for start in range(0, n_tokens, chunk_tokens):
             stop = min(start + chunk_tokens, n_tokens)
             z = _scaled_fp32(flat[start:stop], temperature, buf)  # [c, v/tp]
@@ -138,7 +138,7 @@ class _FusedCEEntropy(torch.autograd.Function):
         offset = _vocab_offset(v_local, ctx.tp_group)
         # In place, each chunk's logits are read into p before its gradient overwrites them.
         grad = flat if ctx.inplace_backward else torch.empty_like(flat)
-        (p_buf,) = _workspace(1, min(ctx.chunk_tokens, flat.shape[0]), v_local, logits.device)
+        p_buf = _workspace(min(ctx.chunk_tokens, flat.shape[0]), v_local, logits.device)
         for start in range(0, flat.shape[0], ctx.chunk_tokens):
             stop = min(start + ctx.chunk_tokens, flat.shape[0])
             p = _scaled_fp32(flat[start:stop], ctx.temperature, p_buf)  # [c, v/tp]

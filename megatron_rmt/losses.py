@@ -25,6 +25,9 @@ report)` once per micro-batch on the last pipeline stage and backpropagates `los
    `(sum_rl / N_rl, n_rl, report)`, which accumulates on top of the scaled NTP gradients.
 5. `finalize_model_grads` sums over DP: grad = lambda * d(sum_ntp)/N_ntp + d(sum_rl)/N_rl, the
    gradient of L. Both counts travel in the reports for the RL/NTP token ratio metric.
+The loss functions let the CE backward overwrite the logits with their gradient
+(`inplace_backward`): GPTModel's logits (a fresh `transpose(0, 1).contiguous()` copy) are read by
+nothing else afterwards, and Megatron's own fused cross-entropy clobbers them the same way.
 """
 
 from collections.abc import Callable
@@ -123,7 +126,7 @@ def make_ntp_loss_func(
 
     def loss_func(logits: torch.Tensor):  # [b, s, v/tp]
         token_loss, entropy = vocab_parallel_ce_entropy(
-            logits, labels, tp_group=tp_group, chunk_tokens=chunk_tokens
+            logits, labels, tp_group=tp_group, chunk_tokens=chunk_tokens, inplace_backward=True
         )
         rl_mask = select(entropy)  # [b, s] bool
         total, count = ntp_loss_sum(token_loss, loss_mask, rl_mask)
@@ -160,7 +163,12 @@ def make_rl_loss_func(
 
     def loss_func(logits: torch.Tensor):  # [n, L, v/tp]
         token_loss, _ = vocab_parallel_ce_entropy(
-            logits, labels, tp_group=tp_group, temperature=temperature, chunk_tokens=chunk_tokens
+            logits,
+            labels,
+            tp_group=tp_group,
+            temperature=temperature,
+            chunk_tokens=chunk_tokens,
+            inplace_backward=True,
         )
         logp = -token_loss  # [n, L]
         total, count = policy_loss(logp, old_logp, adv, resp_mask, aggregation, clip_eps)
