@@ -129,7 +129,7 @@ class RMTConfig:
     clip_eps: float | None = _f(None, "PPO ratio clip against rollout log-probs (off if unset)")
     loss_aggregation: str = _f("token", "policy-loss aggregation", ("token", "sequence"))
     advantage_delta: float = _f(1e-6, "delta in A = (r - mean) / (std + delta)")
-    prompt_template: str = _f("base", "next-token-reasoning template name")
+    prompt_template: str = _f("ntr_base", "next-token-reasoning template name")
     entropy_chunk_tokens: int = _f(1024, "tokens per chunk of the fused CE+entropy")
 
 

@@ -82,7 +82,9 @@ def build_train_dataset(
         eod_mask_loss=True,
         create_attention_mask=False,  # the model applies its own causal mask
     )
-    # Only the train split is drawn from; the others get size 0 but keep Megatron's split layout.
+    # Only the train split is drawn from: keep its document range from `split`, build no others
+    # (a valid/test share with no documents would make Megatron's epoch count loop forever).
+    config.split_matrix = [config.split_matrix[0], None, None]
     builder = BlendedMegatronDatasetBuilder(GPTDataset, [num_samples, 0, 0], lambda: True, config)
     with _world_of_one_if_needed():
         train = builder.build()[0]

@@ -44,8 +44,10 @@ class TextTokenizer:
         """What megatron.core hashes into its dataset index cache key."""
         return {"class": type(self).__name__, "source": self.source, "eod": self.eod}
 
-    def encode(self, text: str) -> list[int]:
-        return self._backend.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Token ids; `add_special_tokens` adds what the tokenizer's post-processor adds (a BOS
+        for Llama-style tokenizers), as Hugging Face tokenizers do."""
+        return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int]) -> str:
         return self._backend.decode(list(ids), skip_special_tokens=False)
@@ -59,11 +61,15 @@ class TextTokenizer:
         return self._hf_dir is not None and "chat_template" in _read_config(self._hf_dir)
 
     def apply_chat_template(
-        self, messages: list[dict], add_generation_prompt: bool = True, **template_kwargs
-    ) -> list[int]:
-        """Render `messages` with the tokenizer's own chat template and encode the result.
-
-        Extra keyword arguments reach the template (Qwen3: `enable_thinking=False`)."""
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = True,
+        tokenize: bool = True,
+        **template_kwargs,
+    ) -> list[int] | str:
+        """Render `messages` with the tokenizer's own chat template; ids, or the text with
+        `tokenize=False` (the Hugging Face signature). Extra keyword arguments reach the
+        template (Qwen3: `enable_thinking=False`)."""
         if not self.has_chat_template:
             raise ValueError("this tokenizer has no chat template (no tokenizer_config.json one)")
         if self._chat is None:
@@ -77,7 +83,7 @@ class TextTokenizer:
             **template_kwargs,
         )
         # The rendered text spells special tokens out; encode() maps them back to their ids.
-        return self.encode(text)
+        return self.encode(text) if tokenize else text
 
 
 def build_tokenizer(

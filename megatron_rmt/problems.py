@@ -1,0 +1,161 @@
+"""Next-token-reasoning problems: from chosen positions to rollout requests, from responses to
+rewards, advantages and the RL microbatches.
+
+A chosen position j of a window asks: given the document prefix up to and including token j,
+what is token j+1 (the label at j)? The prompt holds that prefix (as text, see prompts.py) with
+the budget sentence; each of the G responses is scored by its final prediction (exact token
+match, or RPT's byte-prefix match) and, with the dynamic budget, by its reasoning length.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from megatron_rmt import budget as budget_mod
+from megatron_rmt import grpo, prompts, rewards
+from megatron_rmt.rollout.contract import RolloutRequest, RolloutResult
+
+CONTINUATION_TOKENS = 8  # true tokens kept after the target, for RPT's prefix reward
+
+
+@dataclass(frozen=True)
+class Problem:
+    prefix_ids: list[int]  # the document up to and including position j
+    target_id: int  # token j+1
+    continuation_ids: list[int]  # tokens j+1, j+2, ... within the window
+    entropy: float  # predictive entropy at j (nats)
+    level: int  # 0 easy, 1 medium, 2 hard
+
+
+@dataclass(frozen=True)
+class Scored:
+    rewards: torch.Tensor  # [n, G] composite reward
+    match: torch.Tensor  # [n, G] r_match (or RPT's prefix reward)
+    length: torch.Tensor  # [n, G] r_len
+    think_tokens: torch.Tensor  # [n, G] reasoning length in tokens
+    response_tokens: torch.Tensor  # [n, G]
+    unparsed: torch.Tensor  # [n, G] bool: no prediction could be read
+
+
+def problems_from_selection(
+    batch: dict, chosen: torch.Tensor, entropy: torch.Tensor, levels: torch.Tensor
+) -> list[Problem]:
+    """chosen, entropy, levels: [b, s]; batch holds tokens, labels, context_len [b, s]."""
+    out = []
+    for b, j in chosen.nonzero().tolist():
+        start = j + 1 - int(batch["context_len"][b, j])
+        out.append(
+            Problem(
+                prefix_ids=batch["tokens"][b, start : j + 1].tolist(),
+                target_id=int(batch["labels"][b, j]),
+                continuation_ids=batch["labels"][b, j : j + CONTINUATION_TOKENS].tolist(),
+                entropy=float(entropy[b, j]),
+                level=int(levels[b, j]),
+            )
+        )
+    return out
+
+
+def make_requests(
+    problems: list[Problem], tokenizer, template, budget: int | None, rmt, seed: int
+) -> list[RolloutRequest]:
+    """One request of G samples per problem; `budget` None leaves the budget sentence out."""
+    cap = rmt.max_response_tokens
+    if budget is not None:
+        cap = min(cap, budget_mod.max_new_tokens(budget, rmt.answer_tokens))
+    return [
+        RolloutRequest(
+            prompt_ids=prompts.build_prompt_ids(tokenizer, template, p.prefix_ids, budget),
+            n=rmt.group_size,
+            max_tokens=cap,
+            temperature=rmt.rollout_temperature,
+            top_p=rmt.rollout_top_p,
+            seed=seed * 1_000_003 + i,
+        )
+        for i, p in enumerate(problems)
+    ]
+
+
+def score(
+    problems: list[Problem],
+    results: list[RolloutResult],
+    tokenizer,
+    budget: int | None,
+    rmt,
+    prefix_match: bool,
+) -> Scored:
+    """Rewards of every response. prefix_match: RPT's byte-prefix reward instead of exact match;
+    budget None: no length reward (r = r_match)."""
+    rows = []
+    for problem, result in zip(problems, results, strict=True):
+        target_text = tokenizer.token_text(problem.target_id)
+        continuation = [tokenizer.token_text(t) for t in problem.continuation_ids]
+        row = []
+        for response in result.responses:
+            text = tokenizer.decode([t for t in response if t != tokenizer.eod])
+            think = len(tokenizer.encode(prompts.split_response(text)[0]))
+            if prefix_match:
+                parts = rewards.rpt_reward(text, continuation)
+            else:
+                parts = rewards.next_token_reward(
+                    text,
+                    target_text,
+                    think,
+                    budget,
+                    w=rmt.length_reward_weight,
+                    r_max=rmt.length_reward_max,
+                )
+            row.append(
+                (parts.total, parts.match, parts.length, think, len(response), not parts.parsed)
+            )
+        rows.append(row)
+    t = torch.tensor(rows, dtype=torch.float64).reshape(len(problems), -1, 6)  # [n, G, 6]
+    return Scored(
+        rewards=t[..., 0],
+        match=t[..., 1],
+        length=t[..., 2],
+        think_tokens=t[..., 3],
+        response_tokens=t[..., 4],
+        unparsed=t[..., 5].bool(),
+    )
+
+
+def advantages(scored: Scored, delta: float) -> tuple[torch.Tensor, int]:
+    """GRPO group-normalised advantages [n, G] and the number of all-equal (zero) groups."""
+    return grpo.group_advantages(scored.rewards, delta=delta)
+
+
+def rl_microbatches(
+    requests: list[RolloutRequest],
+    results: list[RolloutResult],
+    adv: torch.Tensor,  # [n, G]
+    pad_id: int,
+) -> list[dict]:
+    """One microbatch per group (G rows of prompt + response), all padded on the right to the
+    step's longest sequence so the pipeline schedule sees one shape. Label position i predicts
+    token i+1; `resp_mask` marks the labels that are response tokens."""
+    length = max(
+        len(q.prompt_ids) + len(r) for q, res in zip(requests, results) for r in res.responses
+    )
+    out = []
+    for i, (req, res) in enumerate(zip(requests, results, strict=True)):
+        g = len(res.responses)
+        tokens = torch.full((g, length + 1), pad_id, dtype=torch.long)  # [G, L+1]
+        resp_mask = torch.zeros(g, length)  # [G, L]
+        old_logp = torch.zeros(g, length)  # [G, L]
+        p = len(req.prompt_ids)
+        for k, (resp, lps) in enumerate(zip(res.responses, res.logprobs, strict=True)):
+            tokens[k, :p] = torch.tensor(req.prompt_ids)
+            tokens[k, p : p + len(resp)] = torch.tensor(resp, dtype=torch.long)
+            resp_mask[k, p - 1 : p - 1 + len(resp)] = 1.0
+            old_logp[k, p - 1 : p - 1 + len(resp)] = torch.tensor(lps)
+        out.append(
+            {
+                "tokens": tokens[:, :-1],
+                "labels": tokens[:, 1:],
+                "resp_mask": resp_mask,
+                "old_logp": old_logp,
+                "advantages": adv[i].float(),  # [G]
+            }
+        )
+    return out

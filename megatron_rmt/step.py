@@ -1,0 +1,200 @@
+"""The two passes of one RMT step over Megatron's `forward_backward_func`, and the optimizer step.
+
+NTP pass (all microbatches of the step): on the last stage, the vocab-parallel logits give the
+NTP loss and entropy of every position in one fused chunked kernel; candidates are bucketed by
+entropy, the curriculum sampler picks C, and the NTP loss is masked on C. Its loss_func returns
+`(lambda * sum CE, count, report)` and the schedule runs with `calculate_per_token_loss`, so
+gradients accumulate un-normalised; afterwards they are scaled by 1 / (NTP tokens over all DP).
+
+RL pass (one microbatch per group of G responses): loss_func returns the policy-loss sum divided
+by the RL token (or sequence) count over all DP, known before the pass. Both passes write into
+the same DDP gradient buffers, so L = L_RL + lambda * L_NTP, each term normalised by its own
+global count. Gradients are finalised (DP all-reduce, tied-embedding sync) once, after both.
+"""
+
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+from megatron.core import parallel_state as ps
+from megatron.core.distributed import finalize_model_grads
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_rmt import losses, parallel, selection
+from megatron_rmt.build import Trainable
+from megatron_rmt.entropy import vocab_parallel_ce_entropy
+from megatron_rmt.problems import Problem, problems_from_selection
+
+
+@dataclass(frozen=True)
+class Selector:
+    """How the NTP pass picks RL positions this step (None mode: plain NTP, nothing picked)."""
+
+    mode: str | None  # "curriculum", "uniform", "all" or None
+    probs: tuple[float, float, float]
+    k_per_sequence: int
+    thresholds: tuple[float, float, float] | None  # None: per-microbatch quantiles
+    eod_id: int
+    min_context: int
+    seed: int
+
+
+@dataclass
+class NTPOutcome:
+    problems: list[Problem] = field(default_factory=list)
+    ntp_loss_sum: float = 0.0  # un-weighted CE summed over NTP tokens (this replica)
+    ntp_tokens: int = 0
+    entropy_sum: float = 0.0  # over all valid positions
+    entropy_count: int = 0
+
+
+def _tp_group():
+    return (
+        ps.get_tensor_model_parallel_group()
+        if ps.get_tensor_model_parallel_world_size() > 1
+        else None
+    )
+
+
+def _run(trainable: Trainable, forward_step, microbatches, forward_only: bool):
+    b, s = microbatches[0]["tokens"].shape
+    return get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iter(microbatches),
+        model=trainable.model,
+        num_microbatches=len(microbatches),
+        seq_length=s,
+        micro_batch_size=b,
+        forward_only=forward_only,
+    )
+
+
+def ntp_pass(
+    trainable: Trainable,
+    microbatches: list[dict],
+    selector: Selector,
+    ntp_weight: float,
+    chunk_tokens: int,
+) -> NTPOutcome:
+    """Forward (and backward unless ntp_weight is 0) over the step's microbatches; returns, on
+    every stage, the chosen problems and the NTP statistics (broadcast from the last stage)."""
+    outcome = NTPOutcome()
+    forward_only = ntp_weight == 0.0
+
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator)
+        logits = model(batch["tokens"], batch["position_ids"], None)  # [b, s, v/tp] (last stage)
+        return logits, partial(_ntp_loss, batch)
+
+    def _ntp_loss(batch, logits):
+        ce, entropy = vocab_parallel_ce_entropy(
+            logits, batch["labels"], tp_group=_tp_group(), chunk_tokens=chunk_tokens
+        )  # [b, s] each
+        chosen, levels = _choose(batch, entropy, selector)
+        ntp_sum, ntp_count = losses.ntp_loss_sum(ce, batch["loss_mask"], chosen)
+        valid = batch["loss_mask"] > 0
+        outcome.problems += problems_from_selection(batch, chosen, entropy, levels)
+        outcome.ntp_loss_sum += float(ntp_sum)
+        outcome.ntp_tokens += int(ntp_count)
+        outcome.entropy_sum += float(entropy[valid].sum())
+        outcome.entropy_count += int(valid.sum())
+        return ntp_weight * ntp_sum, torch.as_tensor(ntp_count, dtype=torch.int), {}
+
+    _run(trainable, forward_step, microbatches, forward_only)
+    outcome = parallel.broadcast_object_from_last_stage(
+        outcome if ps.is_pipeline_last_stage() else None
+    )
+    if not forward_only:
+        total = parallel.all_reduce_sum_dp([outcome.ntp_tokens])[0]
+        for chunk in trainable.model:
+            chunk.scale_gradients(1.0 / max(total, 1.0))
+    return outcome
+
+
+def _choose(batch: dict, entropy: torch.Tensor, sel: Selector):
+    """C as a [b, s] bool mask and the difficulty level of every position."""
+    if sel.mode is None:
+        none = torch.zeros_like(entropy, dtype=torch.bool)
+        return none, torch.full_like(entropy, selection.NOT_CANDIDATE, dtype=torch.long)
+    cand = selection.candidate_mask(
+        batch["context_len"],
+        batch["loss_mask"],
+        batch["tokens"],
+        batch["labels"],
+        eod_id=sel.eod_id,
+        min_context=sel.min_context,
+    )
+    thresholds = sel.thresholds or selection.quantile_thresholds(entropy, cand)
+    levels = selection.difficulty_levels(entropy, cand, thresholds)
+    # Seeded by the samples themselves: every TP rank (and a resumed run) draws the same C.
+    gen = torch.Generator().manual_seed(sel.seed * 1_000_003 + int(batch["sample_ids"][0]))
+    chosen = selection.select_positions(levels, sel.mode, sel.probs, sel.k_per_sequence, gen)
+    return chosen, levels
+
+
+@dataclass
+class RLOutcome:
+    loss_sum: float = 0.0  # policy-loss sum over this replica (before the global normalisation)
+    tokens: int = 0  # response tokens trained on (this replica)
+    logprob_gap_sum: float = 0.0  # sum |log p_train - log p_rollout| over those tokens
+
+
+def rl_pass(
+    trainable: Trainable,
+    microbatches: list[dict],
+    total_count: float,
+    temperature: float,
+    aggregation: str,
+    clip_eps: float | None,
+    chunk_tokens: int,
+) -> RLOutcome:
+    """Backward of the GRPO policy loss over the groups; `total_count` is the global number of
+    RL tokens (token aggregation) or sequences (sequence aggregation) that normalises it."""
+    outcome = RLOutcome()
+    if not microbatches:
+        return outcome
+
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator)
+        g, s = batch["tokens"].shape
+        positions = torch.arange(s).expand(g, s)
+        return model(batch["tokens"], positions, None), partial(_rl_loss, batch)
+
+    def _rl_loss(batch, logits):
+        ce, _ = vocab_parallel_ce_entropy(
+            logits,
+            batch["labels"],
+            tp_group=_tp_group(),
+            temperature=temperature,
+            chunk_tokens=chunk_tokens,
+        )
+        logp = -ce  # [G, L]
+        mask = batch["resp_mask"]
+        loss_sum, count = losses.policy_loss(
+            logp, batch["old_logp"], batch["advantages"], mask, aggregation, clip_eps
+        )
+        outcome.loss_sum += float(loss_sum)
+        outcome.tokens += int(mask.sum())
+        outcome.logprob_gap_sum += float(((logp.detach() - batch["old_logp"]).abs() * mask).sum())
+        return loss_sum / total_count, torch.as_tensor(count, dtype=torch.int), {}
+
+    _run(trainable, forward_step, microbatches, forward_only=False)
+    return parallel.broadcast_object_from_last_stage(
+        outcome if ps.is_pipeline_last_stage() else None
+    )
+
+
+def zero_grads(trainable: Trainable) -> None:
+    for chunk in trainable.model:
+        chunk.zero_grad_buffer()
+    trainable.optimizer.zero_grad()
+
+
+def optimizer_step(trainable: Trainable) -> tuple[float, float]:
+    """Finalise gradients once (DP reduce, embedding sync), step, advance the LR schedule.
+    Returns (grad norm, learning rate used)."""
+    finalize_model_grads(trainable.model, num_tokens=None)
+    _, grad_norm, _ = trainable.optimizer.step()
+    lr = trainable.optimizer.param_groups[0]["lr"]
+    trainable.scheduler.step(increment=1)
+    return float(grad_norm or 0.0), float(lr)

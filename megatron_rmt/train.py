@@ -1,0 +1,186 @@
+"""Reinforcement Mid-Training on Megatron-Core. Run under torchrun:
+
+    torchrun --nproc-per-node 2 -m megatron_rmt.train --config configs/tiny_cpu.yaml ...
+
+Each step t of T, on streamed pretraining windows:
+  1. NTP pass over the step's microbatches: fused CE + entropy per position on the last stage;
+     candidates bucketed by entropy; the curriculum p(t) picks C; NTP loss on every other token.
+  2. The prefixes at C become "think, then predict the next token" prompts under budget B_t;
+     the rollout engine samples G responses each.
+  3. Rewards (token match, length vs B_t) -> group-normalised advantages (GRPO).
+  4. RL pass over prompt+response groups; its gradient joins the NTP gradient in the same buffers.
+  5. One optimizer step, the LR schedule, weight sync to the rollout engine, metrics, checkpoint.
+The variants (ablations, RPT, plain NTP) switch parts of this off; see variants.py.
+"""
+
+import os
+import sys
+import time
+
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from megatron_rmt import budget as budget_mod
+from megatron_rmt import checkpoint, config, losses, parallel, problems, prompts, selection, step
+from megatron_rmt.build import build_trainable
+from megatron_rmt.data import MicrobatchIterator, build_train_dataset
+from megatron_rmt.metrics import MetricsWriter, step_metrics
+from megatron_rmt.model import padded_vocab_size
+from megatron_rmt.rollout.dispatch import run_rollouts
+from megatron_rmt.rollout.embedded import EmbeddedEngine
+from megatron_rmt.tokenizer import build_tokenizer
+from megatron_rmt.variants import VARIANTS, ntp_weight
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = config.parse(argv)
+    p = cfg.parallel
+    layout = parallel.init(
+        p.tensor_model_parallel_size,
+        p.pipeline_model_parallel_size,
+        p.seed,
+        p.distributed_timeout_minutes,
+    )
+    if dist.get_rank() == 0:
+        print("resolved config:\n" + config.to_yaml(cfg), flush=True)
+    d = cfg.data
+    tokenizer = build_tokenizer(d.tokenizer_type, d.tokenizer_model, d.vocab_file, d.merge_file)
+    vocab = cfg.model.vocab_size or padded_vocab_size(
+        tokenizer.vocab_size, cfg.model.make_vocab_size_divisible_by, p.tensor_model_parallel_size
+    )
+    trainable = build_trainable(cfg, vocab)
+    progress = checkpoint.Progress()
+    if cfg.checkpoint.load:
+        progress = checkpoint.load(
+            cfg.checkpoint.load, trainable, load_optimizer=not cfg.checkpoint.no_load_optim
+        )
+    dataset = build_train_dataset(
+        d.data_path,
+        d.split,
+        cfg.model.seq_length,
+        cfg.optim.train_iters * d.global_batch_size,
+        p.seed,
+        tokenizer,
+        d.data_cache_path,
+    )
+    data = MicrobatchIterator(
+        dataset,
+        d.micro_batch_size,
+        d.global_batch_size,
+        layout.dp_rank,
+        layout.dp_size,
+        progress.consumed_samples,
+    )
+    engine = EmbeddedEngine(trainable.model, tokenizer.vocab_size, tokenizer.eod)
+    engine.sync_weights(progress.step)
+    is_logger = dist.get_rank() == 0
+    log = cfg.logging
+    writer = MetricsWriter(is_logger, log.metrics_file, log.tensorboard_dir)
+    failures = 0
+    for t in range(progress.step, cfg.optim.train_iters):
+        metrics = train_step(cfg, t, trainable, data, tokenizer, engine, layout)
+        failures += int(metrics["rollout_failed"])
+        metrics["rollout_failures"] = failures
+        writer.write(t, metrics, console=t % log.log_interval == 0)
+        progress = checkpoint.Progress(step=t + 1, consumed_samples=data.consumed_samples)
+        if cfg.checkpoint.save and _should_save(cfg, t + 1):
+            path = checkpoint.save(cfg.checkpoint.save, trainable, progress, cfg)
+            if is_logger:
+                print(f"saved checkpoint {path}", flush=True)
+    writer.close()
+    if is_logger:
+        print(f"done: {cfg.optim.train_iters} steps; metrics in {log.metrics_file}", flush=True)
+    parallel.destroy()
+
+
+def train_step(cfg, t, trainable, data, tokenizer, engine, layout) -> dict:
+    r, T = cfg.rmt, cfg.optim.train_iters
+    variant = VARIANTS[r.rmt_variant]
+    start = time.perf_counter()
+    microbatches = [next(data) for _ in range(cfg.num_microbatches)]
+    budget = (
+        budget_mod.token_budget(t, T, r.budget_initial, r.budget_min, r.budget_gamma)
+        if variant.budget
+        else None
+    )
+    probs = selection.curriculum_probs(
+        t, T, r.curriculum_start, r.curriculum_end, r.curriculum_t1, r.curriculum_t2
+    )
+    selector = step.Selector(
+        mode=variant.selection,
+        probs=probs,
+        k_per_sequence=r.positions_per_sequence,
+        thresholds=tuple(r.entropy_thresholds) if r.bucket_mode == "fixed" else None,
+        eod_id=tokenizer.eod,
+        min_context=r.min_context,
+        seed=cfg.parallel.seed + t,
+    )
+
+    step.zero_grads(trainable)
+    ntp = step.ntp_pass(
+        trainable,
+        microbatches,
+        selector,
+        ntp_weight(variant, r.ntp_weight),
+        r.entropy_chunk_tokens,
+    )
+
+    template = prompts.load_template(r.prompt_template)
+    requests = problems.make_requests(
+        ntp.problems, tokenizer, template, budget, r, seed=cfg.parallel.seed + 7919 * t
+    )
+    rollout_start = time.perf_counter()
+    rank_in_replica = dist.get_rank(ps.get_model_parallel_group())
+    results = run_rollouts(engine, requests, rank_in_replica)
+    rollout_latency = time.perf_counter() - rollout_start
+    failed = results is None
+    if failed:
+        ntp.problems, requests, results = [], [], []
+    for res in results:
+        if res.weight_version != t:
+            raise RuntimeError(f"rollout from weights v{res.weight_version}, trainer is at v{t}")
+
+    scored = problems.score(ntp.problems, results, tokenizer, budget, r, variant.prefix_reward)
+    adv, zero_groups = problems.advantages(scored, r.advantage_delta)
+    groups = problems.rl_microbatches(requests, results, adv, pad_id=tokenizer.eod)
+    local_count = sum(float(losses.rl_count(g["resp_mask"], r.loss_aggregation)) for g in groups)
+    if r.kl_beta == 0.0:  # a group whose advantages are all zero contributes no gradient
+        groups = [g for g in groups if g["advantages"].abs().sum() > 0]
+    total_count = parallel.all_reduce_sum_dp([local_count])[0]
+    rl = step.rl_pass(
+        trainable,
+        groups,
+        max(total_count, 1.0),
+        r.rollout_temperature,
+        r.loss_aggregation,
+        r.clip_eps,
+        r.entropy_chunk_tokens,
+    )
+    grad_norm, lr = step.optimizer_step(trainable)
+    engine.sync_weights(t + 1)
+
+    return step_metrics(
+        ntp=ntp,
+        rl=rl,
+        scored=scored,
+        zero_groups=zero_groups,
+        total_rl_count=total_count,
+        budget=budget,
+        probs=probs,
+        grad_norm=grad_norm,
+        lr=lr,
+        failed=failed,
+        rollout_latency=rollout_latency,
+        step_time=time.perf_counter() - start,
+        window_tokens=sum(mb["tokens"].numel() for mb in microbatches),
+    )
+
+
+def _should_save(cfg, steps_done: int) -> bool:
+    interval = cfg.checkpoint.save_interval
+    return steps_done == cfg.optim.train_iters or bool(interval and steps_done % interval == 0)
+
+
+if __name__ == "__main__":  # dist_checkpointing starts worker processes: keep this guard
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main(sys.argv[1:])
