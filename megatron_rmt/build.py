@@ -28,7 +28,9 @@ def build_trainable(cfg: Config, vocab_size: int) -> Trainable:
     module = build_model(cfg.model, vocab_size)
     tconf = module.config
     tconf.finalize_model_grads_func = None  # the trainer finalises once per step, after both passes
-    distributed_opt = cfg.parallel.use_distributed_optimizer and ps.get_data_parallel_world_size() > 1
+    distributed_opt = (
+        cfg.parallel.use_distributed_optimizer and ps.get_data_parallel_world_size() > 1
+    )
     ddp = DistributedDataParallel(
         config=tconf,
         ddp_config=DistributedDataParallelConfig(

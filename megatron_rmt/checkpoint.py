@@ -115,7 +115,11 @@ def _rng_state() -> dict:
     from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
     return {
-        "layout": (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(), dist.get_world_size()),
+        "layout": (
+            ps.get_tensor_model_parallel_world_size(),
+            ps.get_pipeline_model_parallel_world_size(),
+            dist.get_world_size(),
+        ),
         "python": random.getstate(),
         "numpy": np.random.get_state(),
         "torch": torch.get_rng_state(),
@@ -126,7 +130,11 @@ def _rng_state() -> dict:
 def _restore_rng(saved: dict) -> None:
     from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
-    layout = (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(), dist.get_world_size())
+    layout = (
+        ps.get_tensor_model_parallel_world_size(),
+        ps.get_pipeline_model_parallel_world_size(),
+        dist.get_world_size(),
+    )
     if saved["layout"] != layout:
         return  # another TP/PP/DP layout: the per-rank streams do not correspond
     random.setstate(saved["python"])

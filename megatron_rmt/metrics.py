@@ -151,7 +151,8 @@ def step_metrics(
         "p_easy": probs[0],
         "p_medium": probs[1],
         "p_hard": probs[2],
-        "rl_tokens": rl_tok,
+        "rl_tokens": rl_tokens,  # response tokens in L_RL over all DP ranks
+        "rl_tokens_trained": rl_tok,  # of those, in groups with a nonzero advantage
         "ntp_tokens": ntp_tok,
         "rl_positions": chosen,
         "zero_adv_share": mean(zero, groups),

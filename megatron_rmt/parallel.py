@@ -58,9 +58,7 @@ def init(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_minutes: int = 10) 
     if world % (tp * pp):
         raise ValueError(f"world size {world} is not divisible by TP {tp} x PP {pp}")
     if not ps.model_parallel_is_initialized():
-        ps.initialize_model_parallel(
-            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
-        )
+        ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     layout = layout_of_this_rank()
     seed_everything(seed, layout)
     return layout

@@ -134,8 +134,12 @@ def rl_microbatches(
     """One microbatch per group (G rows of prompt + response), all padded on the right to the
     step's longest sequence so the pipeline schedule sees one shape. Label position i predicts
     token i+1; `resp_mask` marks the labels that are response tokens."""
+    if not requests:
+        return []
     length = max(
-        len(q.prompt_ids) + len(r) for q, res in zip(requests, results) for r in res.responses
+        len(q.prompt_ids) + len(r)
+        for q, res in zip(requests, results, strict=True)
+        for r in res.responses
     )
     out = []
     for i, (req, res) in enumerate(zip(requests, results, strict=True)):

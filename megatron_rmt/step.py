@@ -13,7 +13,6 @@ global count. Gradients are finalised (DP all-reduce, tied-embedding sync) once,
 """
 
 from dataclasses import dataclass, field
-from functools import partial
 
 import torch
 from megatron.core import parallel_state as ps
@@ -22,7 +21,6 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_rmt import losses, parallel, selection
 from megatron_rmt.build import Trainable
-from megatron_rmt.entropy import vocab_parallel_ce_entropy
 from megatron_rmt.problems import Problem, problems_from_selection
 
 
@@ -84,23 +82,23 @@ def ntp_pass(
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
         logits = model(batch["tokens"], batch["position_ids"], None)  # [b, s, v/tp] (last stage)
-        return logits, partial(_ntp_loss, batch)
 
-    def _ntp_loss(batch, logits):
-        ce, entropy = vocab_parallel_ce_entropy(
-            logits, batch["labels"], tp_group=_tp_group(), chunk_tokens=chunk_tokens
-        )  # [b, s] each
-        chosen, levels = _choose(batch, entropy, selector)
-        ntp_sum, ntp_count = losses.ntp_loss_sum(ce, batch["loss_mask"], chosen)
-        valid = batch["loss_mask"] > 0
-        outcome.problems += problems_from_selection(batch, chosen, entropy, levels)
-        outcome.ntp_loss_sum += float(ntp_sum)
-        outcome.ntp_tokens += int(ntp_count)
-        outcome.entropy_sum += float(entropy[valid].sum())
-        outcome.entropy_count += int(valid.sum())
-        return ntp_weight * ntp_sum, torch.as_tensor(ntp_count, dtype=torch.int), {}
+        def select(entropy):  # [b, s] -> C as a [b, s] bool mask; keeps C for the rollouts
+            chosen, levels = _choose(batch, entropy, selector)
+            valid = batch["loss_mask"] > 0
+            outcome.problems += problems_from_selection(batch, chosen, entropy, levels)
+            outcome.entropy_sum += float(entropy[valid].sum())
+            outcome.entropy_count += int(valid.sum())
+            return chosen
 
-    _run(trainable, forward_step, microbatches, forward_only)
+        return logits, losses.make_ntp_loss_func(
+            batch["labels"], batch["loss_mask"], select, ntp_weight,
+            tp_group=_tp_group(), chunk_tokens=chunk_tokens,
+        )
+
+    reports = _run(trainable, forward_step, microbatches, forward_only)
+    outcome.ntp_loss_sum = sum(float(r["ntp_loss_sum"]) for r in reports)
+    outcome.ntp_tokens = sum(int(r["ntp_tokens"]) for r in reports)
     outcome = parallel.broadcast_object_from_last_stage(
         outcome if ps.is_pipeline_last_stage() else None
     )
@@ -158,27 +156,16 @@ def rl_pass(
         batch = next(data_iterator)
         g, s = batch["tokens"].shape
         positions = torch.arange(s).expand(g, s)
-        return model(batch["tokens"], positions, None), partial(_rl_loss, batch)
-
-    def _rl_loss(batch, logits):
-        ce, _ = vocab_parallel_ce_entropy(
-            logits,
-            batch["labels"],
-            tp_group=_tp_group(),
-            temperature=temperature,
-            chunk_tokens=chunk_tokens,
+        return model(batch["tokens"], positions, None), losses.make_rl_loss_func(
+            batch["labels"], batch["old_logp"], batch["advantages"], batch["resp_mask"],
+            total_count, aggregation=aggregation, clip_eps=clip_eps, temperature=temperature,
+            tp_group=_tp_group(), chunk_tokens=chunk_tokens,
         )
-        logp = -ce  # [G, L]
-        mask = batch["resp_mask"]
-        loss_sum, count = losses.policy_loss(
-            logp, batch["old_logp"], batch["advantages"], mask, aggregation, clip_eps
-        )
-        outcome.loss_sum += float(loss_sum)
-        outcome.tokens += int(mask.sum())
-        outcome.logprob_gap_sum += float(((logp.detach() - batch["old_logp"]).abs() * mask).sum())
-        return loss_sum / total_count, torch.as_tensor(count, dtype=torch.int), {}
 
-    _run(trainable, forward_step, microbatches, forward_only=False)
+    reports = _run(trainable, forward_step, microbatches, forward_only=False)
+    outcome.loss_sum = sum(float(r["rl_loss_sum"]) for r in reports)
+    outcome.tokens = sum(int(r["rl_tokens"]) for r in reports)
+    outcome.logprob_gap_sum = sum(float(r["logp_gap_sum"]) for r in reports)
     return parallel.broadcast_object_from_last_stage(
         outcome if ps.is_pipeline_last_stage() else None
     )

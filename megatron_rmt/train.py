@@ -16,34 +16,54 @@ The variants (ablations, RPT, plain NTP) switch parts of this off; see variants.
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from megatron_rmt import budget as budget_mod
 from megatron_rmt import checkpoint, config, losses, parallel, problems, prompts, selection, step
-from megatron_rmt.build import build_trainable
+from megatron_rmt.build import Trainable, build_trainable
 from megatron_rmt.data import MicrobatchIterator, build_train_dataset
 from megatron_rmt.metrics import MetricsWriter, step_metrics
 from megatron_rmt.model import padded_vocab_size
+from megatron_rmt.rollout.contract import RolloutEngine
 from megatron_rmt.rollout.dispatch import run_rollouts
 from megatron_rmt.rollout.embedded import EmbeddedEngine
-from megatron_rmt.tokenizer import build_tokenizer
+from megatron_rmt.tokenizer import TextTokenizer, build_tokenizer
 from megatron_rmt.variants import VARIANTS, ntp_weight
 
 
-def main(argv: list[str] | None = None) -> None:
+@dataclass
+class Run:
+    """Everything one rank trains with."""
+
+    cfg: config.Config
+    layout: parallel.Layout
+    tokenizer: TextTokenizer
+    trainable: Trainable
+    data: MicrobatchIterator
+    engine: RolloutEngine
+    progress: checkpoint.Progress
+
+
+def main(argv: list[str] | None = None, engine: RolloutEngine | None = None) -> None:
+    """Parse, set up, train. `engine` replaces the configured rollout engine (tests, custom)."""
     cfg = config.parse(argv)
     p = cfg.parallel
-    layout = parallel.init(
-        p.tensor_model_parallel_size,
-        p.pipeline_model_parallel_size,
-        p.seed,
+    parallel.init(
+        p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.seed,
         p.distributed_timeout_minutes,
     )
     if dist.get_rank() == 0:
         print("resolved config:\n" + config.to_yaml(cfg), flush=True)
-    d = cfg.data
+    run = setup(cfg, engine)
+    train(run)
+    parallel.destroy()
+
+
+def setup(cfg: config.Config, engine: RolloutEngine | None = None) -> Run:
+    p, d = cfg.parallel, cfg.data
     tokenizer = build_tokenizer(d.tokenizer_type, d.tokenizer_model, d.vocab_file, d.merge_file)
     vocab = cfg.model.vocab_size or padded_vocab_size(
         tokenizer.vocab_size, cfg.model.make_vocab_size_divisible_by, p.tensor_model_parallel_size
@@ -55,49 +75,47 @@ def main(argv: list[str] | None = None) -> None:
             cfg.checkpoint.load, trainable, load_optimizer=not cfg.checkpoint.no_load_optim
         )
     dataset = build_train_dataset(
-        d.data_path,
-        d.split,
-        cfg.model.seq_length,
-        cfg.optim.train_iters * d.global_batch_size,
-        p.seed,
-        tokenizer,
-        d.data_cache_path,
+        d.data_path, d.split, cfg.model.seq_length, cfg.optim.train_iters * d.global_batch_size,
+        p.seed, tokenizer, d.data_cache_path,
     )
+    layout = parallel.layout_of_this_rank()
     data = MicrobatchIterator(
-        dataset,
-        d.micro_batch_size,
-        d.global_batch_size,
-        layout.dp_rank,
-        layout.dp_size,
+        dataset, d.micro_batch_size, d.global_batch_size, layout.dp_rank, layout.dp_size,
         progress.consumed_samples,
     )
-    engine = EmbeddedEngine(trainable.model, tokenizer.vocab_size, tokenizer.eod)
+    engine = engine or EmbeddedEngine(trainable.model, tokenizer.vocab_size, tokenizer.eod)
     engine.sync_weights(progress.step)
+    return Run(cfg, layout, tokenizer, trainable, data, engine, progress)
+
+
+def train(run: Run) -> None:
+    """Steps from where the run stands to T, with metrics and checkpoints."""
+    cfg, log = run.cfg, run.cfg.logging
     is_logger = dist.get_rank() == 0
-    log = cfg.logging
     writer = MetricsWriter(is_logger, log.metrics_file, log.tensorboard_dir)
     failures = 0
-    for t in range(progress.step, cfg.optim.train_iters):
-        metrics = train_step(cfg, t, trainable, data, tokenizer, engine, layout)
+    for t in range(run.progress.step, cfg.optim.train_iters):
+        metrics = train_step(run, t)
         failures += int(metrics["rollout_failed"])
         metrics["rollout_failures"] = failures
         writer.write(t, metrics, console=t % log.log_interval == 0)
-        progress = checkpoint.Progress(step=t + 1, consumed_samples=data.consumed_samples)
+        run.progress = checkpoint.Progress(step=t + 1, consumed_samples=run.data.consumed_samples)
         if cfg.checkpoint.save and _should_save(cfg, t + 1):
-            path = checkpoint.save(cfg.checkpoint.save, trainable, progress, cfg)
+            path = checkpoint.save(cfg.checkpoint.save, run.trainable, run.progress, cfg)
             if is_logger:
                 print(f"saved checkpoint {path}", flush=True)
     writer.close()
     if is_logger:
         print(f"done: {cfg.optim.train_iters} steps; metrics in {log.metrics_file}", flush=True)
-    parallel.destroy()
 
 
-def train_step(cfg, t, trainable, data, tokenizer, engine, layout) -> dict:
+def train_step(run: Run, t: int) -> dict:
+    """One RMT step t: returns its metrics (reduced over data-parallel ranks)."""
+    cfg, trainable, tokenizer, engine = run.cfg, run.trainable, run.tokenizer, run.engine
     r, T = cfg.rmt, cfg.optim.train_iters
     variant = VARIANTS[r.rmt_variant]
     start = time.perf_counter()
-    microbatches = [next(data) for _ in range(cfg.num_microbatches)]
+    microbatches = [next(run.data) for _ in range(cfg.num_microbatches)]
     budget = (
         budget_mod.token_budget(t, T, r.budget_initial, r.budget_min, r.budget_gamma)
         if variant.budget
@@ -144,9 +162,10 @@ def train_step(cfg, t, trainable, data, tokenizer, engine, layout) -> dict:
     adv, zero_groups = problems.advantages(scored, r.advantage_delta)
     groups = problems.rl_microbatches(requests, results, adv, pad_id=tokenizer.eod)
     local_count = sum(float(losses.rl_count(g["resp_mask"], r.loss_aggregation)) for g in groups)
+    local_tokens = sum(float(g["resp_mask"].sum()) for g in groups)
     if r.kl_beta == 0.0:  # a group whose advantages are all zero contributes no gradient
         groups = [g for g in groups if g["advantages"].abs().sum() > 0]
-    total_count = parallel.all_reduce_sum_dp([local_count])[0]
+    total_count, rl_tokens = parallel.all_reduce_sum_dp([local_count, local_tokens])
     rl = step.rl_pass(
         trainable,
         groups,

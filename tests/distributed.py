@@ -46,8 +46,11 @@ def _worker(rank, world_size, port, tp, pp, fn, args, queue):
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
     )
     try:
+        import torch
+
         from megatron_rmt import parallel
 
+        torch.set_num_threads(1)  # ranks share 2 cores: oversubscribed OpenMP is many times slower
         parallel.init(tp=tp, pp=pp)
         value = fn(*args)
         queue.put((rank, True, pickle.dumps(value)))  # plain bytes: no shared memory

@@ -14,8 +14,8 @@ the vLLM service.
 
 import torch
 from megatron.core import parallel_state as ps
-from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.inference.contexts import StaticInferenceContext
+from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_rmt import parallel, platform
 from megatron_rmt.rollout.contract import RolloutRequest, RolloutResult
