@@ -66,6 +66,7 @@ def step_metrics(
     scored,
     zero_groups,
     total_rl_count,
+    rl_tokens,
     budget,
     probs,
     grad_norm,
