@@ -6,6 +6,7 @@ The asset lives outside the project (`../shared/assets`, present on CI); without
 
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -57,16 +58,20 @@ def _logits(model, ids):
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
+    """(worker's results, transformers' model of the same GGUF), built side by side: the worker
+    process converts while this one loads the reference."""
+    from transformers import AutoModelForCausalLM
+
     ckpt = str(tmp_path_factory.mktemp("smollm2") / "ckpt")
-    return spawn(convert_and_run, 1, args=(ckpt,))[0]
+    with ThreadPoolExecutor(1) as pool:
+        job = pool.submit(spawn, convert_and_run, 1, args=(ckpt,))
+        folder, name = os.path.split(GGUF)
+        hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        return job.result()[0], hf.eval()
 
 
 def test_logits_match_transformers_gguf_loader(converted):
-    from transformers import AutoModelForCausalLM
-
-    folder, name = os.path.split(GGUF)
-    hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
-    ids, logits, _ = converted
+    (ids, logits, _), hf = converted
     with torch.no_grad():
         for i, got in zip(ids, logits, strict=True):
             want = hf(i).logits  # [1, s, v]
@@ -76,4 +81,5 @@ def test_logits_match_transformers_gguf_loader(converted):
 
 
 def test_greedy_continuation_names_paris(converted):
-    assert converted[2].startswith(" Paris"), converted[2]
+    continuation = converted[0][2]
+    assert continuation.startswith(" Paris"), continuation
