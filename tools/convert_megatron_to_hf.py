@@ -10,9 +10,9 @@ Deliberate choices:
   enough unless the model does not fit), into a bare model (no DDP or optimizer memory).
 - Tensors leave through `hf_mapping.megatron_to_hf_tensors`, the same code path the weight sync to
   the rollout service uses, one parameter at a time; TP rank 0 of every pipeline stage writes its
-  own layers into safetensors files of at most --max-shard-size bytes, so memory stays at the
-  model plus one file's worth of tensors. Rank 0 then names the files the HF way and writes the
-  index.
+  own layers into safetensors files of about --max-shard-size bytes, streamed a tensor at a time
+  (`SafetensorsWriter`), so memory stays at the model plus one tensor. Rank 0 then names the files
+  the HF way and writes the index.
 - config.json starts from the `hf_config.json` the HF->Megatron converter kept (token ids, chat
   settings survive) and takes every shape from the checkpoint's own config.yaml. Megatron's vocab
   padding is trimmed back to that config's vocab_size.
@@ -29,7 +29,6 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core import parallel_state as ps
-from safetensors.torch import save_file
 
 from megatron_rmt import checkpoint, parallel
 from megatron_rmt import config as config_mod
@@ -70,28 +69,60 @@ def _hf_template(root: str, cfg) -> dict:
     return {}
 
 
+class SafetensorsWriter:
+    """One safetensors file written a tensor at a time. The format puts a JSON header (every
+    name, dtype, shape and offset) before the data, so the data is streamed to a scratch file and
+    the header prepended at close: memory holds one tensor, at the price of writing bytes twice."""
+
+    _DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+
+    def __init__(self, path: str):
+        self.path = path
+        self.header, self.nbytes = {}, 0
+        self._data = open(path + ".data", "wb")
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        raw = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        self._data.write(raw.data)
+        dtype = self._DTYPES[tensor.dtype]
+        self.header[name] = {
+            "dtype": dtype,
+            "shape": list(tensor.shape),
+            "data_offsets": [self.nbytes, self.nbytes + raw.size],
+        }
+        self.nbytes += raw.size
+
+    def close(self) -> dict[str, int]:
+        """Finish the file; returns {tensor name: bytes}."""
+        self._data.close()
+        header = json.dumps({"__metadata__": {"format": "pt"}, **self.header}).encode()
+        header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned, as safetensors does
+        with open(self.path, "wb") as out, open(self.path + ".data", "rb") as data:
+            out.write(len(header).to_bytes(8, "little"))
+            out.write(header)
+            shutil.copyfileobj(data, out, 16 << 20)
+        os.remove(self.path + ".data")
+        return {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in self.header.items()}
+
+
 def write_stage(model, model_cfg, vocab_rows, dtype, out: str, max_shard_bytes: int) -> list:
     """Write this stage's tensors (every TP rank gathers, TP rank 0 of DP replica 0 writes);
     returns [(file name, {tensor name: nbytes})] of the files this rank wrote."""
     writer = ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
     stage = ps.get_pipeline_model_parallel_rank()
-    files, pending, pending_bytes = [], {}, 0
-
-    def flush():
-        name = f"stage{stage:03d}-{len(files):05d}.safetensors"
-        save_file(pending, os.path.join(out, name), metadata={"format": "pt"})
-        files.append((name, {k: v.nbytes for k, v in pending.items()}))
-
+    files, current = [], None
     for name, tensor in megatron_to_hf_tensors(model, model_cfg, vocab_rows):
         if not writer:
             continue
-        pending[name] = tensor.to(dtype=dtype, device="cpu", copy=True).contiguous()
-        pending_bytes += pending[name].nbytes
-        if pending_bytes >= max_shard_bytes:
-            flush()
-            pending, pending_bytes = {}, 0
-    if pending:
-        flush()
+        if current is None:
+            file_name = f"stage{stage:03d}-{len(files):05d}.safetensors"
+            current = SafetensorsWriter(os.path.join(out, file_name))
+        current.add(name, tensor.to(dtype))
+        if current.nbytes >= max_shard_bytes:
+            files.append((os.path.basename(current.path), current.close()))
+            current = None
+    if current is not None:
+        files.append((os.path.basename(current.path), current.close()))
     return files
 
 

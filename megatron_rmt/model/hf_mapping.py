@@ -151,6 +151,8 @@ def vocab_shard(w, padded_rows: int, tp_rank: int, tp: int) -> torch.Tensor:
     """w [V, h] -> rows [padded/tp, h] of this rank; rows past V (Megatron's padding) are zero."""
     per_rank = padded_rows // tp
     start = tp_rank * per_rank
+    if start + per_rank <= w.shape[0]:  # no padding in this shard: a view, no copy
+        return w[start : start + per_rank]
     shard = w.new_zeros(per_rank, *w.shape[1:])
     real = w[start : start + per_rank]
     shard[: real.shape[0]] = real
