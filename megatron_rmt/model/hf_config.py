@@ -9,6 +9,8 @@ and `rope_parameters.rope_theta` (HF 5.x).
 The Megatron vocabulary is the HF one padded the Megatron way (a multiple of
 `make_vocab_size_divisible_by` x TP); the padded size is recorded in `ModelConfig.vocab_size` so every
 later load builds exactly the rows the checkpoint holds.
+
+`TOKENIZER_FILES` names the files that travel with a checkpoint in both directions.
 """
 
 import os
