@@ -266,7 +266,14 @@ def preprocess(args: argparse.Namespace) -> Stats:
             results = map(_encode_chunk, read_chunks(paths))
         else:
             # fork: workers start at once with the loaded tokenizer instead of re-reading it.
-            pool = multiprocessing.get_context("fork").Pool(args.workers, _ignore_sigint)
+            # A Ctrl-C landing inside fork() is raised in an at-fork hook, where Python swallows
+            # it, so SIGINT is held back while forking and delivered just after. The pool's
+            # threads inherit the mask, which leaves SIGINT to the main thread.
+            blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+            try:
+                pool = multiprocessing.get_context("fork").Pool(args.workers, _ignore_sigint)
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
             results = pool.imap(_encode_chunk, read_chunks(paths))
         gz = any(p.endswith(".gz") for p in paths)  # compressed sizes say nothing of progress
         total = None if gz else sum(map(os.path.getsize, paths))
