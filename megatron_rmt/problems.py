@@ -109,7 +109,8 @@ def score(
                 (parts.total, parts.match, parts.length, think, len(response), not parts.parsed)
             )
         rows.append(row)
-    t = torch.tensor(rows, dtype=torch.float64).reshape(len(problems), -1, 6)  # [n, G, 6]
+    group = len(results[0].responses) if results else 0
+    t = torch.tensor(rows, dtype=torch.float64).reshape(len(problems), group, 6)  # [n, G, 6]
     return Scored(
         rewards=t[..., 0],
         match=t[..., 1],

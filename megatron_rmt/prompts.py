@@ -30,6 +30,8 @@ class PromptTemplate:
     user: str
     response_prefix: str = ""
     system: str | None = None
+    reasoning_budget: str | None = None  # the budget sentence, with ${budget}
+    reasoning_free: str | None = None  # its replacement when there is no budget
 
 
 def load_template(name: str, directory: Path = TEMPLATE_DIR) -> PromptTemplate:
@@ -44,6 +46,9 @@ def load_template(name: str, directory: Path = TEMPLATE_DIR) -> PromptTemplate:
 def render_user(template: PromptTemplate, text: str, budget: int | None) -> str:
     """The instruction with the text (and budget) filled in; literal `$` in `text` is safe."""
     values = {"text": text} if budget is None else {"text": text, "budget": budget}
+    if template.reasoning_budget is not None:
+        sentence = template.reasoning_free if budget is None else template.reasoning_budget
+        values["reasoning"] = string.Template(sentence).substitute(values)
     try:
         return string.Template(template.user).substitute(values)
     except KeyError as missing:

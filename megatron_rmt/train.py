@@ -184,6 +184,7 @@ def train_step(run: Run, t: int) -> dict:
         scored=scored,
         zero_groups=zero_groups,
         total_rl_count=total_count,
+        rl_tokens=rl_tokens,
         budget=budget,
         probs=probs,
         grad_norm=grad_norm,

@@ -1,8 +1,8 @@
 """Config parsing: defaults, YAML presets, flag overrides, and the validation messages."""
 
 import glob
-import re
 import os
+import re
 
 import pytest
 import yaml

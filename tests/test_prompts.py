@@ -36,9 +36,10 @@ def test_ntr_instruction_has_the_paper_wording_and_the_budget():
     assert user.endswith("The text is: Cost: $5 {x}")  # text inserted literally
 
 
-def test_budget_is_required_by_ntr_and_not_by_math():
-    with pytest.raises(ValueError, match="budget"):
-        render_user(load_template("ntr_chat"), "abc", None)
+def test_budget_sentence_only_with_a_budget_and_math_needs_none():
+    free = render_user(load_template("ntr_chat"), "abc", None)
+    assert "Reason inside <think></think>, then write" in free and "exactly" not in free
+    assert "Use exactly 5 tokens" in render_user(load_template("ntr_chat"), "abc", 5)
     assert render_user(load_template("math_chat"), "1+1?", None).endswith("Problem: 1+1?")
     with pytest.raises(FileNotFoundError):
         load_template("no_such_template")

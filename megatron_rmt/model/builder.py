@@ -9,6 +9,8 @@ local modules otherwise. On CPU the fused kernels are switched off and weights i
 CPU (which also makes TP shards slices of one full initialisation).
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state as ps
@@ -85,8 +87,10 @@ def transformer_config(m: ModelConfig, tp: int, pp: int) -> TransformerConfig:
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
-    """Megatron pads the vocabulary so every TP shard has equal, aligned rows."""
-    multiple = divisible_by * tp
+    """The vocabulary padded so every TP shard has equal rows: a multiple of lcm(divisible_by,
+    tp). Unlike Megatron-LM's `divisible_by * tp`, the result does not change with TP when TP
+    divides `divisible_by` (128), so a checkpoint and its losses are the same at any TP."""
+    multiple = math.lcm(divisible_by, tp)
     return -(-vocab_size // multiple) * multiple
 
 
