@@ -20,6 +20,7 @@ Deliberate choices:
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -32,6 +33,7 @@ from megatron.core import parallel_state as ps
 
 from megatron_rmt import checkpoint, parallel
 from megatron_rmt import config as config_mod
+from megatron_rmt.config import ParallelConfig
 from megatron_rmt.model import build_model
 from megatron_rmt.model.hf_config import copy_tokenizer_files, hf_config_from_model_config
 from megatron_rmt.model.hf_mapping import megatron_to_hf_tensors
@@ -46,7 +48,13 @@ def load_model(root: str):
         raise FileNotFoundError(f"{root}: no {checkpoint.TRACKER}; not a Megatron checkpoint")
     path = checkpoint.iteration_dir(root, step)
     with open(os.path.join(path, "config.yaml")) as fh:
-        cfg = config_mod.from_yaml_text(fh.read())
+        saved = config_mod.from_yaml_text(fh.read())
+    layout = ParallelConfig(
+        tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
+        pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
+    )
+    cfg = dataclasses.replace(saved, parallel=layout)
+    config_mod.validate(cfg, dist.get_world_size())  # e.g. TP not dividing the heads, clearly
     vocab = cfg.model.vocab_size or _saved_vocab_rows(path)
     model = build_model(cfg.model, vocab)
     # checkpoint.save stores the model under "model" (see megatron_rmt.checkpoint).
