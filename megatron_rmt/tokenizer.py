@@ -10,7 +10,9 @@ Deliberate choices:
   encoding has no Python-side overhead, which keeps preprocessing close to the bare tokenizer's
   speed. `transformers` is imported only for `apply_chat_template`, because Jinja chat templates
   rely on helpers it provides.
-- No special tokens are ever added (no BOS): documents are separated by an explicit EOD id.
+- By default no special tokens are added (no BOS): documents are separated by an explicit EOD
+  id. `encode` and `apply_chat_template` take Hugging Face's keyword names, so prompt code
+  written against a transformers tokenizer works with this one.
   Special-token text inside a document (e.g. a literal `<|endoftext|>`) is matched as the special
   token, as Hugging Face tokenizers and Megatron-LM's HuggingFaceTokenizer do.
 - `eod` is `<|endoftext|>` when the vocabulary has it (Qwen3, GPT-2, SmolLM2), else the
