@@ -238,7 +238,10 @@ def test_tokenizer_decode_and_chat_template():
     ids = tok.encode("The answer is 42.")
     assert tok.decode(ids) == "The answer is 42."
     assert "".join(tok.token_text(i) for i in ids) == "The answer is 42."
-    prompt = tok.apply_chat_template([{"role": "user", "content": "Hi"}], enable_thinking=False)
+    assert tok.encode("The answer is 42.", add_special_tokens=True) == ids  # Qwen3 has no BOS
+    messages = [{"role": "user", "content": "Hi"}]
+    prompt = tok.apply_chat_template(messages, enable_thinking=False)
     text = tok.decode(prompt)
     assert text.startswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+    assert tok.apply_chat_template(messages, tokenize=False, enable_thinking=False) == text
     assert tok.token_text(prompt[0]) == "<|im_start|>"  # a special token, not its spelling
