@@ -50,7 +50,7 @@ class EmbeddedEngine:
                 logits = self._next_token_logits(step_input, cache)  # [G, v] last stage, else None
                 picked = None
                 if logits is not None:
-                    picked = _sample(logits[:, : self.vocab_size], req.temperature, req.top_p, gen)
+                    picked = _sample(logits, self.vocab_size, req.temperature, req.top_p, gen)
                 token, logp = parallel.broadcast_object_from_last_stage(picked)
                 token = torch.where(done, torch.full_like(token, self.eos_id), token)
                 new_tokens.append(token)
@@ -96,13 +96,16 @@ class EmbeddedEngine:
         return captured[0].float() if ps.is_pipeline_last_stage() else None
 
 
-def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator):
-    """Nucleus sampling at `temperature`; returns (tokens [G], their log-probs [G]).
+def _sample(
+    logits: torch.Tensor, vocab_size: int, temperature: float, top_p: float, gen: torch.Generator
+):
+    """Nucleus sampling at `temperature` among the real tokens; (tokens [G], log-probs [G]).
 
-    The log-prob is of the tempered distribution before the top-p cut, which is what the trainer
-    recomputes for the RL loss."""
-    logp = torch.log_softmax(logits / temperature, dim=-1)  # [G, v]
-    probs = logp.exp()
+    The log-prob is that of the tempered distribution over the whole padded vocabulary, before
+    the top-p cut: exactly what the trainer recomputes for the RL loss. Padding rows are never
+    sampled (they are no tokens)."""
+    logp = torch.log_softmax(logits / temperature, dim=-1)  # [G, v padded]
+    probs = logp[:, :vocab_size].exp()
     if top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)
         keep = sorted_p.cumsum(-1) - sorted_p < top_p  # always keeps the most likely token
