@@ -26,18 +26,6 @@ NOT_CANDIDATE = -1
 LEVELS = ("easy", "medium", "hard")
 
 
-def context_lengths(tokens: torch.Tensor, eod_id: int) -> torch.Tensor:
-    """Tokens of the current document up to and including each position, within the window.
-
-    tokens `[b, s]` -> `[b, s]` int64; 0 at an EOD token, which ends a document.
-    """
-    _, s = tokens.shape
-    index = torch.arange(s, device=tokens.device).expand_as(tokens)  # [b, s]
-    eod_index = torch.where(tokens == eod_id, index, torch.full_like(index, -1))
-    last_eod = torch.cummax(eod_index, dim=1).values  # [b, s] latest EOD at or before j
-    return index - last_eod
-
-
 def candidate_mask(
     context_len: torch.Tensor,  # [b, s]
     loss_mask: torch.Tensor,  # [b, s]

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
+from megatron_rmt.data import context_lengths
 from megatron_rmt.selection import (
     NOT_CANDIDATE,
     candidate_mask,
-    context_lengths,
     curriculum_probs,
     difficulty_levels,
     quantile_thresholds,
@@ -21,17 +21,11 @@ def gen(seed=0):
     return torch.Generator().manual_seed(seed)
 
 
-def test_context_lengths_restart_after_each_eod():
-    tokens = torch.tensor([[5, 6, EOD, 7, 8, 9], [EOD, 1, 2, EOD, EOD, 3]])
-    expected = torch.tensor([[1, 2, 0, 1, 2, 3], [0, 1, 2, 0, 0, 1]])
-    assert torch.equal(context_lengths(tokens, EOD), expected)
-
-
 def test_candidate_mask_applies_every_rule():
     tokens = torch.tensor([[5, 6, 7, EOD, 8, 9, 4]])
     labels = torch.tensor([[6, 7, EOD, 8, 9, 4, 3]])
     loss_mask = torch.tensor([[1, 1, 1, 1, 1, 0, 1]])
-    ctx = context_lengths(tokens, EOD)  # [1, 2, 3, 0, 1, 2, 3]
+    ctx = context_lengths(tokens, EOD)  # [1, 2, 3, 4, 1, 2, 3] (data.py: EOD ends its document)
     got = candidate_mask(ctx, loss_mask, tokens, labels, eod_id=EOD, min_context=2)
     # pos 0: short context; 2: label EOD; 3: token EOD; 4: short; 5: loss mask 0.
     assert got.tolist() == [[False, True, False, False, False, False, True]]
