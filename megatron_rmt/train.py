@@ -63,6 +63,11 @@ def main(argv: list[str] | None = None, engine: RolloutEngine | None = None) -> 
 
 
 def setup(cfg: config.Config, engine: RolloutEngine | None = None) -> Run:
+    if cfg.rollout.rollout_url and engine is None:
+        raise NotImplementedError(
+            "--rollout-url: the vLLM rollout client is not built yet; "
+            "leave it out to use the embedded engine"
+        )
     p, d = cfg.parallel, cfg.data
     tokenizer = build_tokenizer(d.tokenizer_type, d.tokenizer_model, d.vocab_file, d.merge_file)
     vocab = cfg.model.vocab_size or padded_vocab_size(
