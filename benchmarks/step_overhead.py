@@ -3,6 +3,8 @@
 Prints (1) time per step of NTP-only vs RMT (embedded rollouts), and (2) the cost of inline
 entropy + bucketing + CAS inside the NTP pass vs a plain NTP pass over the same microbatches
 (target: at most 5% extra). Run: python benchmarks/step_overhead.py [--steps N] [--data-path P]
+[model flags, e.g. --hidden-size 512 --ffn-hidden-size 1408 --num-layers 8]: the tiny default model
+is all vocabulary (hidden 64 vs 50k tokens), so the per-token vocabulary work dominates there.
 """
 
 import argparse
@@ -58,7 +60,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--data-path")
-    args = ap.parse_args()
+    args, model_flags = ap.parse_known_args()  # e.g. --hidden-size 512 --num-layers 8
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
 
@@ -67,7 +69,7 @@ def main() -> None:
     torch.set_num_threads(1)
     data = args.data_path or corpus(tempfile.mkdtemp())
     base = ["--config", f"{ROOT}/configs/tiny_cpu.yaml", *TOK, "--data-path", data,
-            "--train-iters", str(args.steps + 1)]  # fmt: skip
+            "--train-iters", str(args.steps + 1), *model_flags]  # fmt: skip
     parallel.init()
     rows = {}
     for variant in ("ntp", "rmt"):

@@ -67,6 +67,8 @@ def step_metrics(
     zero_groups,
     total_rl_count,
     rl_tokens,
+    ntp_time,
+    flops_per_token,
     budget,
     probs,
     grad_norm,
@@ -81,90 +83,94 @@ def step_metrics(
     Every rank calls this (it all-reduces); only the logging rank writes the result."""
     from megatron_rmt import parallel
 
-    n_problems = len(ntp.problems)
-    sums = parallel.all_reduce_sum_dp(
-        [
-            ntp.ntp_loss_sum,
-            ntp.ntp_tokens,
-            ntp.entropy_sum,
-            ntp.entropy_count,
-            rl.loss_sum,
-            rl.tokens,
-            rl.logprob_gap_sum,
-            float(scored.rewards.sum()),
-            float(scored.match.sum()),
-            float(scored.length.sum()),
-            float((scored.match == 1).sum()),
-            float(scored.response_tokens.sum()),
-            float(scored.think_tokens.sum()),
-            float(scored.unparsed.sum()),
-            scored.rewards.numel(),
-            scored.rewards.shape[0],
-            zero_groups,
-            sum(p.entropy for p in ntp.problems),
-            n_problems,
-            float(failed),
-            window_tokens,
-            rollout_latency,
-            step_time,
-        ]
-    )
-    (
-        ntp_sum,
-        ntp_tok,
-        ent_sum,
-        ent_n,
-        rl_sum,
-        rl_tok,
-        gap_sum,
-        rew,
-        match,
-        length,
-        hits,
-        resp_len,
-        think_len,
-        unparsed,
-        samples,
-        groups,
-        zero,
-        ent_chosen,
-        chosen,
-        failed_n,
-        win_tok,
-        latency,
-        step_s,
-    ) = sums
-    dp = parallel.all_reduce_sum_dp([1.0])[0]
+    local = {  # sums over this replica; summed again over DP below
+        "ntp_sum": ntp.ntp_loss_sum,
+        "ntp_tok": ntp.ntp_tokens,
+        "ent_sum": ntp.entropy_sum,
+        "ent_n": ntp.entropy_count,
+        "rl_sum": rl.loss_sum,
+        "rl_tok": rl.tokens,
+        "gap_sum": rl.logprob_gap_sum,
+        "reward": float(scored.rewards.sum()),
+        "match": float(scored.match.sum()),
+        "length": float(scored.length.sum()),
+        "hits": float((scored.match == 1).sum()),
+        "resp_len": float(scored.response_tokens.sum()),
+        "think_len": float(scored.think_tokens.sum()),
+        "unparsed": float(scored.unparsed.sum()),
+        "samples": scored.rewards.numel(),
+        "groups": scored.rewards.shape[0],
+        "zero": zero_groups,
+        "ent_chosen": sum(p.entropy for p in ntp.problems),
+        "chosen": len(ntp.problems),
+        "failed": float(failed),
+        "win_tok": window_tokens,
+        "latency": rollout_latency,
+        "step_s": step_time,
+        "ntp_s": ntp_time,
+        "replicas": 1.0,
+    }
+    g = dict(zip(local, parallel.all_reduce_sum_dp(list(local.values())), strict=True))
+    dp = g["replicas"]
 
     def mean(a, b):
         return a / b if b else 0.0
 
     return {
-        "ntp_loss": mean(ntp_sum, ntp_tok),
-        "rl_loss": mean(rl_sum, total_rl_count),
-        "reward": mean(rew, samples),
-        "reward_match": mean(match, samples),
-        "reward_length": mean(length, samples),
-        "match_acc": mean(hits, samples),
-        "response_len": mean(resp_len, samples),
-        "think_len": mean(think_len, samples),
+        "ntp_loss": mean(g["ntp_sum"], g["ntp_tok"]),
+        "rl_loss": mean(g["rl_sum"], total_rl_count),
+        "reward": mean(g["reward"], g["samples"]),
+        "reward_match": mean(g["match"], g["samples"]),
+        "reward_length": mean(g["length"], g["samples"]),
+        "match_acc": mean(g["hits"], g["samples"]),
+        "response_len": mean(g["resp_len"], g["samples"]),
+        "think_len": mean(g["think_len"], g["samples"]),
         "budget": float(budget) if budget is not None else 0.0,
         "p_easy": probs[0],
         "p_medium": probs[1],
         "p_hard": probs[2],
         "rl_tokens": rl_tokens,  # response tokens in L_RL over all DP ranks
-        "rl_tokens_trained": rl_tok,  # of those, in groups with a nonzero advantage
-        "ntp_tokens": ntp_tok,
-        "rl_positions": chosen,
-        "zero_adv_share": mean(zero, groups),
-        "unparsed_share": mean(unparsed, samples),
-        "entropy_chosen": mean(ent_chosen, chosen),
-        "entropy_all": mean(ent_sum, ent_n),
-        "logprob_gap": mean(gap_sum, rl_tok),
-        "rollout_latency": latency / dp,
-        "rollout_failed": failed_n,
-        "tokens_per_s": mean(win_tok + rl_tok, step_s / dp),
-        "step_time": step_s / dp,
+        "rl_tokens_trained": g["rl_tok"],  # of those, in groups with a nonzero advantage
+        "ntp_tokens": g["ntp_tok"],
+        "rl_positions": g["chosen"],
+        "zero_adv_share": mean(g["zero"], g["groups"]),
+        "unparsed_share": mean(g["unparsed"], g["samples"]),
+        "entropy_chosen": mean(g["ent_chosen"], g["chosen"]),
+        "entropy_all": mean(g["ent_sum"], g["ent_n"]),
+        "logprob_gap": mean(g["gap_sum"], g["rl_tok"]),
+        "rollout_latency": g["latency"] / dp,
+        "rollout_failed": g["failed"],
+        "tokens_per_s": mean(g["win_tok"] + g["rl_tok"], g["step_s"] / dp),
+        "step_time": g["step_s"] / dp,
+        "ntp_pass_time": g["ntp_s"] / dp,
         "grad_norm": grad_norm,
         "lr": lr,
-    }
+    } | _mfu(flops_per_token * g["win_tok"], g["ntp_s"] / dp)
+
+
+def train_flops_per_token(m, vocab_size: int, seq_length: int) -> float:
+    """Forward + backward FLOPs per trained token (3x the forward, Megatron-LM's accounting):
+    QKV, attention scores and values over the full sequence, output projection, SwiGLU MLP
+    (gate, up, down) and the output layer."""
+    h, f = m.hidden_size, m.ffn_hidden_size
+    d = m.kv_channels or h // m.num_attention_heads
+    q, kv = m.num_attention_heads * d, 2 * m.num_query_groups * d
+    layer = 2 * h * (q + kv) + 2 * 2 * seq_length * q + 2 * q * h + 2 * h * 2 * f + 2 * f * h
+    return 3.0 * (m.num_layers * layer + 2 * h * vocab_size)
+
+
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense, per GPU
+
+
+def _mfu(flops: float, seconds: float) -> dict[str, float]:
+    """MFU of the NTP pass on GPUs whose peak is known; nothing on CPU."""
+    import torch
+    import torch.distributed as dist
+
+    if not torch.cuda.is_available() or seconds <= 0:
+        return {}
+    name = torch.cuda.get_device_name()
+    peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    if peak is None:
+        return {}
+    return {"mfu_ntp": flops / (seconds * peak * 1e12 * dist.get_world_size())}

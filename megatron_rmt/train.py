@@ -25,7 +25,7 @@ from megatron_rmt import budget as budget_mod
 from megatron_rmt import checkpoint, config, losses, parallel, problems, prompts, selection, step
 from megatron_rmt.build import Trainable, build_trainable
 from megatron_rmt.data import MicrobatchIterator, build_train_dataset
-from megatron_rmt.metrics import MetricsWriter, step_metrics
+from megatron_rmt.metrics import MetricsWriter, step_metrics, train_flops_per_token
 from megatron_rmt.model import padded_vocab_size
 from megatron_rmt.rollout.contract import RolloutEngine
 from megatron_rmt.rollout.dispatch import run_rollouts
@@ -52,7 +52,9 @@ def main(argv: list[str] | None = None, engine: RolloutEngine | None = None) -> 
     cfg = config.parse(argv)
     p = cfg.parallel
     parallel.init(
-        p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.seed,
+        p.tensor_model_parallel_size,
+        p.pipeline_model_parallel_size,
+        p.seed,
         p.distributed_timeout_minutes,
     )
     if dist.get_rank() == 0:
@@ -80,12 +82,21 @@ def setup(cfg: config.Config, engine: RolloutEngine | None = None) -> Run:
             cfg.checkpoint.load, trainable, load_optimizer=not cfg.checkpoint.no_load_optim
         )
     dataset = build_train_dataset(
-        d.data_path, d.split, cfg.model.seq_length, cfg.optim.train_iters * d.global_batch_size,
-        p.seed, tokenizer, d.data_cache_path,
+        d.data_path,
+        d.split,
+        cfg.model.seq_length,
+        cfg.optim.train_iters * d.global_batch_size,
+        p.seed,
+        tokenizer,
+        d.data_cache_path,
     )
     layout = parallel.layout_of_this_rank()
     data = MicrobatchIterator(
-        dataset, d.micro_batch_size, d.global_batch_size, layout.dp_rank, layout.dp_size,
+        dataset,
+        d.micro_batch_size,
+        d.global_batch_size,
+        layout.dp_rank,
+        layout.dp_size,
         progress.consumed_samples,
     )
     engine = engine or EmbeddedEngine(trainable.model, tokenizer.vocab_size, tokenizer.eod)
@@ -140,6 +151,7 @@ def train_step(run: Run, t: int) -> dict:
     )
 
     step.zero_grads(trainable)
+    ntp_start = time.perf_counter()
     ntp = step.ntp_pass(
         trainable,
         microbatches,
@@ -147,6 +159,7 @@ def train_step(run: Run, t: int) -> dict:
         ntp_weight(variant, r.ntp_weight),
         r.entropy_chunk_tokens,
     )
+    ntp_time = time.perf_counter() - ntp_start
 
     template = prompts.load_template(r.prompt_template)
     requests = problems.make_requests(
@@ -190,6 +203,10 @@ def train_step(run: Run, t: int) -> dict:
         zero_groups=zero_groups,
         total_rl_count=total_count,
         rl_tokens=rl_tokens,
+        ntp_time=ntp_time,
+        flops_per_token=train_flops_per_token(
+            cfg.model, trainable.model[0].module.vocab_size, cfg.model.seq_length
+        ),
         budget=budget,
         probs=probs,
         grad_norm=grad_norm,
