@@ -45,6 +45,7 @@ class Run:
     data: MicrobatchIterator
     engine: RolloutEngine
     progress: checkpoint.Progress
+    decay_data: MicrobatchIterator | None = None  # WSD decay-phase blend, if it has one
 
 
 def main(argv: list[str] | None = None, engine: RolloutEngine | None = None) -> None:
@@ -81,27 +82,41 @@ def setup(cfg: config.Config, engine: RolloutEngine | None = None) -> Run:
         progress = checkpoint.load(
             cfg.checkpoint.load, trainable, load_optimizer=not cfg.checkpoint.no_load_optim
         )
-    dataset = build_train_dataset(
-        d.data_path,
-        d.split,
-        cfg.model.seq_length,
-        cfg.optim.train_iters * d.global_batch_size,
-        p.seed,
-        tokenizer,
-        d.data_cache_path,
-    )
     layout = parallel.layout_of_this_rank()
-    data = MicrobatchIterator(
-        dataset,
-        d.micro_batch_size,
-        d.global_batch_size,
-        layout.dp_rank,
-        layout.dp_size,
-        progress.consumed_samples,
-    )
+    data = _stream(cfg, tokenizer, layout, d.data_path, progress.consumed_samples)
+    decay_data = None
+    start = decay_start(cfg)
+    if start is not None:  # Stable-then-Decay: the decay phase draws from its own blend
+        done = max(progress.step - start, 0) * d.global_batch_size
+        decay_data = _stream(cfg, tokenizer, layout, d.decay_data_path, done)
     engine = engine or EmbeddedEngine(trainable.model, tokenizer.vocab_size, tokenizer.eod)
     engine.sync_weights(progress.step)
-    return Run(cfg, layout, tokenizer, trainable, data, engine, progress)
+    return Run(cfg, layout, tokenizer, trainable, data, engine, progress, decay_data)
+
+
+def decay_start(cfg: config.Config) -> int | None:
+    """First step of the WSD decay phase when it has a blend of its own, else None."""
+    o = cfg.optim
+    if o.lr_decay_style != "WSD" or not cfg.data.decay_data_path:
+        return None
+    return o.train_iters - o.lr_wsd_decay_iters
+
+
+def _stream(cfg, tokenizer, layout, data_path, consumed: int) -> MicrobatchIterator:
+    d = cfg.data
+    dataset = build_train_dataset(
+        data_path, d.split, cfg.model.seq_length, cfg.optim.train_iters * d.global_batch_size,
+        cfg.parallel.seed, tokenizer, d.data_cache_path,
+    )  # fmt: skip
+    return MicrobatchIterator(
+        dataset, d.micro_batch_size, d.global_batch_size, layout.dp_rank, layout.dp_size, consumed
+    )
+
+
+def data_for_step(run: Run, t: int) -> MicrobatchIterator:
+    """The stable-phase stream, or from the decay phase on, the decay blend's."""
+    start = decay_start(run.cfg)
+    return run.decay_data if start is not None and t >= start else run.data
 
 
 def train(run: Run) -> None:
@@ -131,7 +146,8 @@ def train_step(run: Run, t: int) -> dict:
     r, T = cfg.rmt, cfg.optim.train_iters
     variant = VARIANTS[r.rmt_variant]
     start = time.perf_counter()
-    microbatches = [next(run.data) for _ in range(cfg.num_microbatches)]
+    data = data_for_step(run, t)
+    microbatches = [next(data) for _ in range(cfg.num_microbatches)]
     budget = (
         budget_mod.token_budget(t, T, r.budget_initial, r.budget_min, r.budget_gamma)
         if variant.budget

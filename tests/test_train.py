@@ -200,3 +200,18 @@ def test_embedded_engine_logprobs_match_the_trainer(tiny_corpus, tmp_path, tp, p
         assert 3 <= tokens <= 18  # 3 samples of 1 to 6 tokens
         assert gap < 1e-4  # KV-cache decoding gives the full forward's distribution
         assert consistent
+
+
+def stable_then_decay(argv):
+    run = train.setup(config.parse(argv))
+    run.engine = ScriptedEngine(run.tokenizer)
+    lrs = [train.train_step(run, t)["lr"] for t in range(4)]
+    return lrs, run.data.consumed_samples, run.decay_data.consumed_samples
+
+
+def test_stable_then_decay_switches_the_blend(tiny_corpus):
+    argv = _flags(tiny_corpus, iters=4, extra=[
+        "--lr-decay-style", "WSD", "--lr-wsd-decay-iters", "2", "--decay-data-path", tiny_corpus])  # fmt: skip
+    lrs, stable, decay = spawn(stable_then_decay, 1, args=(argv,))[0]
+    assert stable == 2 * 4 and decay == 2 * 4  # two steps of 4 sequences from each stream
+    assert lrs[:3] == [1e-3] * 3 and lrs[3] < 1e-3  # constant, then the decay begins
