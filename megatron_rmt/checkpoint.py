@@ -50,42 +50,68 @@ def latest_step(root: str) -> int | None:
 
 def save(root: str, trainable: Trainable, progress: Progress, cfg) -> str:
     """Write a checkpoint of every rank's state; returns its directory."""
-    final = iteration_dir(root, progress.step)
-    tmp = final + ".tmp"
-    rank = dist.get_rank()
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    dist.barrier()
-    # Before the first optimizer step there is no optimizer state: such a checkpoint (also what
-    # the HF converter writes) holds the model only, and loading it starts a fresh optimizer.
+    # Before the first optimizer step there is no optimizer state: such a checkpoint holds the
+    # model only, and loading it starts a fresh optimizer.
     with_optimizer = progress.step > 0
     state = _sharded_state(trainable, is_loading=False, with_optimizer=with_optimizer)
     state.update(
         scheduler=trainable.scheduler.state_dict(),
         progress=vars(progress).copy(),
         has_optimizer=with_optimizer,
-        config=config_mod.to_yaml(cfg),
     )
-    dist_checkpointing.save(state, tmp)
-    torch.save(_rng_state(), os.path.join(tmp, f"rng_rank{rank:05d}.pt"))
+    return _write(root, progress.step, state, cfg, with_rng=True)
+
+
+def save_model(root: str, model, cfg) -> str:
+    """A bare model stage (no DDP, no optimizer) as a step-0 checkpoint, as the HF converter
+    writes it; the trainer's `--load` reads it like any other."""
+    state = {
+        "model": model.sharded_state_dict(),
+        "progress": vars(Progress()),
+        "has_optimizer": False,
+    }
+    return _write(root, 0, state, cfg, with_rng=False)
+
+
+def load_model(root: str, model) -> None:
+    """Load only the weights of the latest checkpoint under `root` into a bare model stage."""
+    loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, _latest_dir(root))
+    model.load_state_dict(loaded["model"])
+
+
+def _write(root: str, step: int, state: dict, cfg, with_rng: bool) -> str:
+    """Every rank writes its shards into iter_N.tmp; rank 0 renames it, then moves the tracker."""
+    final = iteration_dir(root, step)
+    tmp = final + ".tmp"
+    rank = dist.get_rank()
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    dist.barrier()
+    dist_checkpointing.save({**state, "config": config_mod.to_yaml(cfg)}, tmp)
+    if with_rng:
+        torch.save(_rng_state(), os.path.join(tmp, f"rng_rank{rank:05d}.pt"))
     dist.barrier()
     if rank == 0:
         with open(os.path.join(tmp, "config.yaml"), "w") as fh:
             fh.write(config_mod.to_yaml(cfg))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        _write_tracker(root, progress.step)
+        _write_tracker(root, step)
     dist.barrier()
     return final
 
 
-def load(root: str, trainable: Trainable, load_optimizer: bool = True) -> Progress:
-    """Load the latest checkpoint under `root` into `trainable`; returns where to continue."""
+def _latest_dir(root: str) -> str:
     step = latest_step(root)
     if step is None:
         raise FileNotFoundError(f"{root}: no {TRACKER}; not a checkpoint directory")
-    path = iteration_dir(root, step)
+    return iteration_dir(root, step)
+
+
+def load(root: str, trainable: Trainable, load_optimizer: bool = True) -> Progress:
+    """Load the latest checkpoint under `root` into `trainable`; returns where to continue."""
+    path = _latest_dir(root)
     common = dist_checkpointing.load_common_state_dict(path)
     with_optimizer = load_optimizer and common.get("has_optimizer", False)
     loaded = dist_checkpointing.load(_sharded_state(trainable, True, with_optimizer), path)

@@ -14,8 +14,8 @@ Deliberate choices:
   only the HF tensors its shard needs, one tensor at a time (safetensors are memory-mapped, GGUF
   tensors dequantised on request): peak memory per rank is its shard plus one HF tensor. A dist
   checkpoint loads at any TP/PP, so one process is enough unless the model does not fit in one.
-- No DDP wrapper or optimizer: their gradient buffers and fp32 copies would each be as large
-  as the model. `checkpoint.save` is given just the model (see `_ModelOnly`).
+- No DDP wrapper or optimizer (their gradient buffers and fp32 copies would each be as large as
+  the model) and no random initialisation: the bare stage is written by `checkpoint.save_model`.
 - Every check that can fail (family, shapes, TP/PP divisibility, files) runs on every rank before
   the first collective, and the output is written to OUT.partial and renamed at the end, so a
   failure leaves nothing at OUT.
@@ -26,7 +26,6 @@ import json
 import os
 import shutil
 import sys
-from types import SimpleNamespace
 
 import torch.distributed as dist
 
@@ -98,14 +97,6 @@ def check_tensors(expected: dict, found: dict, tied: bool) -> None:
         raise ValueError("checkpoint does not match its config:\n  " + "\n  ".join(problems))
 
 
-class _ModelOnly:
-    """The part of a `Trainable` that `checkpoint.save` reads at step 0, for a bare model."""
-
-    def __init__(self, model):
-        self.model = [SimpleNamespace(module=model)]
-        self.scheduler = SimpleNamespace(state_dict=dict)  # no schedule has run yet
-
-
 def prepare(source, save: str, tp: int, pp: int, world_size: int, divisible_by=128, bf16=False):
     """Every check, before any process group is used: returns the run Config to write."""
     model_cfg = model_config_from_hf(source.config, tp, divisible_by, bf16=bf16)
@@ -131,9 +122,9 @@ def convert(source, save: str, cfg: Config) -> None:
     partial = save + ".partial"
     rank0 = dist.get_rank() == 0
     try:
-        model = build_model(cfg.model, cfg.model.vocab_size)
+        model = build_model(cfg.model, cfg.model.vocab_size, initialize=False)
         load_hf_tensors_into_megatron(model, cfg.model, source.get_tensor)
-        checkpoint.save(partial, _ModelOnly(model), checkpoint.Progress(), cfg)
+        checkpoint.save_model(partial, model, cfg)
         if rank0:
             _write_side_files(partial, source, cfg)
             os.replace(partial, save)

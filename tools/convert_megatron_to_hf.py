@@ -56,10 +56,8 @@ def load_model(root: str):
     cfg = dataclasses.replace(saved, parallel=layout)
     config_mod.validate(cfg, dist.get_world_size())  # e.g. TP not dividing the heads, clearly
     vocab = cfg.model.vocab_size or _saved_vocab_rows(path)
-    model = build_model(cfg.model, vocab)
-    # checkpoint.save stores the model under "model" (see megatron_rmt.checkpoint).
-    loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, path)
-    model.load_state_dict(loaded["model"])
+    model = build_model(cfg.model, vocab, initialize=False)  # every weight comes from the file
+    checkpoint.load_model(root, model)
     return model, cfg
 
 

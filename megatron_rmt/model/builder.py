@@ -49,7 +49,9 @@ def layer_spec(m: ModelConfig) -> ModuleSpec:
     return get_gpt_layer_local_spec(qk_layernorm=m.qk_layernorm, normalization="RMSNorm")
 
 
-def transformer_config(m: ModelConfig, tp: int, pp: int) -> TransformerConfig:
+def transformer_config(
+    m: ModelConfig, tp: int, pp: int, initialize: bool = True
+) -> TransformerConfig:
     on_gpu = platform.cuda_available()
     dtype = torch.bfloat16 if m.bf16 else torch.float32
     return TransformerConfig(
@@ -67,6 +69,7 @@ def transformer_config(m: ModelConfig, tp: int, pp: int) -> TransformerConfig:
         add_qkv_bias=m.add_qkv_bias,
         qk_layernorm=m.qk_layernorm,
         init_method_std=m.init_method_std,
+        perform_initialization=initialize,
         attention_dropout=m.attention_dropout,
         hidden_dropout=m.hidden_dropout,
         tensor_model_parallel_size=tp,
@@ -94,12 +97,15 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
     return -(-vocab_size // multiple) * multiple
 
 
-def build_model(m: ModelConfig, vocab_size: int) -> GPTModel:
-    """This rank's pipeline stage of the model (TP/PP come from the initialised parallel state)."""
+def build_model(m: ModelConfig, vocab_size: int, initialize: bool = True) -> GPTModel:
+    """This rank's pipeline stage of the model (TP/PP come from the initialised parallel state).
+
+    `initialize=False` skips random initialisation (uninitialised memory) for a model whose
+    weights are loaded right after: faster, and no transient full-size initial tensor."""
     tp = ps.get_tensor_model_parallel_world_size()
     pp = ps.get_pipeline_model_parallel_world_size()
     model = GPTModel(
-        config=transformer_config(m, tp, pp),
+        config=transformer_config(m, tp, pp, initialize),
         transformer_layer_spec=layer_spec(m),
         vocab_size=vocab_size,
         max_sequence_length=m.max_position_embeddings,
