@@ -71,6 +71,11 @@ def setup(cfg: config.Config, engine: RolloutEngine | None = None) -> Run:
             "--rollout-url: the vLLM rollout client is not built yet; "
             "leave it out to use the embedded engine"
         )
+    if cfg.rmt.kl_beta > 0:
+        raise NotImplementedError(
+            "--kl-beta > 0 needs reference log-probs, which the trainer does not compute yet "
+            "(the paper and RPT use beta = 0)"
+        )
     p, d = cfg.parallel, cfg.data
     tokenizer = build_tokenizer(d.tokenizer_type, d.tokenizer_model, d.vocab_file, d.merge_file)
     vocab = cfg.model.vocab_size or padded_vocab_size(
@@ -197,8 +202,8 @@ def train_step(run: Run, t: int) -> dict:
     groups = problems.rl_microbatches(requests, results, adv, pad_id=tokenizer.eod)
     local_count = sum(float(losses.rl_count(g["resp_mask"], r.loss_aggregation)) for g in groups)
     local_tokens = sum(float(g["resp_mask"].sum()) for g in groups)
-    if r.kl_beta == 0.0:  # a group whose advantages are all zero contributes no gradient
-        groups = [g for g in groups if g["advantages"].abs().sum() > 0]
+    # With beta = 0 (enforced in setup) a group whose advantages are all zero has no gradient.
+    groups = [g for g in groups if g["advantages"].abs().sum() > 0]
     total_count, rl_tokens = parallel.all_reduce_sum_dp([local_count, local_tokens])
     rl = step.rl_pass(
         trainable,
