@@ -80,20 +80,23 @@ def score(
     problems: list[Problem],
     results: list[RolloutResult],
     tokenizer,
+    template,
     budget: int | None,
     rmt,
     prefix_match: bool,
 ) -> Scored:
-    """Rewards of every response. prefix_match: RPT's byte-prefix reward instead of exact match;
-    budget None: no length reward (r = r_match)."""
+    """Rewards of every response, read as the template's response prefix + the sampled text.
+    prefix_match: RPT's byte-prefix reward instead of exact match; budget None: no length
+    reward (r = r_match)."""
     rows = []
     for problem, result in zip(problems, results, strict=True):
         target_text = tokenizer.token_text(problem.target_id)
         continuation = [tokenizer.token_text(t) for t in problem.continuation_ids]
         row = []
         for response in result.responses:
-            text = tokenizer.decode([t for t in response if t != tokenizer.eod])
-            think = len(tokenizer.encode(prompts.split_response(text)[0]))
+            sampled = tokenizer.decode([t for t in response if t != tokenizer.eod])
+            text = template.response_prefix + sampled
+            think = len(tokenizer.encode(prompts.split_response(text)[0].strip()))
             if prefix_match:
                 parts = rewards.rpt_reward(text, continuation)
             else:
@@ -137,10 +140,14 @@ def rl_microbatches(
     token i+1; `resp_mask` marks the labels that are response tokens."""
     if not requests:
         return []
-    length = max(
-        len(q.prompt_ids) + len(r)
-        for q, res in zip(requests, results, strict=True)
-        for r in res.responses
+    # The last token of the longest sequence is only ever a label, never an input.
+    length = (
+        max(
+            len(q.prompt_ids) + len(r)
+            for q, res in zip(requests, results, strict=True)
+            for r in res.responses
+        )
+        - 1
     )
     out = []
     for i, (req, res) in enumerate(zip(requests, results, strict=True)):

@@ -197,7 +197,9 @@ def train_step(run: Run, t: int) -> dict:
         if res.weight_version != t:
             raise RuntimeError(f"rollout from weights v{res.weight_version}, trainer is at v{t}")
 
-    scored = problems.score(ntp.problems, results, tokenizer, budget, r, variant.prefix_reward)
+    scored = problems.score(
+        ntp.problems, results, tokenizer, template, budget, r, variant.prefix_reward
+    )
     adv, zero_groups = problems.advantages(scored, r.advantage_delta)
     groups = problems.rl_microbatches(requests, results, adv, pad_id=tokenizer.eod)
     local_count = sum(float(losses.rl_count(g["resp_mask"], r.loss_aggregation)) for g in groups)

@@ -1,0 +1,61 @@
+"""Chosen positions -> problems -> scored responses -> RL microbatches, on real GPT-2 tokens."""
+
+import torch
+from conftest import ROOT
+
+from megatron_rmt import prompts
+from megatron_rmt.config import RMTConfig
+from megatron_rmt.problems import Problem, problems_from_selection, rl_microbatches, score
+from megatron_rmt.rollout.contract import RolloutRequest, RolloutResult
+from megatron_rmt.tokenizer import build_tokenizer
+
+TOK = build_tokenizer(
+    "GPT2BPETokenizer",
+    vocab_file=f"{ROOT}/corpus/gpt2_tokenizer/vocab.json",
+    merge_file=f"{ROOT}/corpus/gpt2_tokenizer/merges.txt",
+)
+
+
+def test_problem_prefix_is_the_document_up_to_the_position():
+    tokens = torch.tensor([[5, 6, TOK.eod, 7, 8, 9]])
+    batch = {
+        "tokens": tokens,
+        "labels": torch.tensor([[6, TOK.eod, 7, 8, 9, 4]]),
+        "context_len": torch.tensor([[1, 2, 3, 1, 2, 3]]),
+    }
+    chosen = torch.zeros(1, 6, dtype=torch.bool)
+    chosen[0, 4] = True
+    (p,) = problems_from_selection(batch, chosen, torch.full((1, 6), 2.0), torch.ones(1, 6).long())
+    assert p.prefix_ids == [7, 8] and p.target_id == 9 and p.continuation_ids == [9, 4]
+
+
+def _scored(template_name, responses, budget):
+    paris = TOK.encode(" Paris")
+    problem = Problem([1, 2], paris[0], paris, 2.0, 2)
+    result = RolloutResult([TOK.encode(r) for r in responses], [[0.0]] * len(responses), 0)
+    template = prompts.load_template(template_name)
+    return score([problem], [result], TOK, template, budget, RMTConfig(), prefix_match=False)
+
+
+def test_answer_first_template_reads_prefix_plus_response():
+    s = _scored("ntr_answer_first", [" Paris}", " London}", " Paris"], None)
+    assert s.match.tolist() == [[1.0, 0.0, 0.0]]  # the third never closes its box
+    assert s.unparsed.tolist() == [[False, False, True]]
+    assert s.length.tolist() == [[0.0, 0.0, 0.0]]  # no budget, no length reward
+
+
+def test_budget_template_scores_match_and_length():
+    s = _scored("ntr_base", [" a b</think> \\boxed{Paris}", " a b c d e f"], budget=2)
+    assert s.match.tolist() == [[1.0, 0.0]]
+    assert s.think_tokens[0, 0] == 2 and s.length[0, 0] == 1.0  # exactly B_t thinking tokens
+    assert s.rewards[0, 1] == 0.0  # unclosed think block: nothing
+
+
+def test_rl_microbatch_masks_exactly_the_response_labels():
+    req = RolloutRequest([10, 11, 12], n=2, max_tokens=4, temperature=1.0, top_p=1.0, seed=0)
+    res = RolloutResult([[20, 21], [22]], [[-0.5, -0.6], [-0.7]], 0)
+    (mb,) = rl_microbatches([req], [res], torch.tensor([[1.0, -1.0]]), pad_id=0)
+    assert mb["tokens"].tolist() == [[10, 11, 12, 20], [10, 11, 12, 22]]
+    assert mb["labels"].tolist() == [[11, 12, 20, 21], [11, 12, 22, 0]]
+    assert mb["resp_mask"].tolist() == [[0, 0, 1, 1], [0, 0, 1, 0]]
+    assert torch.allclose(mb["old_logp"][0, 2:], torch.tensor([-0.5, -0.6]))
