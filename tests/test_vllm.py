@@ -1,0 +1,247 @@
+"""The vLLM rollout service against one real server per session (skipped without vLLM).
+
+The server runs a tiny Qwen3 (hidden 128, 4 heads of 32, 2 layers, GPT-2 vocabulary) built here
+with `transformers` from the same shape flags the trainer gets, so the trainer's weights can be
+synced into it. Point $MEGATRON_RMT_VLLM_PYTHON at an interpreter that has vLLM.
+
+References are computed independently of the server: a `transformers` forward with a full-vocab
+log-softmax for sampled log-probs, and the trainer's own recomputation (the RL pass's log-prob
+gap) after a weight sync.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+from conftest import GPT2, ROOT
+from distributed import spawn
+
+from megatron_rmt import config, problems, step, train
+from megatron_rmt.rollout import client as client_mod
+from megatron_rmt.rollout.contract import RolloutRequest
+from megatron_rmt.rollout.serve import start_server
+
+SHAPE = [
+    "--hidden-size", "128", "--ffn-hidden-size", "256", "--num-attention-heads", "4",
+    "--num-query-groups", "2", "--kv-channels", "32", "--num-layers", "2",
+]  # fmt: skip
+PROMPT = [464, 3139, 286, 4881, 318, 6342, 13, 383]  # "The capital of France is Paris. The"
+
+
+def _vllm_python():
+    python = os.environ.get("MEGATRON_RMT_VLLM_PYTHON")
+    if not python or not os.access(python, os.X_OK):
+        return None, "set MEGATRON_RMT_VLLM_PYTHON to an interpreter with vLLM installed"
+    probe = [python, "-c", "import importlib.util as u; assert u.find_spec('vllm')"]
+    if subprocess.run(probe, capture_output=True).returncode != 0:
+        return None, f"{python} cannot import vllm"
+    return python, ""
+
+
+def _flags(corpus, extra=()):
+    return [
+        "--config", f"{ROOT}/configs/tiny_cpu.yaml", *GPT2, *SHAPE, "--data-path", corpus,
+        "--budget-initial", "4", "--max-response-tokens", "16", "--lr", "1e-3",
+        "--group-size", "4", *extra,
+    ]  # fmt: skip
+
+
+def build_hf_model(out: str, vocab_size: int) -> None:
+    """A randomly initialised HF model with the trainer's shape flags, plus GPT-2 tokenizer."""
+    import transformers
+
+    from megatron_rmt.model.hf_config import hf_config_from_model_config
+
+    m = config.parse(["--config", f"{ROOT}/configs/tiny_cpu.yaml", *SHAPE]).model
+    hf = hf_config_from_model_config(m, vocab_size, "float32")
+    hf.update(bos_token_id=50256, eos_token_id=50256)
+    arch = hf.pop("architectures")
+    cfg = transformers.AutoConfig.for_model(**hf)
+    cfg.architectures = arch
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
+    tok_dir = f"{ROOT}/corpus/gpt2_tokenizer"
+    tok = transformers.GPT2TokenizerFast(f"{tok_dir}/vocab.json", f"{tok_dir}/merges.txt")
+    tok.save_pretrained(out)
+
+
+class Server:
+    """The session's server; `pid` follows a restart done by the fault test."""
+
+    def __init__(self, handle, model_dir, python):
+        self.url, self.pid, self.model_dir, self.python = (
+            handle.url,
+            handle.process.pid,
+            model_dir,
+            python,
+        )
+        self.port = int(self.url.rsplit(":", 1)[1])
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    python, reason = _vllm_python()
+    if python is None:
+        pytest.skip(reason)
+    model_dir = str(tmp_path_factory.mktemp("tiny_hf"))
+    build_hf_model(model_dir, 50257)
+    handle = start_server(model_dir, python=python)
+    srv = Server(handle, model_dir, python)
+    yield srv
+    _kill_group(srv.pid, signal.SIGTERM)
+
+
+def _kill_group(pid, sig):
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        return
+    for _ in range(300):  # the server's group leader gone (it may be a child of another process)
+        try:
+            os.kill(pid, 0)
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                return
+        except (ChildProcessError, ProcessLookupError):
+            return
+        time.sleep(0.1)
+
+
+def _reference_logprobs(model_dir, prompt, response, temperature):
+    """log p(response_t | prompt, response_<t) at `temperature`, full-vocab softmax [len]."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    ids = torch.tensor([prompt + response])
+    with torch.no_grad():
+        logits = model(ids).logits[0, len(prompt) - 1 : -1]  # [len(response), V]
+    logp = torch.log_softmax(logits / temperature, dim=-1)
+    return logp.gather(1, torch.tensor(response)[:, None]).squeeze(1)
+
+
+def test_samples_and_logprobs_match_a_full_vocab_reference(server):
+    engine = client_mod.VLLMEngine([server.url], eos_id=50256)
+    reqs = [
+        RolloutRequest(PROMPT, n=4, max_tokens=6, temperature=0.7, top_p=1.0, seed=1),
+        RolloutRequest(PROMPT[:5], n=3, max_tokens=5, temperature=1.0, top_p=1.0, seed=2),
+    ]
+    results = engine.generate(reqs)
+    assert [len(r.responses) for r in results] == [4, 3]
+    assert len({tuple(x) for x in results[0].responses}) > 1  # G distinct samples, not copies
+    for req, res in zip(reqs, results, strict=True):
+        assert res.weight_version == 0
+        for tokens, logps in zip(res.responses, res.logprobs, strict=True):
+            assert 1 <= len(tokens) <= req.max_tokens and len(logps) == len(tokens)
+            ref = _reference_logprobs(server.model_dir, req.prompt_ids, tokens, req.temperature)
+            torch.testing.assert_close(torch.tensor(logps), ref, atol=2e-4, rtol=0)
+    # The same seed gives the same samples (reproducible rollouts).
+    assert engine.generate(reqs[:1])[0].responses == results[0].responses
+
+
+def test_stop_token_ends_a_sample_and_is_kept(server):
+    engine = client_mod.VLLMEngine([server.url], eos_id=50256)
+    greedy = RolloutRequest(PROMPT, n=1, max_tokens=6, temperature=0.0, top_p=1.0, seed=0)
+    tokens = engine.generate([greedy])[0].responses[0]
+    stop_at = tokens[2]  # pretend the third greedy token is EOS
+    cut = client_mod.VLLMEngine([server.url], eos_id=stop_at).generate([greedy])[0]
+    assert cut.responses[0] == tokens[: tokens.index(stop_at) + 1]
+
+
+def test_unreachable_server_fails_clearly_and_bad_urls_are_retried(server):
+    dead = "http://127.0.0.1:9"  # discard port: nothing listens
+    with pytest.raises(client_mod.RolloutError, match="unreachable"):
+        client_mod.VLLMEngine([dead], eos_id=50256, timeout=5).check_reachable()
+    req = RolloutRequest(PROMPT, n=2, max_tokens=3, temperature=1.0, top_p=1.0, seed=0)
+    spread = client_mod.VLLMEngine([dead, server.url], eos_id=50256, retries=1, backoff_s=0.01)
+    assert all(len(r.responses) == 2 for r in spread.generate([req] * 4))  # retried elsewhere
+    alone = client_mod.VLLMEngine([dead], eos_id=50256, retries=1, backoff_s=0.01)
+    with pytest.raises(client_mod.RolloutError, match="after 2 attempts"):
+        alone.generate([req])
+
+
+def _setup_with_vllm(argv, url, sync_dir):
+    """A trainer run (set up embedded, as train.setup does today) and the vLLM engine for it."""
+    run = train.setup(config.parse(argv))
+    cfg = config.parse([*argv, "--rollout-url", url, "--weight-sync-dir", sync_dir])
+    return run, client_mod.build_engine(cfg, run.trainable, run.tokenizer, 50257)
+
+
+def sync_and_compare(argv, url, sync_dir):
+    """Greedy output before/after syncing the trainer's weights, and the trainer's log-prob gap
+    on samples vLLM draws from the synced weights."""
+    run, engine = _setup_with_vllm(argv, url, sync_dir)
+    greedy = RolloutRequest(PROMPT, n=1, max_tokens=8, temperature=0.0, top_p=1.0, seed=0)
+    frozen = client_mod.VLLMEngine([url], eos_id=run.tokenizer.eod)
+    before = frozen.generate([greedy])[0].responses[0]
+    run.engine = engine
+    run.engine.sync_weights(0)
+    after = run.engine.generate([greedy])[0].responses[0]
+    files = sorted(os.listdir(run.engine.weights_path))
+    req = RolloutRequest(PROMPT, n=4, max_tokens=6, temperature=1.0, top_p=1.0, seed=3)
+    results = run.engine.generate([req])
+    groups = problems.rl_microbatches([req], results, torch.ones(1, 4), pad_id=run.tokenizer.eod)
+    out = step.rl_pass(run.trainable, groups, 1.0, 1.0, "token", None, 1024)
+    return before, after, files, out.logprob_gap_sum / out.tokens, results[0].weight_version
+
+
+def test_weight_sync_serves_the_trainers_weights(server, tiny_corpus, tmp_path):
+    argv = _flags(tiny_corpus, ["--pipeline-model-parallel-size", "2"])
+    ranks = spawn(sync_and_compare, 2, pp=2, args=(argv, server.url, str(tmp_path / "sync")))
+    before, after, files, gap, version = ranks[0]
+    assert files == ["stage000-00000.safetensors", "stage001-00000.safetensors"]  # one per stage
+    assert before != after  # the served weights changed
+    assert version == 0
+    # vLLM's log-probs are the trainer's own, up to the trainer's softmax also covering the
+    # 47 padded vocabulary rows (vLLM serves the real 50257).
+    assert gap < 2e-3
+
+
+class FaultyService:
+    """Wraps the real engine: at step `kill_at` the server is killed before the rollouts, at
+    `restart_at` it is started again (with its original weights) on the same port."""
+
+    collective = False
+
+    def __init__(self, inner, server_pid, kill_at, restart_at, model_dir, python, port):
+        self.inner, self.pid, self.kill_at, self.restart_at = inner, server_pid, kill_at, restart_at
+        self.model_dir, self.python, self.port = model_dir, python, port
+
+    def sync_weights(self, version):
+        self.inner.sync_weights(version)
+
+    def generate(self, requests):
+        if self.inner.version == self.kill_at:
+            _kill_group(self.pid, signal.SIGKILL)
+        if self.inner.version == self.restart_at:
+            self.pid = start_server(self.model_dir, python=self.python, port=self.port).process.pid
+        return self.inner.generate(requests)
+
+
+def rmt_run_with_faults(argv, sync_dir, server_pid, model_dir, python, port):
+    url = f"http://127.0.0.1:{port}"
+    run, engine = _setup_with_vllm(argv, url, sync_dir)
+    engine.retries, engine.backoff_s = 1, 0.05
+    run.engine = FaultyService(engine, server_pid, 2, 3, model_dir, python, port)
+    run.engine.sync_weights(0)
+    train.train(run)
+    return run.engine.pid
+
+
+def test_rmt_run_survives_a_server_crash_and_recovers(server, tiny_corpus, tmp_path):
+    metrics = str(tmp_path / "m.jsonl")
+    argv = _flags(tiny_corpus, ["--train-iters", "5", "--metrics-file", metrics])
+    args = (argv, str(tmp_path / "sync"), server.pid, server.model_dir, server.python, server.port)
+    server.pid = spawn(rmt_run_with_faults, 1, args=args)[0]  # the restarted server, for teardown
+    with open(metrics) as fh:
+        rows = [json.loads(line) for line in fh]
+    assert [m["step"] for m in rows] == [0, 1, 2, 3, 4]
+    assert [m["rollout_failed"] for m in rows] == [0, 0, 1, 0, 0]
+    assert rows[-1]["rollout_failures"] == 1
+    for m in rows:
+        if m["rollout_failed"]:
+            assert m["rl_positions"] == 0 and m["ntp_tokens"] > 0  # trained NTP-only
+        else:  # rollouts from the synced weights (after the restart too): a small gap
+            assert m["rl_positions"] > 0 and m["logprob_gap"] < 2e-3
