@@ -10,6 +10,7 @@ and only then does `latest_checkpointed_iteration.txt` (Megatron-LM's tracker na
 itself replaced atomically. A crash mid-save leaves the previous checkpoint as "latest".
 """
 
+import contextlib
 import os
 import random
 import shutil
@@ -34,6 +35,29 @@ class Progress:
 
     step: int = 0
     consumed_samples: int = 0
+
+
+@contextlib.contextmanager
+def staged_dir(path: str):
+    """Collective: yields `path.partial`, made afresh by rank 0, for every rank to write into;
+    renamed to `path` once all ranks finished, removed if the body failed (nothing half-written
+    is ever left at `path`)."""
+    partial = path + ".partial"
+    rank0 = dist.get_rank() == 0
+    if rank0:
+        shutil.rmtree(partial, ignore_errors=True)
+        os.makedirs(partial)
+    dist.barrier()
+    try:
+        yield partial
+        dist.barrier()
+        if rank0:
+            os.replace(partial, path)
+        dist.barrier()
+    except BaseException:
+        if rank0:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
 
 
 def iteration_dir(root: str, step: int) -> str:

@@ -24,7 +24,6 @@ Deliberate choices:
 import argparse
 import json
 import os
-import shutil
 import sys
 
 import torch.distributed as dist
@@ -118,21 +117,12 @@ def prepare(source, save: str, tp: int, pp: int, world_size: int, divisible_by=1
 
 def convert(source, save: str, cfg: Config) -> None:
     """Run on every rank after `parallel.init` at cfg's TP/PP; writes `save` (must not exist)."""
-    save = os.path.abspath(save)
-    partial = save + ".partial"
-    rank0 = dist.get_rank() == 0
-    try:
+    with checkpoint.staged_dir(os.path.abspath(save)) as partial:
         model = build_model(cfg.model, cfg.model.vocab_size, initialize=False)
         load_hf_tensors_into_megatron(model, cfg.model, source.get_tensor)
         checkpoint.save_model(partial, model, cfg)
-        if rank0:
+        if dist.get_rank() == 0:
             _write_side_files(partial, source, cfg)
-            os.replace(partial, save)
-        dist.barrier()
-    except BaseException:
-        if rank0:
-            shutil.rmtree(partial, ignore_errors=True)
-        raise
 
 
 def _write_side_files(out: str, source, cfg: Config) -> None:

@@ -160,17 +160,11 @@ def export(load: str, save: str, dtype: str | None = None, max_shard_bytes: int 
     dtype = dtype or template.get("torch_dtype") or template.get("dtype") or "float32"
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
-    partial = save + ".partial"
-    rank0 = dist.get_rank() == 0
-    if rank0:
-        shutil.rmtree(partial, ignore_errors=True)
-        os.makedirs(partial)
-    dist.barrier()
-    try:
+    with checkpoint.staged_dir(save) as partial:
         files = write_stage(model, cfg.model, vocab_rows, DTYPES[dtype], partial, max_shard_bytes)
         per_rank = [None] * dist.get_world_size()
         dist.all_gather_object(per_rank, files)
-        if rank0:
+        if dist.get_rank() == 0:
             name_files(partial, per_rank)
             rows = vocab_rows or model.vocab_size
             hf = hf_config_from_model_config(cfg.model, rows, dtype, base=template)
@@ -178,12 +172,6 @@ def export(load: str, save: str, dtype: str | None = None, max_shard_bytes: int 
                 json.dump(hf, fh, indent=2)
             if not copy_tokenizer_files(load, partial) and cfg.data.tokenizer_model:
                 copy_tokenizer_files(cfg.data.tokenizer_model, partial)  # a trainer checkpoint
-            os.replace(partial, save)
-        dist.barrier()
-    except BaseException:
-        if rank0:
-            shutil.rmtree(partial, ignore_errors=True)
-        raise
 
 
 def main(argv=None) -> None:
