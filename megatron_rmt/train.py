@@ -147,77 +147,43 @@ def train(run: Run) -> None:
 
 def train_step(run: Run, t: int) -> dict:
     """One RMT step t: returns its metrics (reduced over data-parallel ranks)."""
-    cfg, trainable, tokenizer, engine = run.cfg, run.trainable, run.tokenizer, run.engine
-    r, T = cfg.rmt, cfg.optim.train_iters
+    cfg, r, tokenizer = run.cfg, run.cfg.rmt, run.tokenizer
     variant = VARIANTS[r.rmt_variant]
     start = time.perf_counter()
     data = data_for_step(run, t)
     microbatches = [next(data) for _ in range(cfg.num_microbatches)]
-    budget = (
-        budget_mod.token_budget(t, T, r.budget_initial, r.budget_min, r.budget_gamma)
-        if variant.budget
-        else None
-    )
-    probs = selection.curriculum_probs(
-        t, T, r.curriculum_start, r.curriculum_end, r.curriculum_t1, r.curriculum_t2
-    )
-    selector = step.Selector(
-        mode=variant.selection,
-        probs=probs,
-        k_per_sequence=r.positions_per_sequence,
-        thresholds=tuple(r.entropy_thresholds) if r.bucket_mode == "fixed" else None,
-        eod_id=tokenizer.eod,
-        min_context=r.min_context,
-        seed=cfg.parallel.seed + t,
-    )
+    budget, probs, selector = _schedule(run, variant, t)  # B_t, p(t) and how C is drawn
 
-    step.zero_grads(trainable)
+    # 1. NTP pass: per-token loss and entropy, buckets, CAS picks C, NTP loss off C.
+    step.zero_grads(run.trainable)
     ntp_start = time.perf_counter()
-    ntp = step.ntp_pass(
-        trainable,
-        microbatches,
-        selector,
-        ntp_weight(variant, r.ntp_weight),
-        r.entropy_chunk_tokens,
-    )
+    weight = ntp_weight(variant, r.ntp_weight)
+    ntp = step.ntp_pass(run.trainable, microbatches, selector, weight, r.entropy_chunk_tokens)
     ntp_time = time.perf_counter() - ntp_start
 
+    # 2. The prefixes at C become prompts under budget B_t; G samples each.
     template = prompts.load_template(r.prompt_template)
     requests = problems.make_requests(
         ntp.problems, tokenizer, template, budget, r, seed=cfg.parallel.seed + 7919 * t
     )
     rollout_start = time.perf_counter()
-    rank_in_replica = dist.get_rank(ps.get_model_parallel_group())
-    results = run_rollouts(engine, requests, rank_in_replica)
+    results = run_rollouts(run.engine, requests, dist.get_rank(ps.get_model_parallel_group()))
     rollout_latency = time.perf_counter() - rollout_start
-    failed = results is None
+    failed = results is None  # the service failed: this step trains NTP only
     if failed:
         ntp.problems, requests, results = [], [], []
-    for res in results:
-        if res.weight_version != t:
-            raise RuntimeError(f"rollout from weights v{res.weight_version}, trainer is at v{t}")
+    _check_versions(results, t)
 
+    # 3. Rewards and group-normalised advantages.
     scored = problems.score(
         ntp.problems, results, tokenizer, template, budget, r, variant.prefix_reward
     )
     adv, zero_groups = problems.advantages(scored, r.advantage_delta)
-    groups = problems.rl_microbatches(requests, results, adv, pad_id=tokenizer.eod)
-    local_count = sum(float(losses.rl_count(g["resp_mask"], r.loss_aggregation)) for g in groups)
-    local_tokens = sum(float(g["resp_mask"].sum()) for g in groups)
-    # With beta = 0 (enforced in setup) a group whose advantages are all zero has no gradient.
-    groups = [g for g in groups if g["advantages"].abs().sum() > 0]
-    total_count, rl_tokens = parallel.all_reduce_sum_dp([local_count, local_tokens])
-    rl = step.rl_pass(
-        trainable,
-        groups,
-        max(total_count, 1.0),
-        r.rollout_temperature,
-        r.loss_aggregation,
-        r.clip_eps,
-        r.entropy_chunk_tokens,
-    )
-    grad_norm, lr = step.optimizer_step(trainable)
-    engine.sync_weights(t + 1)
+
+    # 4. RL pass into the same gradient buffers, 5. one optimizer step, weight sync.
+    rl, total_count, rl_tokens = _rl_pass(run, requests, results, adv)
+    grad_norm, lr = step.optimizer_step(run.trainable)
+    run.engine.sync_weights(t + 1)
 
     return step_metrics(
         ntp=ntp,
@@ -228,7 +194,7 @@ def train_step(run: Run, t: int) -> dict:
         rl_tokens=rl_tokens,
         ntp_time=ntp_time,
         flops_per_token=train_flops_per_token(
-            cfg.model, trainable.model[0].module.vocab_size, cfg.model.seq_length
+            cfg.model, run.trainable.model[0].module.vocab_size, cfg.model.seq_length
         ),
         budget=budget,
         probs=probs,
@@ -239,6 +205,55 @@ def train_step(run: Run, t: int) -> dict:
         step_time=time.perf_counter() - start,
         window_tokens=sum(mb["tokens"].numel() for mb in microbatches),
     )
+
+
+def _schedule(run: Run, variant, t: int):
+    """Step t's token budget B_t (None without DTB), curriculum p(t) and position selector."""
+    r, T = run.cfg.rmt, run.cfg.optim.train_iters
+    budget = None
+    if variant.budget:
+        budget = budget_mod.token_budget(t, T, r.budget_initial, r.budget_min, r.budget_gamma)
+    probs = selection.curriculum_probs(
+        t, T, r.curriculum_start, r.curriculum_end, r.curriculum_t1, r.curriculum_t2
+    )
+    selector = step.Selector(
+        mode=variant.selection,
+        probs=probs,
+        k_per_sequence=r.positions_per_sequence,
+        thresholds=tuple(r.entropy_thresholds) if r.bucket_mode == "fixed" else None,
+        eod_id=run.tokenizer.eod,
+        min_context=r.min_context,
+        seed=run.cfg.parallel.seed + t,
+    )
+    return budget, probs, selector
+
+
+def _check_versions(results, t: int) -> None:
+    for res in results:
+        if res.weight_version != t:
+            raise RuntimeError(f"rollout from weights v{res.weight_version}, trainer is at v{t}")
+
+
+def _rl_pass(run: Run, requests, results, adv):
+    """The GRPO pass over this replica's groups, normalised by the RL count over all replicas.
+    Returns (outcome, that count, RL response tokens over all replicas)."""
+    r = run.cfg.rmt
+    groups = problems.rl_microbatches(requests, results, adv, pad_id=run.tokenizer.eod)
+    local_count = sum(float(losses.rl_count(g["resp_mask"], r.loss_aggregation)) for g in groups)
+    local_tokens = sum(float(g["resp_mask"].sum()) for g in groups)
+    total_count, rl_tokens = parallel.all_reduce_sum_dp([local_count, local_tokens])
+    # With beta = 0 (enforced in setup) a group whose advantages are all zero has no gradient.
+    groups = [g for g in groups if g["advantages"].abs().sum() > 0]
+    outcome = step.rl_pass(
+        run.trainable,
+        groups,
+        max(total_count, 1.0),
+        r.rollout_temperature,
+        r.loss_aggregation,
+        r.clip_eps,
+        r.entropy_chunk_tokens,
+    )
+    return outcome, total_count, rl_tokens
 
 
 def _should_save(cfg, steps_done: int) -> bool:
