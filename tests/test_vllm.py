@@ -9,6 +9,7 @@ log-softmax for sampled log-probs, and the trainer's own recomputation (the RL p
 gap) after a weight sync.
 """
 
+import dataclasses
 import json
 import os
 import signal
@@ -220,8 +221,22 @@ class FaultyService:
         return self.inner.generate(requests)
 
 
+def _alternating_rewards(real_score):
+    """A random model never writes a parseable answer, so every reward would be 0 and the RL
+    pass (where the log-prob gap is measured) would train nothing: keep the real scoring, then
+    reward every other sample so each group has advantages."""
+
+    def score(*args, **kwargs):
+        scored = real_score(*args, **kwargs)
+        pattern = (torch.arange(scored.rewards.shape[-1]) % 2 == 0).to(scored.rewards.dtype)
+        return dataclasses.replace(scored, rewards=pattern.expand_as(scored.rewards).clone())
+
+    return score
+
+
 def rmt_run_with_faults(argv, sync_dir, server_pid, model_dir, python, port):
     url = f"http://127.0.0.1:{port}"
+    problems.score = _alternating_rewards(problems.score)  # this worker process only
     run, engine = _setup_with_vllm(argv, url, sync_dir)
     engine.retries, engine.backoff_s = 1, 0.05
     run.engine = FaultyService(engine, server_pid, 2, 3, model_dir, python, port)
@@ -244,4 +259,5 @@ def test_rmt_run_survives_a_server_crash_and_recovers(server, tiny_corpus, tmp_p
         if m["rollout_failed"]:
             assert m["rl_positions"] == 0 and m["ntp_tokens"] > 0  # trained NTP-only
         else:  # rollouts from the synced weights (after the restart too): a small gap
-            assert m["rl_positions"] > 0 and m["logprob_gap"] < 2e-3
+            assert m["rl_positions"] > 0 and m["rl_tokens_trained"] > 0
+            assert 0 < m["logprob_gap"] < 2e-3
