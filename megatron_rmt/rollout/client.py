@@ -98,11 +98,11 @@ class VLLMEngine:
             return
         path = self.weights.write(version)
         self.loaded = self.weights.reload_from_rank0(
-            lambda: {url: self._reload(url, path, version) for url in self.urls}
+            lambda: {url: self.reload_server(url, path, version) for url in self.urls}
         )
         self.weights_path, self.version = path, version
 
-    def _reload(self, url: str, path: str, version: int) -> int | None:
+    def reload_server(self, url: str, path: str, version: int) -> int | None:
         """Load `path` into one server; the version it now holds, or None if that failed."""
         try:
             self._call(url, "/pause?mode=wait", {})
@@ -123,7 +123,7 @@ class VLLMEngine:
             return self.urls
         for url in self.urls:
             if self.loaded[url] != self.version and self.weights_path is not None:
-                self.loaded[url] = self._reload(url, self.weights_path, self.version)
+                self.loaded[url] = self.reload_server(url, self.weights_path, self.version)
         return [u for u in self.urls if self.loaded[u] == self.version]
 
     # -- sampling ---------------------------------------------------------------------------

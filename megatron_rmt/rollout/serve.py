@@ -16,7 +16,10 @@ Deliberate choices:
   reset_prefix_cache routes the disk weight sync drives).
 - CPU gets the recipe measured in PLATFORM.md: eager mode, fp32, a 64 MiB KV cache, one
   in-process engine, TorchDynamo off (otherwise the first request compiles for seconds), one
-  OpenMP thread (the trainer shares the cores). The GPU keeps vLLM's own defaults.
+  OpenMP thread (the trainer shares the cores). Chunked prefill is off: vLLM 0.32 on CPU kills
+  its engine ("CPU Generator does not use offset") when a seeded request's prompt is split
+  across scheduler steps, and every rollout request carries a seed. The GPU keeps vLLM's own
+  defaults.
 - Bound to 127.0.0.1 unless told otherwise; with `--api-key` every request needs the key.
 - The server is a new process group and its output goes to a log file: stopping it ends every
   process it started, and a chatty server can never block on a full pipe.
@@ -39,6 +42,7 @@ CPU_ARGS = [
     "--kv-cache-memory-bytes", str(64 << 20),
     "--distributed-executor-backend", "uni",
     "--max-model-len", "1024",
+    "--no-enable-chunked-prefill",
 ]  # fmt: skip
 CPU_ENV = {
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",

@@ -1,0 +1,216 @@
+"""The vLLM rollout path, measured side by side in one run:
+
+1. sampling throughput (generated tokens/s) for the same token-id prompts through the project's
+   HTTP client against a running server, and through vLLM's own offline `LLM.generate`;
+2. weight sync time (gather + safetensors + pause/reload/reset/resume) against writing the same
+   tensors with `safetensors.save_file` alone.
+
+    python benchmarks/rollout.py --model tiny      # Qwen3, hidden 128, 4x32 heads, 2 layers
+    python benchmarks/rollout.py --model smollm2   # SmolLM2-135M from the GGUF in assets
+
+The model starts as a Megatron model (random for `tiny`, the GGUF's weights for `smollm2`) and is
+exported to the HF directory the server loads by the weight sync itself. Server and offline runs
+use the same CPU settings (serve.CPU_ARGS / CPU_ENV) and run one after the other, never together,
+on this 2-core machine. Needs $MEGATRON_RMT_VLLM_PYTHON (an interpreter with vLLM).
+"""
+
+import argparse
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+
+import torch
+from safetensors.torch import save_file
+
+from megatron_rmt import config, parallel
+from megatron_rmt.model import build_model, padded_vocab_size
+from megatron_rmt.model.hf_config import hf_config_from_model_config, model_config_from_hf
+from megatron_rmt.model.hf_mapping import load_hf_tensors_into_megatron, megatron_to_hf_tensors
+from megatron_rmt.rollout.client import VLLMEngine
+from megatron_rmt.rollout.contract import RolloutRequest
+from megatron_rmt.rollout.serve import CPU_ENV, default_python, start_server
+from megatron_rmt.rollout.weight_sync import DiskWeightSync
+
+TINY_SHAPE = [
+    "--hidden-size", "128", "--ffn-hidden-size", "256", "--num-attention-heads", "4",
+    "--num-query-groups", "2", "--kv-channels", "32", "--num-layers", "2",
+]  # fmt: skip
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOLLM2_GGUF = "/work/shared/assets/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+OFFLINE = """
+import json, sys, time
+from vllm import LLM, SamplingParams
+from vllm.inputs import TokensPrompt
+a = json.loads(sys.argv[1])
+llm = LLM(model=a["model"], enforce_eager=True, dtype="float32", max_model_len=1024,
+          kv_cache_memory_bytes=64 << 20, distributed_executor_backend="uni",
+          logprobs_mode="processed_logprobs", enable_chunked_prefill=False)
+prompts = [TokensPrompt(prompt_token_ids=p) for p in a["prompts"]]
+params = [SamplingParams(n=a["n"], max_tokens=a["max_tokens"], temperature=1.0, seed=i,
+                         logprobs=0, stop_token_ids=[a["eos"]], detokenize=False)
+          for i in range(len(prompts))]
+llm.generate(prompts, params, use_tqdm=False)
+times, tokens = [], 0
+for _ in range(a["reps"]):
+    t = time.perf_counter()
+    out = llm.generate(prompts, params, use_tqdm=False)
+    times.append(time.perf_counter() - t)
+    tokens = sum(len(c.token_ids) for o in out for c in o.outputs)
+print("RESULT " + json.dumps({"tokens": tokens, "times": times}))
+"""
+
+
+def megatron_model(kind: str):
+    """(model chunk list, ModelConfig, HF vocab rows, eos id, HF config base, tokenizer writer)."""
+    if kind == "tiny":
+        m = config.parse(["--config", f"{ROOT}/configs/tiny_cpu.yaml", *TINY_SHAPE]).model
+        vocab, eos, base = 50257, 50256, {"bos_token_id": 50256, "eos_token_id": 50256}
+        model = build_model(m, padded_vocab_size(vocab, m.make_vocab_size_divisible_by, 1))
+
+        def tokenizer(out):
+            from transformers import GPT2TokenizerFast
+
+            d = f"{ROOT}/corpus/gpt2_tokenizer"
+            GPT2TokenizerFast(f"{d}/vocab.json", f"{d}/merges.txt").save_pretrained(out)
+
+        return [model], m, vocab, eos, base, tokenizer
+    from megatron_rmt.model.gguf import GGUFCheckpoint
+
+    ckpt = GGUFCheckpoint(SMOLLM2_GGUF)
+    m = model_config_from_hf(ckpt.config)
+    model = build_model(m, m.vocab_size, initialize=False)
+    load_hf_tensors_into_megatron(model, m, ckpt.get_tensor)
+    vocab, eos = ckpt.config["vocab_size"], ckpt.config["eos_token_id"]
+    return [model], m, vocab, eos, ckpt.config, ckpt.save_tokenizer
+
+
+def export_hf_dir(model, m, vocab, base, tokenizer, out: str) -> None:
+    """The served directory: the weight sync's own files + config.json + tokenizer."""
+    path = DiskWeightSync(model, m, vocab, os.path.join(out, "export")).write(0)
+    for name in os.listdir(path):
+        shutil.move(os.path.join(path, name), os.path.join(out, name))
+    shutil.rmtree(os.path.join(out, "export"))
+    with open(os.path.join(out, "config.json"), "w") as fh:
+        json.dump(hf_config_from_model_config(m, vocab, "float32", base=base), fh, indent=2)
+    tokenizer(out)
+
+
+def client_throughput(url, eos, prompts, n, max_tokens, reps):
+    engine = VLLMEngine([url], eos, max_concurrency=len(prompts))
+    reqs = [RolloutRequest(p, n, max_tokens, 1.0, 1.0, seed=i) for i, p in enumerate(prompts)]
+    engine.generate(reqs)  # warm-up
+    times, tokens = [], 0
+    for _ in range(reps):
+        t = time.perf_counter()
+        results = engine.generate(reqs)
+        times.append(time.perf_counter() - t)
+        tokens = sum(len(x) for r in results for x in r.responses)
+    return tokens, times
+
+
+def sync_times(url, eos, model, m, vocab, sync_dir, reps):
+    """Medians over reps of: the full sync, its two parts (write; reload into the server) timed
+    on their own, and save_file of the same tensors alone; plus the bytes written."""
+    weights = DiskWeightSync(model, m, vocab, sync_dir)
+    engine = VLLMEngine([url], eos, weights=weights)
+    tensors = {k: v.detach().clone() for k, v in megatron_to_hf_tensors(model[0], m, vocab)}
+    times = {"full": [], "write": [], "reload": [], "save_file": []}
+
+    def timed(key, fn):
+        t = time.perf_counter()
+        out = fn()
+        times[key].append(time.perf_counter() - t)
+        return out
+
+    for v in range(reps):
+        timed("full", lambda v=v: engine.sync_weights(v))
+        if engine.loaded[url] != v:
+            raise RuntimeError(f"server did not load v{v}")
+        path = timed("write", lambda v=v: weights.write(1000 + v))
+        timed("reload", lambda v=v, path=path: engine.reload_server(url, path, 1000 + v))
+        plain = os.path.join(sync_dir, f"plain{v}")
+        os.makedirs(plain)
+        timed("save_file", lambda p=plain: save_file(tensors, os.path.join(p, "model.safetensors")))
+        shutil.rmtree(plain)
+    nbytes = sum(x.numel() * x.element_size() for x in tensors.values())
+    return {k: statistics.median(x) for k, x in times.items()}, nbytes
+
+
+def offline_throughput(model_dir, eos, prompts, n, max_tokens, reps):
+    args = dict(model=model_dir, eos=eos, prompts=prompts, n=n, max_tokens=max_tokens, reps=reps)
+    env = dict(os.environ, **CPU_ENV)
+    out = subprocess.run(
+        [default_python(), "-c", OFFLINE, json.dumps(args)],
+        env=env, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+    if not line:
+        raise RuntimeError(f"offline vLLM run failed:\n{out.stderr[-3000:]}")
+    r = json.loads(line[0][len("RESULT ") :])
+    return r["tokens"], r["times"]
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", choices=["tiny", "smollm2"], default="tiny")
+    p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--prompt-tokens", type=int, default=64)
+    p.add_argument("--n", type=int, default=8, help="G samples per prompt")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--reps", type=int, default=5)
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    parallel.init()
+    work = tempfile.mkdtemp(prefix="rollout-bench-")
+    try:
+        model, m, vocab, eos, base, tokenizer = megatron_model(args.model)
+        model_dir = os.path.join(work, "hf")
+        os.makedirs(model_dir)
+        export_hf_dir(model, m, vocab, base, tokenizer, model_dir)
+        rng = random.Random(0)
+        prompts = [
+            [rng.randrange(vocab) for _ in range(args.prompt_tokens)] for _ in range(args.prompts)
+        ]
+        t = time.perf_counter()
+        server = start_server(model_dir)
+        startup = time.perf_counter() - t
+        try:
+            client = client_throughput(server.url, eos, prompts, args.n, args.max_tokens, args.reps)
+            sync = sync_times(
+                server.url, eos, model, m, vocab, os.path.join(work, "sync"), args.reps
+            )
+        finally:
+            server.stop()
+        offline = offline_throughput(model_dir, eos, prompts, args.n, args.max_tokens, args.reps)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        parallel.destroy()
+    report(args, startup, client, offline, sync)
+
+
+def report(args, startup, client, offline, sync) -> None:
+    rate = {
+        k: v[0] / statistics.median(v[1]) for k, v in (("client", client), ("offline", offline))
+    }
+    t, nbytes = sync
+    print(f"model {args.model}: {args.prompts} prompts x {args.prompt_tokens} tokens, "
+          f"n={args.n}, max_tokens={args.max_tokens}, median of {args.reps}; "
+          f"server start {startup:.1f} s")  # fmt: skip
+    print(f"{'path':<28}{'tokens':>8}{'tokens/s':>12}")
+    print(f"{'HTTP client (VLLMEngine)':<28}{client[0]:>8}{rate['client']:>12.1f}")
+    print(f"{'vLLM offline LLM.generate':<28}{offline[0]:>8}{rate['offline']:>12.1f}")
+    print(f"client / offline: {rate['client'] / rate['offline']:.1%} (target >= 95%)")
+    print(f"weight sync of {nbytes / 2**20:.1f} MiB: full {t['full'] * 1e3:.0f} ms "
+          f"(alone: write {t['write'] * 1e3:.0f} ms, reload {t['reload'] * 1e3:.0f} ms); "
+          f"save_file alone {t['save_file'] * 1e3:.0f} ms; "
+          f"sync / save_file {t['full'] / t['save_file']:.2f}x (target <= 3x)")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
