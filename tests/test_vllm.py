@@ -1,4 +1,5 @@
-"""The vLLM rollout service against one real server per session (skipped without vLLM).
+"""The vLLM rollout service against one real server per session (skipped without vLLM), and
+the client's retries against a scripted HTTP server (always run).
 
 The server runs a tiny Qwen3 (hidden 128, 4 heads of 32, 2 layers, GPT-2 vocabulary) built here
 with `transformers` from the same shape flags the trainer gets, so the trainer's weights can be
@@ -10,10 +11,12 @@ gap) after a weight sync.
 """
 
 import dataclasses
+import http.server
 import json
 import os
 import signal
 import subprocess
+import threading
 import time
 
 import pytest
@@ -168,6 +171,52 @@ def _setup_with_vllm(argv, url, sync_dir):
     run = train.setup(config.parse(argv))
     cfg = config.parse([*argv, "--rollout-url", url, "--weight-sync-dir", sync_dir])
     return run, client_mod.build_engine(cfg, run.trainable, run.tokenizer, 50257)
+
+
+class _ScriptedHTTP(http.server.BaseHTTPRequestHandler):
+    """Answers /v1/completions from the class's `replies` in turn: a dict is sent as JSON, a
+    number is a hang of that many seconds."""
+
+    replies: list = []
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        reply = type(self).replies.pop(0)
+        if not isinstance(reply, dict):
+            time.sleep(reply)
+            reply = {}
+        body = json.dumps(reply).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def _choice(index, ids, logprobs):
+    return {"index": index, "token_ids": ids, "logprobs": {"token_logprobs": logprobs}}
+
+
+def test_garbage_and_hangs_are_retried_then_raise():
+    good = {"choices": [_choice(1, [7], [-0.5]), _choice(0, [5, 6], [-1.0, -2.0])]}
+    short = {"choices": [_choice(0, [5, 6], [-1.0, -2.0])]}  # n=2 asked, one came back
+    unequal = {"choices": [_choice(0, [5, 6], [-1.0]), _choice(1, [7], [-0.5])]}
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ScriptedHTTP)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    req = RolloutRequest([1, 2], n=2, max_tokens=4, temperature=1.0, top_p=1.0, seed=0)
+    engine = client_mod.VLLMEngine([url], eos_id=0, timeout=0.5, retries=3, backoff_s=0.01)
+    try:
+        _ScriptedHTTP.replies = [short, unequal, 2.0, good]  # garbage, garbage, a hang, then fine
+        (result,) = engine.generate([req])
+        assert result.responses == [[5, 6], [7]] and result.logprobs == [[-1.0, -2.0], [-0.5]]
+        _ScriptedHTTP.replies = [short] * 4
+        with pytest.raises(client_mod.RolloutError, match="asked for 2 samples"):
+            engine.generate([req])
+    finally:
+        httpd.shutdown()
 
 
 def sync_and_compare(argv, url, sync_dir):
