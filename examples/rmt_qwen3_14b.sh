@@ -8,9 +8,9 @@
 #       --tensor-model-parallel-size 8
 #   python tools/preprocess_data.py --input corpus.jsonl --output-prefix $DATA \
 #       --tokenizer-type HuggingFaceTokenizer --tokenizer-model /models/Qwen3-14B --append-eod
-# Rollouts: one or more vLLM servers (ROLLOUT_URLS, space-separated) once the vLLM client lands
-# (not built yet: the trainer refuses --rollout-url today). Without them the trainer uses its
-# embedded engine, which works at this scale but is slow for 14B.
+# Rollouts: one or more vLLM servers (ROLLOUT_URLS, space-separated; start each with
+# `python -m megatron_rmt.rollout.serve --model HF_DIR`) that can read SYNC_DIR, where the trainer
+# writes its weights every step. Without them the trainer uses its embedded engine (slow for 14B).
 # Launch on every node with MASTER_ADDR, MASTER_PORT, NNODES, NODE_RANK set (e.g. by SLURM).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,7 +19,9 @@ cd "$(dirname "$0")/.."
 : "${TOKENIZER:?HF tokenizer directory}" "${OUT:=runs/rmt_qwen3_14b}"
 TRAIN_ITERS=${TRAIN_ITERS:-320}  # 10 epochs of 4,051 Omni-MATH documents at batch 128
 ROLLOUT=()
-if [ -n "${ROLLOUT_URLS:-}" ]; then ROLLOUT=(--rollout-url $ROLLOUT_URLS); fi
+if [ -n "${ROLLOUT_URLS:-}" ]; then
+  ROLLOUT=(--rollout-url $ROLLOUT_URLS --weight-sync-dir "${SYNC_DIR:?shared dir the servers read}")
+fi
 
 torchrun --nnodes "$NNODES" --node-rank "$NODE_RANK" --nproc-per-node 8 \
   --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" \

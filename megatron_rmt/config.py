@@ -319,6 +319,10 @@ def validate(cfg: Config, world_size: int) -> None:
                 f"{need}: every over-budget answer would be truncated"
             )
     problems += _validate_rmt(r)
+    if cfg.rollout.rollout_url and not cfg.rollout.weight_sync_dir:
+        problems.append("--rollout-url needs --weight-sync-dir, a directory the servers can read")
+    if cfg.rollout.weight_sync_interval < 1:
+        problems.append("weight_sync_interval must be at least 1")
     if o.lr_decay_style == "WSD" and not o.lr_wsd_decay_iters:
         problems.append("lr_decay_style WSD needs lr_wsd_decay_iters")
     if d.tokenizer_type == "HuggingFaceTokenizer" and d.data_path and not d.tokenizer_model:

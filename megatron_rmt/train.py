@@ -13,6 +13,7 @@ Each step t of T, on streamed pretraining windows:
 The variants (ablations, RPT, plain NTP) switch parts of this off; see variants.py.
 """
 
+import json
 import os
 import sys
 import time
@@ -27,6 +28,7 @@ from megatron_rmt.build import Trainable, build_trainable
 from megatron_rmt.data import MicrobatchIterator, build_train_dataset
 from megatron_rmt.metrics import MetricsWriter, step_metrics, train_flops_per_token
 from megatron_rmt.model import padded_vocab_size
+from megatron_rmt.rollout.client import build_engine
 from megatron_rmt.rollout.contract import RolloutEngine
 from megatron_rmt.rollout.dispatch import run_rollouts
 from megatron_rmt.rollout.embedded import EmbeddedEngine
@@ -66,11 +68,6 @@ def main(argv: list[str] | None = None, engine: RolloutEngine | None = None) -> 
 
 
 def setup(cfg: config.Config, engine: RolloutEngine | None = None) -> Run:
-    if cfg.rollout.rollout_url and engine is None:
-        raise NotImplementedError(
-            "--rollout-url: the vLLM rollout client is not built yet; "
-            "leave it out to use the embedded engine"
-        )
     if cfg.rmt.kl_beta > 0:
         raise NotImplementedError(
             "--kl-beta > 0 needs reference log-probs, which the trainer does not compute yet "
@@ -94,9 +91,22 @@ def setup(cfg: config.Config, engine: RolloutEngine | None = None) -> Run:
     if start is not None:  # Stable-then-Decay: the decay phase draws from its own blend
         done = max(progress.step - start, 0) * d.global_batch_size
         decay_data = _stream(cfg, tokenizer, layout, d.decay_data_path, done)
+    if engine is None and cfg.rollout.rollout_url:
+        engine = build_engine(cfg, trainable, tokenizer, _served_vocab(cfg, tokenizer))
     engine = engine or EmbeddedEngine(trainable.model, tokenizer.vocab_size, tokenizer.eod)
     engine.sync_weights(progress.step)
     return Run(cfg, layout, tokenizer, trainable, data, engine, progress, decay_data)
+
+
+def _served_vocab(cfg: config.Config, tokenizer) -> int:
+    """The vocabulary the rollout servers' HF model has (its config.json), which the weight sync
+    cuts Megatron's padded rows to: the converter keeps that config beside the checkpoint."""
+    for folder in (cfg.checkpoint.load, cfg.data.tokenizer_model):
+        path = os.path.join(folder or "", "hf_config.json")
+        if folder and os.path.isfile(path):
+            with open(path) as fh:
+                return json.load(fh)["vocab_size"]
+    return tokenizer.vocab_size
 
 
 def decay_start(cfg: config.Config) -> int | None:
@@ -172,7 +182,7 @@ def train_step(run: Run, t: int) -> dict:
     failed = results is None  # the service failed: this step trains NTP only
     if failed:
         ntp.problems, requests, results = [], [], []
-    _check_versions(results, t)
+    _check_versions(results, t, cfg.rollout.weight_sync_interval)
 
     # 3. Rewards and group-normalised advantages.
     scored = problems.score(
@@ -228,10 +238,15 @@ def _schedule(run: Run, variant, t: int):
     return budget, probs, selector
 
 
-def _check_versions(results, t: int) -> None:
+def _check_versions(results, t: int, sync_interval: int) -> None:
+    """Rollouts must come from the weights of the last sync: step t, or up to k-1 steps older
+    when weights are pushed every k steps."""
     for res in results:
-        if res.weight_version != t:
-            raise RuntimeError(f"rollout from weights v{res.weight_version}, trainer is at v{t}")
+        if not t - sync_interval < res.weight_version <= t:
+            raise RuntimeError(
+                f"rollout from weights v{res.weight_version}, trainer is at v{t} "
+                f"(syncing every {sync_interval} steps)"
+            )
 
 
 def _rl_pass(run: Run, requests, results, adv):

@@ -167,7 +167,8 @@ def test_unreachable_server_fails_clearly_and_bad_urls_are_retried(server):
 
 
 def _setup_with_vllm(argv, url, sync_dir):
-    """A trainer run (set up embedded, as train.setup does today) and the vLLM engine for it."""
+    """A trainer run set up with the embedded engine and, separately, the vLLM engine for it
+    (so a test decides when the first weight sync happens)."""
     run = train.setup(config.parse(argv))
     cfg = config.parse([*argv, "--rollout-url", url, "--weight-sync-dir", sync_dir])
     return run, client_mod.build_engine(cfg, run.trainable, run.tokenizer, 50257)
@@ -310,3 +311,15 @@ def test_rmt_run_survives_a_server_crash_and_recovers(server, tiny_corpus, tmp_p
         else:  # rollouts from the synced weights (after the restart too): a small gap
             assert m["rl_positions"] > 0 and m["rl_tokens_trained"] > 0
             assert 0 < m["logprob_gap"] < 2e-3
+
+
+def setup_from_flags(argv):
+    """What `--rollout-url` gives a user: train.setup builds the vLLM engine and syncs v0."""
+    run = train.setup(config.parse(argv))
+    req = RolloutRequest(PROMPT, n=2, max_tokens=3, temperature=1.0, top_p=1.0, seed=0)
+    return type(run.engine).__name__, run.engine.generate([req])[0].weight_version
+
+
+def test_rollout_url_flag_selects_the_vllm_engine(server, tiny_corpus, tmp_path):
+    argv = _flags(tiny_corpus, ["--rollout-url", server.url, "--weight-sync-dir", str(tmp_path)])
+    assert spawn(setup_from_flags, 1, args=(argv,))[0] == ("VLLMEngine", 0)
