@@ -50,7 +50,7 @@ def quantile_thresholds(
     values = entropy[candidates].float()
     if values.numel() == 0:
         return (float("inf"),) * 3
-    q = torch.quantile(values, torch.tensor(quantiles, dtype=values.dtype))
+    q = torch.quantile(values, torch.tensor(quantiles, dtype=values.dtype, device=values.device))
     return tuple(q.tolist())
 
 

@@ -19,7 +19,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_rmt import losses, parallel, selection
+from megatron_rmt import losses, parallel, platform, selection
 from megatron_rmt.build import Trainable
 from megatron_rmt.problems import Problem, problems_from_selection
 
@@ -54,6 +54,11 @@ def _tp_group():
     )
 
 
+def _on_device(batch: dict) -> dict:
+    """The data pipeline yields CPU tensors; the model wants them where it lives."""
+    return {k: v.to(platform.device(), non_blocking=True) for k, v in batch.items()}
+
+
 def _run(trainable: Trainable, forward_step, microbatches, forward_only: bool):
     b, s = microbatches[0]["tokens"].shape
     return get_forward_backward_func()(
@@ -80,7 +85,7 @@ def ntp_pass(
     forward_only = ntp_weight == 0.0
 
     def forward_step(data_iterator, model):
-        batch = next(data_iterator)
+        batch = _on_device(next(data_iterator))
         logits = model(batch["tokens"], batch["position_ids"], None)  # [b, s, v/tp] (last stage)
 
         def select(entropy):  # [b, s] -> C as a [b, s] bool mask; keeps C for the rollouts
@@ -153,9 +158,9 @@ def rl_pass(
         return outcome
 
     def forward_step(data_iterator, model):
-        batch = next(data_iterator)
+        batch = _on_device(next(data_iterator))
         g, s = batch["tokens"].shape
-        positions = torch.arange(s).expand(g, s)
+        positions = torch.arange(s, device=batch["tokens"].device).expand(g, s)
         return model(batch["tokens"], positions, None), losses.make_rl_loss_func(
             batch["labels"], batch["old_logp"], batch["advantages"], batch["resp_mask"],
             total_count, aggregation=aggregation, clip_eps=clip_eps, temperature=temperature,

@@ -11,7 +11,7 @@ from distributed import spawn
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_rmt import checkpoint
+from megatron_rmt import checkpoint, platform
 from megatron_rmt.build import build_trainable
 from megatron_rmt.config import Config, DataConfig, OptimConfig
 
@@ -36,9 +36,9 @@ def _batches():
 
 
 def _forward_step(data_iterator, model):
-    window = next(data_iterator)
+    window = next(data_iterator).to(platform.device())
     tokens, labels = window[:, :-1], window[:, 1:]
-    position_ids = torch.arange(SEQ).expand_as(tokens)
+    position_ids = torch.arange(SEQ, device=tokens.device).expand_as(tokens)
     per_token = model(tokens, position_ids, None, labels=labels)  # [b, s]
 
     def loss_func(output):
