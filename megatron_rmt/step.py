@@ -97,8 +97,12 @@ def ntp_pass(
             return chosen
 
         return logits, losses.make_ntp_loss_func(
-            batch["labels"], batch["loss_mask"], select, ntp_weight,
-            tp_group=_tp_group(), chunk_tokens=chunk_tokens,
+            batch["labels"],
+            batch["loss_mask"],
+            select,
+            ntp_weight,
+            tp_group=_tp_group(),
+            chunk_tokens=chunk_tokens,
         )
 
     reports = _run(trainable, forward_step, microbatches, forward_only)
@@ -162,9 +166,16 @@ def rl_pass(
         g, s = batch["tokens"].shape
         positions = torch.arange(s, device=batch["tokens"].device).expand(g, s)
         return model(batch["tokens"], positions, None), losses.make_rl_loss_func(
-            batch["labels"], batch["old_logp"], batch["advantages"], batch["resp_mask"],
-            total_count, aggregation=aggregation, clip_eps=clip_eps, temperature=temperature,
-            tp_group=_tp_group(), chunk_tokens=chunk_tokens,
+            batch["labels"],
+            batch["old_logp"],
+            batch["advantages"],
+            batch["resp_mask"],
+            total_count,
+            aggregation=aggregation,
+            clip_eps=clip_eps,
+            temperature=temperature,
+            tp_group=_tp_group(),
+            chunk_tokens=chunk_tokens,
         )
 
     reports = _run(trainable, forward_step, microbatches, forward_only=False)

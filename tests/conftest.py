@@ -18,9 +18,12 @@ def pytest_collection_modifyitems(config, items):
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GPT2 = [
-    "--tokenizer-type", "GPT2BPETokenizer",
-    "--vocab-file", f"{ROOT}/corpus/gpt2_tokenizer/vocab.json",
-    "--merge-file", f"{ROOT}/corpus/gpt2_tokenizer/merges.txt",
+    "--tokenizer-type",
+    "GPT2BPETokenizer",
+    "--vocab-file",
+    f"{ROOT}/corpus/gpt2_tokenizer/vocab.json",
+    "--merge-file",
+    f"{ROOT}/corpus/gpt2_tokenizer/merges.txt",
 ]
 
 
@@ -32,7 +35,13 @@ def tiny_corpus(tmp_path_factory) -> str:
 
     out = tmp_path_factory.mktemp("corpus") / "sample"
     preprocess_data.main(
-        ["--input", f"{ROOT}/corpus/sample_math.jsonl", "--output-prefix", str(out),
-         "--append-eod", *GPT2]
+        [
+            "--input",
+            f"{ROOT}/corpus/sample_math.jsonl",
+            "--output-prefix",
+            str(out),
+            "--append-eod",
+            *GPT2,
+        ]
     )
     return f"{out}_text_document"

@@ -42,8 +42,12 @@ def spawn(fn, world_size: int, *, tp: int = 1, pp: int = 1, args: tuple = ()) ->
 
 def _worker(rank, world_size, port, tp, pp, fn, args, queue):
     os.environ.update(
-        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        OMP_NUM_THREADS="1",
     )
     try:
         import torch

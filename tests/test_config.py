@@ -20,9 +20,25 @@ def write(tmp_path, text, name="c.yaml"):
 
 def test_flags_use_megatron_names_and_override_yaml(tmp_path):
     path = write(tmp_path, "model:\n  hidden_size: 128\n  num_layers: 4\noptim:\n  lr: 0.001\n")
-    cfg = parse(["--config", path, "--num-layers", "6", "--tensor-model-parallel-size", "2",
-                 "--data-path", "0.7", "a", "0.3", "b", "--tokenizer-model", "tok", "--no-untie-embeddings-and-output-weights"],
-                world_size=2)
+    cfg = parse(
+        [
+            "--config",
+            path,
+            "--num-layers",
+            "6",
+            "--tensor-model-parallel-size",
+            "2",
+            "--data-path",
+            "0.7",
+            "a",
+            "0.3",
+            "b",
+            "--tokenizer-model",
+            "tok",
+            "--no-untie-embeddings-and-output-weights",
+        ],
+        world_size=2,
+    )
     assert cfg.model.hidden_size == 128  # from the file
     assert cfg.model.num_layers == 6  # flag wins
     assert cfg.optim.lr == 0.001
@@ -41,16 +57,38 @@ def test_config_is_frozen_and_round_trips_through_yaml():
 @pytest.mark.parametrize(
     "flags,world,message",
     [
-        (["--num-attention-heads", "6", "--num-query-groups", "3",
-          "--tensor-model-parallel-size", "4"], 4, "num_attention_heads 6 not divisible by TP 4"),
-        (["--num-query-groups", "1", "--tensor-model-parallel-size", "2"], 2,
-         "num_query_groups 1 not divisible by TP 2"),
-        (["--num-layers", "3", "--pipeline-model-parallel-size", "2"], 2,
-         "num_layers 3 not divisible by PP 2"),
-        (["--global-batch-size", "6", "--micro-batch-size", "4"], 1,
-         "global_batch_size 6 not divisible by micro_batch_size 4 x DP 1"),
-        (["--budget-initial", "800", "--max-response-tokens", "1000"], 1,
-         "below 2*B_0 + answer_tokens"),
+        (
+            [
+                "--num-attention-heads",
+                "6",
+                "--num-query-groups",
+                "3",
+                "--tensor-model-parallel-size",
+                "4",
+            ],
+            4,
+            "num_attention_heads 6 not divisible by TP 4",
+        ),
+        (
+            ["--num-query-groups", "1", "--tensor-model-parallel-size", "2"],
+            2,
+            "num_query_groups 1 not divisible by TP 2",
+        ),
+        (
+            ["--num-layers", "3", "--pipeline-model-parallel-size", "2"],
+            2,
+            "num_layers 3 not divisible by PP 2",
+        ),
+        (
+            ["--global-batch-size", "6", "--micro-batch-size", "4"],
+            1,
+            "global_batch_size 6 not divisible by micro_batch_size 4 x DP 1",
+        ),
+        (
+            ["--budget-initial", "800", "--max-response-tokens", "1000"],
+            1,
+            "below 2*B_0 + answer_tokens",
+        ),
         (["--curriculum-start", "0.5", "0.5", "0.5"], 1, "summing to 1"),
         (["--lr-decay-style", "WSD"], 1, "WSD needs lr_wsd_decay_iters"),
     ],

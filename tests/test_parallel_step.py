@@ -4,7 +4,6 @@ All layouts start from the same weights: a TP1PP1 checkpoint resharded on load b
 dist_checkpointing. The step goes through Megatron's own schedule, DDP, optimizer and scheduler.
 """
 
-
 import pytest
 import torch
 from distributed import spawn
