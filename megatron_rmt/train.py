@@ -43,6 +43,7 @@ class Run:
     cfg: config.Config
     layout: parallel.Layout
     tokenizer: TextTokenizer
+    template: prompts.PromptTemplate  # the next-token-reasoning prompt, read once
     trainable: Trainable
     data: MicrobatchIterator
     engine: RolloutEngine
@@ -95,7 +96,8 @@ def setup(cfg: config.Config, engine: RolloutEngine | None = None) -> Run:
         engine = build_engine(cfg, trainable, tokenizer, _served_vocab(cfg, tokenizer))
     engine = engine or EmbeddedEngine(trainable.model, tokenizer.vocab_size, tokenizer.eod)
     engine.sync_weights(progress.step)
-    return Run(cfg, layout, tokenizer, trainable, data, engine, progress, decay_data)
+    template = prompts.load_template(cfg.rmt.prompt_template)
+    return Run(cfg, layout, tokenizer, template, trainable, data, engine, progress, decay_data)
 
 
 def _served_vocab(cfg: config.Config, tokenizer) -> int:
@@ -172,7 +174,7 @@ def train_step(run: Run, t: int) -> dict:
     ntp_time = time.perf_counter() - ntp_start
 
     # 2. The prefixes at C become prompts under budget B_t; G samples each.
-    template = prompts.load_template(r.prompt_template)
+    template = run.template
     requests = problems.make_requests(
         ntp.problems, tokenizer, template, budget, r, seed=cfg.parallel.seed + 7919 * t
     )
