@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_rmt import budget as budget_mod
-from megatron_rmt import grpo, prompts, rewards
+from megatron_rmt import prompts, rewards
 from megatron_rmt.rollout.contract import RolloutRequest, RolloutResult
 
 CONTINUATION_TOKENS = 8  # true tokens kept after the target, for RPT's prefix reward
@@ -122,11 +122,6 @@ def score(
         response_tokens=t[..., 4],
         unparsed=t[..., 5].bool(),
     )
-
-
-def advantages(scored: Scored, delta: float) -> tuple[torch.Tensor, int]:
-    """GRPO group-normalised advantages [n, G] and the number of all-equal (zero) groups."""
-    return grpo.group_advantages(scored.rewards, delta=delta)
 
 
 def rl_microbatches(

@@ -23,7 +23,17 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from megatron_rmt import budget as budget_mod
-from megatron_rmt import checkpoint, config, losses, parallel, problems, prompts, selection, step
+from megatron_rmt import (
+    checkpoint,
+    config,
+    grpo,
+    losses,
+    parallel,
+    problems,
+    prompts,
+    selection,
+    step,
+)
 from megatron_rmt.build import Trainable, build_trainable
 from megatron_rmt.data import MicrobatchIterator, build_train_dataset
 from megatron_rmt.metrics import MetricsWriter, step_metrics, train_flops_per_token
@@ -190,7 +200,7 @@ def train_step(run: Run, t: int) -> dict:
     scored = problems.score(
         ntp.problems, results, tokenizer, template, budget, r, variant.prefix_reward
     )
-    adv, zero_groups = problems.advantages(scored, r.advantage_delta)
+    adv, zero_groups = grpo.group_advantages(scored.rewards, delta=r.advantage_delta)
 
     # 4. RL pass into the same gradient buffers, 5. one optimizer step, weight sync.
     rl, total_count, rl_tokens = _rl_pass(run, requests, results, adv)
