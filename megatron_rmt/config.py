@@ -149,6 +149,7 @@ class CheckpointConfig:
     load: str | None = _f(None, "checkpoint directory to resume or start from")
     save_interval: int | None = _f(None, "save every N steps (and at the end)")
     no_load_optim: bool = _f(False, "load weights only (start of a new run from a checkpoint)")
+    ref_load: str | None = _f(None, "KL reference weights (default: the run's starting weights)")
 
 
 @dataclass(frozen=True)

@@ -174,7 +174,10 @@ def make_rl_loss_func(
         total, count = policy_loss(logp, old_logp, adv, resp_mask, aggregation, clip_eps)
         report = {"rl_loss_sum": total.detach(), "rl_count": count}
         if kl_beta > 0:
-            kl_sum, _ = aggregate(kl_penalty(logp, ref_logp, kl_estimator), resp_mask, aggregation)
+            # Off the responses the reference is set to the policy: zero KL there, and no
+            # exp overflow of unrelated padding log-probs to multiply by the mask.
+            ref = torch.where(resp_mask > 0, ref_logp, logp.detach())  # [n, L]
+            kl_sum, _ = aggregate(kl_penalty(logp, ref, kl_estimator), resp_mask, aggregation)
             total = total + kl_beta * kl_sum
             report["kl_sum"] = kl_sum.detach()
         if old_logp is not None:

@@ -91,6 +91,7 @@ def step_metrics(
         "rl_sum": rl.loss_sum,
         "rl_tok": rl.tokens,
         "gap_sum": rl.logprob_gap_sum,
+        "kl_sum": rl.kl_sum,
         "reward": float(scored.rewards.sum()),
         "match": float(scored.match.sum()),
         "length": float(scored.length.sum()),
@@ -119,6 +120,7 @@ def step_metrics(
     return {
         "ntp_loss": mean(g["ntp_sum"], g["ntp_tok"]),
         "rl_loss": mean(g["rl_sum"], total_rl_count),
+        "kl": mean(g["kl_sum"], total_rl_count),  # KL(pi || pi_ref) estimate, 0 without KL
         "reward": mean(g["reward"], g["samples"]),
         "reward_match": mean(g["match"], g["samples"]),
         "reward_length": mean(g["length"], g["samples"]),

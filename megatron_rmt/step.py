@@ -6,8 +6,10 @@ entropy, the curriculum sampler picks C, and the NTP loss is masked on C. Its lo
 `(lambda * sum CE, count, report)` and the schedule runs with `calculate_per_token_loss`, so
 gradients accumulate un-normalised; afterwards they are scaled by 1 / (NTP tokens over all DP).
 
-RL pass (one microbatch per group of G responses): loss_func returns the policy-loss sum divided
-by the RL token (or sequence) count over all DP, known before the pass. Both passes write into
+RL pass (one microbatch per group of G responses): loss_func returns the policy-loss sum (plus
+beta times the KL sum) divided by the RL token (or sequence) count over all DP, known before the
+pass. With beta > 0 a forward-only pass of the frozen reference model over the same microbatches
+first gives log pi_ref of every response token on the last stage (`reference_logprobs`). Both passes write into
 the same DDP gradient buffers, so L = L_RL + lambda * L_NTP, each term normalised by its own
 global count. Gradients are finalised (DP all-reduce, tied-embedding sync) once, after both.
 """
@@ -21,6 +23,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_rmt import losses, parallel, platform, selection
 from megatron_rmt.build import Trainable
+from megatron_rmt.entropy import vocab_parallel_ce_entropy
 from megatron_rmt.problems import Problem, problems_from_selection
 
 
@@ -59,12 +62,12 @@ def _on_device(batch: dict) -> dict:
     return {k: v.to(platform.device(), non_blocking=True) for k, v in batch.items()}
 
 
-def _run(trainable: Trainable, forward_step, microbatches, forward_only: bool):
+def _run(model: list, forward_step, microbatches, forward_only: bool):
     b, s = microbatches[0]["tokens"].shape
     return get_forward_backward_func()(
         forward_step_func=forward_step,
         data_iterator=iter(microbatches),
-        model=trainable.model,
+        model=model,
         num_microbatches=len(microbatches),
         seq_length=s,
         micro_batch_size=b,
@@ -105,7 +108,7 @@ def ntp_pass(
             chunk_tokens=chunk_tokens,
         )
 
-    reports = _run(trainable, forward_step, microbatches, forward_only)
+    reports = _run(trainable.model, forward_step, microbatches, forward_only)
     outcome.ntp_loss_sum = sum(float(r["ntp_loss_sum"]) for r in reports)
     outcome.ntp_tokens = sum(int(r["ntp_tokens"]) for r in reports)
     outcome = parallel.broadcast_object_from_last_stage(
@@ -144,6 +147,50 @@ class RLOutcome:
     loss_sum: float = 0.0  # policy-loss sum over this replica (before the global normalisation)
     tokens: int = 0  # response tokens trained on (this replica)
     logprob_gap_sum: float = 0.0  # sum |log p_train - log p_rollout| over those tokens
+    kl_sum: float = 0.0  # the KL estimate aggregated like the loss (0 without a reference)
+
+
+@dataclass(frozen=True)
+class KL:
+    """GRPO's KL term: beta and the estimator (k1 or k3) of KL(pi || pi_ref)."""
+
+    beta: float
+    estimator: str
+
+
+def _positions(tokens: torch.Tensor) -> torch.Tensor:  # [g, s] -> [g, s]
+    g, s = tokens.shape
+    return torch.arange(s, device=tokens.device).expand(g, s)
+
+
+def reference_logprobs(
+    reference: list, microbatches: list[dict], temperature: float, chunk_tokens: int
+) -> list[torch.Tensor | None]:
+    """Forward-only pass of the frozen reference model over the RL microbatches: log pi_ref of
+    every label at the sampling temperature, `[G, L]` per microbatch on the last stage, None on
+    the others (only the last stage computes the RL loss)."""
+    if not microbatches:
+        return []
+
+    def forward_step(data_iterator, model):
+        batch = _on_device(next(data_iterator))
+        labels = batch["labels"]
+
+        def loss_func(logits):  # [G, L, v/tp]
+            token_loss, _ = vocab_parallel_ce_entropy(
+                logits, labels, tp_group=_tp_group(), temperature=temperature,
+                chunk_tokens=chunk_tokens,
+            )  # fmt: skip
+            zero = torch.zeros((), device=logits.device)
+            return zero, torch.ones((), dtype=torch.int), {"ref_logp": -token_loss}
+
+        return model(batch["tokens"], _positions(batch["tokens"]), None), loss_func
+
+    with torch.no_grad():
+        reports = _run(reference, forward_step, microbatches, forward_only=True)
+    if not ps.is_pipeline_last_stage():
+        return [None] * len(microbatches)
+    return [r["ref_logp"] for r in reports]
 
 
 def rl_pass(
@@ -154,18 +201,20 @@ def rl_pass(
     aggregation: str,
     clip_eps: float | None,
     chunk_tokens: int,
+    kl: KL | None = None,
 ) -> RLOutcome:
     """Backward of the GRPO policy loss over the groups; `total_count` is the global number of
-    RL tokens (token aggregation) or sequences (sequence aggregation) that normalises it."""
+    RL tokens (token aggregation) or sequences (sequence aggregation) that normalises it. With
+    `kl`, each microbatch carries "ref_logp" `[G, L]` on the last stage."""
     outcome = RLOutcome()
     if not microbatches:
         return outcome
+    # Only the last stage computes the loss, so only it needs (and has) the reference log-probs.
+    kl_beta = kl.beta if kl is not None and ps.is_pipeline_last_stage() else 0.0
 
     def forward_step(data_iterator, model):
         batch = _on_device(next(data_iterator))
-        g, s = batch["tokens"].shape
-        positions = torch.arange(s, device=batch["tokens"].device).expand(g, s)
-        return model(batch["tokens"], positions, None), losses.make_rl_loss_func(
+        return model(batch["tokens"], _positions(batch["tokens"]), None), losses.make_rl_loss_func(
             batch["labels"],
             batch["old_logp"],
             batch["advantages"],
@@ -174,14 +223,18 @@ def rl_pass(
             aggregation=aggregation,
             clip_eps=clip_eps,
             temperature=temperature,
+            ref_logp=batch.get("ref_logp"),
+            kl_beta=kl_beta,
+            kl_estimator=kl.estimator if kl is not None else "k3",
             tp_group=_tp_group(),
             chunk_tokens=chunk_tokens,
         )
 
-    reports = _run(trainable, forward_step, microbatches, forward_only=False)
+    reports = _run(trainable.model, forward_step, microbatches, forward_only=False)
     outcome.loss_sum = sum(float(r["rl_loss_sum"]) for r in reports)
     outcome.tokens = sum(int(r["rl_tokens"]) for r in reports)
     outcome.logprob_gap_sum = sum(float(r["logp_gap_sum"]) for r in reports)
+    outcome.kl_sum = sum(float(r.get("kl_sum", 0.0)) for r in reports)
     return parallel.broadcast_object_from_last_stage(
         outcome if ps.is_pipeline_last_stage() else None
     )

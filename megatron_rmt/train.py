@@ -38,6 +38,7 @@ from megatron_rmt.build import Trainable, build_trainable
 from megatron_rmt.data import MicrobatchIterator, build_train_dataset
 from megatron_rmt.metrics import MetricsWriter, step_metrics, train_flops_per_token
 from megatron_rmt.model import padded_vocab_size
+from megatron_rmt.reference import build_reference
 from megatron_rmt.rollout.client import build_engine
 from megatron_rmt.rollout.contract import RolloutEngine
 from megatron_rmt.rollout.dispatch import run_rollouts
@@ -59,6 +60,7 @@ class Run:
     engine: RolloutEngine
     progress: checkpoint.Progress
     decay_data: MicrobatchIterator | None = None  # WSD decay-phase blend, if it has one
+    reference: list | None = None  # the frozen pi_ref of the KL term (only when kl_beta > 0)
 
 
 def main(argv: list[str] | None = None, engine: RolloutEngine | None = None) -> None:
@@ -79,11 +81,6 @@ def main(argv: list[str] | None = None, engine: RolloutEngine | None = None) -> 
 
 
 def setup(cfg: config.Config, engine: RolloutEngine | None = None) -> Run:
-    if cfg.rmt.kl_beta > 0:
-        raise NotImplementedError(
-            "--kl-beta > 0 needs reference log-probs, which the trainer does not compute yet "
-            "(the paper and RPT use beta = 0)"
-        )
     p, d = cfg.parallel, cfg.data
     tokenizer = build_tokenizer(d.tokenizer_type, d.tokenizer_model, d.vocab_file, d.merge_file)
     vocab = cfg.model.vocab_size or padded_vocab_size(
@@ -107,7 +104,14 @@ def setup(cfg: config.Config, engine: RolloutEngine | None = None) -> Run:
     engine = engine or EmbeddedEngine(trainable.model, tokenizer.vocab_size, tokenizer.eod)
     engine.sync_weights(progress.step)
     template = prompts.load_template(cfg.rmt.prompt_template)
-    return Run(cfg, layout, tokenizer, template, trainable, data, engine, progress, decay_data)
+    reference = None
+    if cfg.rmt.kl_beta > 0:
+        reference = build_reference(
+            cfg.model, vocab, trainable, cfg.checkpoint.ref_load, progress.step
+        )
+    return Run(
+        cfg, layout, tokenizer, template, trainable, data, engine, progress, decay_data, reference
+    )
 
 
 def _served_vocab(cfg: config.Config, tokenizer) -> int:
@@ -269,8 +273,17 @@ def _rl_pass(run: Run, requests, results, adv):
     local_count = sum(float(losses.rl_count(g["resp_mask"], r.loss_aggregation)) for g in groups)
     local_tokens = sum(float(g["resp_mask"].sum()) for g in groups)
     total_count, rl_tokens = parallel.all_reduce_sum_dp([local_count, local_tokens])
-    # With beta = 0 (enforced in setup) a group whose advantages are all zero has no gradient.
-    groups = [g for g in groups if g["advantages"].abs().sum() > 0]
+    kl = None
+    if run.reference is None:  # no KL: a group whose advantages are all zero has no gradient
+        groups = [g for g in groups if g["advantages"].abs().sum() > 0]
+    else:
+        kl = step.KL(r.kl_beta, r.kl_estimator)
+        ref_logps = step.reference_logprobs(
+            run.reference, groups, r.rollout_temperature, r.entropy_chunk_tokens
+        )
+        for g, ref_logp in zip(groups, ref_logps, strict=True):
+            if ref_logp is not None:  # the last stage's, where the loss is computed
+                g["ref_logp"] = ref_logp
     outcome = step.rl_pass(
         run.trainable,
         groups,
@@ -279,6 +292,7 @@ def _rl_pass(run: Run, requests, results, adv):
         r.loss_aggregation,
         r.clip_eps,
         r.entropy_chunk_tokens,
+        kl,
     )
     return outcome, total_count, rl_tokens
 

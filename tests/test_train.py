@@ -215,3 +215,68 @@ def test_stable_then_decay_switches_the_blend(tiny_corpus):
     lrs, stable, decay = spawn(stable_then_decay, 1, args=(argv,))[0]
     assert stable == 2 * 4 and decay == 2 * 4  # two steps of 4 sequences from each stream
     assert lrs[:3] == [1e-3] * 3 and lrs[3] < 1e-3  # constant, then the decay begins
+
+
+def kl_run_then_resume(argv, ckpt):
+    """Two KL steps from the run's own start; then a resume at step 2 without --ref-load."""
+    run = train.setup(config.parse(argv))
+    run.engine = ScriptedEngine(run.tokenizer)
+    train.train(run)
+    try:
+        train.setup(config.parse([*argv, "--load", ckpt, "--train-iters", "3"]))
+    except config.ConfigError as e:
+        return str(e)
+    return None
+
+
+def test_kl_to_the_reference_policy(tiny_corpus, initial, reference, tmp_path):
+    """beta > 0: pi_ref is the starting weights, so the KL (and its gradient) is exactly zero at
+    step 0, the gradient equals the beta = 0 run's there, and the KL is positive once the policy
+    has moved; PP=2 gives the same numbers."""
+    runs = {}
+    for tp, pp in ((1, 1), (1, 2)):
+        metrics, ckpt = str(tmp_path / f"kl{tp}{pp}.jsonl"), str(tmp_path / f"ckpt{tp}{pp}")
+        argv = _flags(tiny_corpus, tp, pp, extra=[
+            "--load", initial, "--metrics-file", metrics, "--kl-beta", "0.5", "--save", ckpt])  # fmt: skip
+        errors = spawn(kl_run_then_resume, tp * pp, tp=tp, pp=pp, args=(argv, ckpt))
+        assert all("--ref-load" in e for e in errors)
+        runs[tp, pp] = _read(metrics)
+    s0, s1 = runs[1, 1]
+    assert s0["kl"] == 0.0 and s1["kl"] > 0
+    assert s0["grad_norm"] == pytest.approx(reference[0]["grad_norm"], rel=1e-6)
+    assert s1["grad_norm"] != pytest.approx(reference[1]["grad_norm"], rel=1e-6)
+    for a, b in zip(runs[1, 2], runs[1, 1], strict=True):
+        for key in ("ntp_loss", "rl_loss", "kl", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-9), key
+
+
+def reference_vs_naive(argv, ref_dir):
+    """Log-probs of pi_ref against a naive forward of --ref-load's weights (perturbed here so
+    they differ from the run's own) and against the policy's."""
+    start = train.setup(config.parse(argv))
+    moved = start.trainable.model[0].module
+    with torch.no_grad():
+        for p in moved.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    checkpoint.save_model(ref_dir, moved, start.cfg)
+    run = train.setup(config.parse([*argv, "--kl-beta", "0.1", "--ref-load", ref_dir]))
+    req = RolloutRequest(run.tokenizer.encode("One two three"), n=2, max_tokens=5,
+                         temperature=0.7, top_p=1.0, seed=3)  # fmt: skip
+    results = ScriptedEngine(run.tokenizer).generate([req])
+    groups = problems.rl_microbatches([req], results, torch.ones(1, 2), pad_id=run.tokenizer.eod)
+    got = step.reference_logprobs(run.reference, groups, 0.7, 1024)[0]  # [2, L]
+    g = groups[0]
+    positions = torch.arange(g["tokens"].shape[1]).expand_as(g["tokens"])
+
+    def naive(model):  # [2, L]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(g["tokens"], positions, None) / 0.7, -1)
+        return logp.gather(-1, g["labels"].unsqueeze(-1)).squeeze(-1)
+
+    policy = run.trainable.model[0].module
+    return (got - naive(moved)).abs().max().item(), (got - naive(policy)).abs().max().item()
+
+
+def test_reference_logprobs_come_from_ref_load(tiny_corpus, tmp_path):
+    to_ref, to_policy = spawn(reference_vs_naive, 1, args=(_flags(tiny_corpus), str(tmp_path)))[0]
+    assert to_ref < 1e-5 and to_policy > 1e-3
