@@ -224,14 +224,17 @@ def sync_and_compare(argv, url, sync_dir):
     """Greedy output before/after syncing the trainer's weights, and the trainer's log-prob gap
     on samples vLLM draws from the synced weights."""
     run, engine = _setup_with_vllm(argv, url, sync_dir)
-    greedy = RolloutRequest(PROMPT, n=1, max_tokens=8, temperature=0.0, top_p=1.0, seed=0)
+    # Longer than a KV block: the server caches its prefix under the old weights, and a reload
+    # that kept that cache would serve old keys and values after the sync (a large gap).
+    prompt = PROMPT * 20
+    greedy = RolloutRequest(prompt, n=1, max_tokens=8, temperature=0.0, top_p=1.0, seed=0)
     frozen = client_mod.VLLMEngine([url], eos_id=run.tokenizer.eod)
     before = frozen.generate([greedy])[0].responses[0]
     run.engine = engine
     run.engine.sync_weights(0)
     after = run.engine.generate([greedy])[0].responses[0]
     files = sorted(os.listdir(run.engine.weights_path))
-    req = RolloutRequest(PROMPT, n=4, max_tokens=6, temperature=1.0, top_p=1.0, seed=3)
+    req = RolloutRequest(prompt, n=4, max_tokens=6, temperature=1.0, top_p=1.0, seed=3)
     results = run.engine.generate([req])
     groups = problems.rl_microbatches([req], results, torch.ones(1, 4), pad_id=run.tokenizer.eod)
     out = step.rl_pass(run.trainable, groups, 1.0, 1.0, "token", None, 1024)
@@ -323,3 +326,84 @@ def setup_from_flags(argv):
 def test_rollout_url_flag_selects_the_vllm_engine(server, tiny_corpus, tmp_path):
     argv = _flags(tiny_corpus, ["--rollout-url", server.url, "--weight-sync-dir", str(tmp_path)])
     assert spawn(setup_from_flags, 1, args=(argv,))[0] == ("VLLMEngine", 0)
+
+
+def rmt_run_data_parallel(argv):
+    """An RMT run through `--rollout-url`, recording on this rank what reached the service: the
+    rollouts it asked for, the calls it made to the server and the weight files it wrote."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_rmt.rollout import weight_sync
+
+    problems.score = _alternating_rewards(problems.score)  # this worker process only
+    record = {"dp": ps.get_data_parallel_rank(), "generate": [], "calls": [], "saved": []}
+    record["gathers"] = 0
+    generate, call = client_mod.VLLMEngine.generate, client_mod.VLLMEngine._call
+    save, gather = weight_sync.save_file, weight_sync.megatron_to_hf_tensors
+
+    def recorded_generate(self, requests):
+        results = generate(self, requests)
+        for r in results:  # calls may come one request at a time, from several threads
+            record["generate"].append((r.weight_version, sum(len(x) for x in r.responses)))
+        return results
+
+    def recorded_call(self, url, path, body, *args, **kwargs):
+        if path != "/v1/completions":
+            record["calls"].append((path, ((body or {}).get("kwargs") or {}).get("weights_path")))
+        return call(self, url, path, body, *args, **kwargs)
+
+    def recorded_save(tensors, filename, *args, **kwargs):
+        record["saved"].append(os.path.relpath(filename, sync_dir))
+        return save(tensors, filename, *args, **kwargs)
+
+    def recorded_gather(*args, **kwargs):
+        record["gathers"] += 1
+        return gather(*args, **kwargs)
+
+    sync_dir = argv[argv.index("--weight-sync-dir") + 1]
+    client_mod.VLLMEngine.generate, client_mod.VLLMEngine._call = recorded_generate, recorded_call
+    weight_sync.save_file, weight_sync.megatron_to_hf_tensors = recorded_save, recorded_gather
+    train.train(train.setup(config.parse(argv)))  # setup syncs v0, each step t syncs v(t+1)
+    return record
+
+
+def _check_data_parallel_run(ranks, metrics, sync_dir, steps, dp):
+    """Both replicas sampled and their RL tokens count; weights written and reloaded once per
+    version, by one rank; every rollout from the newest weights; a small log-prob gap."""
+    callers = [r for r in ranks if r["generate"]]
+    assert sorted(r["dp"] for r in callers) == list(range(dp))  # one caller per replica
+    with open(metrics) as fh:
+        rows = [json.loads(line) for line in fh]
+    assert [m["step"] for m in rows] == list(range(steps))
+    for r in callers:  # every result came from the weights of its step's sync
+        assert sorted({v for v, _ in r["generate"]}) == list(range(steps))
+    for t, m in enumerate(rows):
+        tokens = [sum(n for v, n in r["generate"] if v == t) for r in callers]
+        assert all(n > 0 for n in tokens)  # every replica sampled at step t
+        assert m["rl_tokens"] == sum(tokens)  # and the RL pass counted all of them
+        assert m["rollout_failed"] == 0 and m["rl_positions"] > 0 and m["rl_tokens_trained"] > 0
+        assert 0 < m["logprob_gap"] < 2e-3
+    versions = range(steps + 1)
+    assert ranks[0]["saved"] == [f"v{v}.partial/stage000-00000.safetensors" for v in versions]
+    reload = [("/pause?mode=wait", None), ("/collective_rpc", None), ("/resume", None)]
+    expected = [
+        (path, f"{sync_dir}/v{v}" if path == "/collective_rpc" else None)
+        for v in versions
+        for path, _ in reload
+    ]
+    assert [c for c in ranks[0]["calls"] if c[0] != "/health"] == expected
+    for r in ranks[1:]:  # no other rank wrote or reloaded; the other replica did not gather
+        assert r["saved"] == [] and [c for c in r["calls"] if c[0] != "/health"] == []
+    assert [r["gathers"] for r in ranks] == [steps + 1 if r["dp"] == 0 else 0 for r in ranks]
+    assert os.listdir(sync_dir) == [f"v{steps}"]
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_rmt_run_with_two_replicas(server, tiny_corpus, tmp_path, tp):
+    steps, sync_dir, metrics = 3, str(tmp_path / "sync"), str(tmp_path / "m.jsonl")
+    argv = _flags(tiny_corpus, [
+        "--train-iters", str(steps), "--metrics-file", metrics, "--rollout-url", server.url,
+        "--weight-sync-dir", sync_dir, "--tensor-model-parallel-size", str(tp),
+    ])  # fmt: skip
+    ranks = spawn(rmt_run_data_parallel, 2 * tp, tp=tp, args=(argv,))
+    _check_data_parallel_run(ranks, metrics, sync_dir, steps, dp=2)

@@ -13,7 +13,7 @@ Deliberate choices:
   returns garbage counts as failed. After `retries` retries `generate` raises `RolloutError`; the
   dispatcher then makes the step NTP-only and the trainer counts it.
 - Weights: with a `DiskWeightSync`, `sync_weights` writes the trainer's weights on every rank and
-  global rank 0 reloads every server (pause -> reload_weights -> reset prefix cache -> resume).
+  global rank 0 reloads every server (pause -> reload_weights -> resume).
   The client remembers which weight version each server holds. A server that failed a reload, or
   failed a request (it may have been restarted with its original weights), is reloaded from the
   latest files before it serves again; a server that cannot be brought up to date is not used.
@@ -26,6 +26,7 @@ import itertools
 import json
 import logging
 import os
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -73,6 +74,7 @@ class VLLMEngine:
         self.weights_path: str | None = None  # directory of the latest synced weights
         self.loaded: dict[str, int | None] = dict.fromkeys(self.urls, None)
         self._next = itertools.count()
+        self._reloading = threading.Lock()
 
     # -- health -----------------------------------------------------------------------------
 
@@ -90,40 +92,74 @@ class VLLMEngine:
     # -- weights ----------------------------------------------------------------------------
 
     def sync_weights(self, version: int) -> None:
-        """Every rank: write the weights (when due) and have rank 0 reload every server."""
+        """Every rank: write the weights (when due) and have rank 0 reload every server. Rank 0
+        pauses the servers while the weights are written: vLLM's pause ends with a fixed 20 ms
+        sleep, which the write hides."""
         if self.weights is None:
             self.version = version
             return
         if not self.weights.due(version):
             return
-        path = self.weights.write(version)
+        with ThreadPoolExecutor(1) as pool:
+            pausing = pool.submit(self._pause_all) if self.weights.is_reloader else None
+            try:
+                path = self.weights.write(version)
+            except BaseException:
+                for url, error in (pausing.result() if pausing else {}).items():
+                    self._load_and_resume(url, None, version, error)  # resume only
+                raise
+        paused = pausing.result() if pausing else {}
         self.loaded = self.weights.reload_from_rank0(
-            lambda: {url: self.reload_server(url, path, version) for url in self.urls}
+            lambda: {
+                url: self._load_and_resume(url, path, version, paused[url]) for url in self.urls
+            }
         )
         self.weights_path, self.version = path, version
 
     def reload_server(self, url: str, path: str, version: int) -> int | None:
         """Load `path` into one server; the version it now holds, or None if that failed."""
+        return self._load_and_resume(url, path, version, self._pause(url))
+
+    def _pause_all(self) -> dict[str, OSError | None]:
+        return {url: self._pause(url) for url in self.urls}
+
+    def _pause(self, url: str) -> OSError | None:
+        """Drain the server's requests (new ones queue until resume), then clear its KV and
+        prefix caches (vLLM's default `clear_cache=true`), so no block computed with the old
+        weights outlives the pause. The error, if it failed."""
         try:
             self._call(url, "/pause?mode=wait", {})
+        except OSError as e:
+            return e
+        return None
+
+    def _load_and_resume(
+        self, url: str, path: str | None, version: int, error: OSError | None
+    ) -> int | None:
+        """After `_pause` gave `error`: load `path` if the pause worked (None: load nothing),
+        then resume in any case. The version the server now holds, or None."""
+        if error is None and path is not None:
             try:
                 self._call(url, "/collective_rpc", {
                     "method": "reload_weights", "kwargs": {"weights_path": path}})  # fmt: skip
-                self._call(url, "/reset_prefix_cache", {})
-            finally:
-                self._call(url, "/resume", {})  # never leave a server paused
+            except OSError as e:
+                error = e
+        try:
+            self._call(url, "/resume", {})  # never leave a server paused
         except OSError as e:
-            log.warning("weight reload of %s failed, it is not used until reloaded: %s", url, e)
-            return None
-        return version
+            error = error or e
+        if error is not None:
+            log.warning("weight reload of %s failed, it is not used until reloaded: %s", url, error)
+        return None if error is not None or path is None else version
 
     def _current_servers(self) -> list[str]:
         """The servers holding the current weights, after retrying the reload of stale ones."""
         if self.weights is None:
             return self.urls
-        for url in self.urls:
-            if self.loaded[url] != self.version and self.weights_path is not None:
-                self.loaded[url] = self.reload_server(url, self.weights_path, self.version)
+        with self._reloading:  # generate may run in several threads: one reload per stale server
+            for url in self.urls:
+                if self.loaded[url] != self.version and self.weights_path is not None:
+                    self.loaded[url] = self.reload_server(url, self.weights_path, self.version)
         return [u for u in self.urls if self.loaded[u] == self.version]
 
     # -- sampling ---------------------------------------------------------------------------

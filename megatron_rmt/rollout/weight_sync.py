@@ -2,9 +2,11 @@
 
 Every rank calls `write(version)` together: each pipeline stage gathers its parameters over TP with
 `hf_mapping.megatron_to_hf_tensors` (the converter's own code path), and TP rank 0 of the first
-data-parallel replica of every stage writes them as safetensors into `<sync_dir>/v<version>`. Then
-`reload_from_rank0` lets global rank 0 tell the servers to reload that directory and shares what
-it learnt with every rank. Only the newest version's directory is kept.
+data-parallel replica of every stage writes them as safetensors into `<sync_dir>/v<version>`: one
+directory per version however many replicas. The other replicas skip the gather (it only spans
+a TP group) and wait. Then `reload_from_rank0` lets global rank 0 (`is_reloader`) tell the
+servers to reload that directory and shares what it learnt with every rank. Only the newest
+version's directory is kept.
 
 Deliberate choices:
 - Files go to `v<version>.partial` and are renamed once every stage has written, so a server
@@ -52,6 +54,11 @@ class DiskWeightSync:
         self.bucket_bytes = bucket_bytes
         self._first = True
 
+    @property
+    def is_reloader(self) -> bool:
+        """This rank tells the servers to reload (global rank 0)."""
+        return _rank() == 0
+
     def due(self, version: int) -> bool:
         first, self._first = self._first, False
         return first or version % self.interval == 0
@@ -64,7 +71,18 @@ class DiskWeightSync:
             shutil.rmtree(partial, ignore_errors=True)
             os.makedirs(partial)
         _barrier()
-        writer = ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
+        if ps.get_data_parallel_rank() == 0:  # the replicas hold the same weights
+            self._write_stage(partial)
+        _barrier()
+        if _rank() == 0:
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(partial, final)
+            self._remove_all_but(final)  # a stale server reloads from the newest version only
+        return final
+
+    def _write_stage(self, partial: str) -> None:
+        """This replica's part: its stage's parameters, gathered over TP, in buckets."""
+        writer = ps.get_tensor_model_parallel_rank() == 0
         stage = ps.get_pipeline_model_parallel_rank()
         bucket, size, index = {}, 0, 0
         for chunk in self.model:
@@ -80,17 +98,11 @@ class DiskWeightSync:
                     bucket, size, index = {}, 0, index + 1
         if bucket:
             save_file(bucket, os.path.join(partial, f"stage{stage:03d}-{index:05d}.safetensors"))
-        _barrier()
-        if _rank() == 0:
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(partial, final)
-            self._remove_all_but(final)  # a stale server reloads from the newest version only
-        return final
 
     def reload_from_rank0(self, reload: Callable[[], dict]) -> dict:
         """Global rank 0 runs `reload()` (the servers load the newest version); every rank gets
         its result."""
-        result = reload() if _rank() == 0 else None
+        result = reload() if self.is_reloader else None
         if dist.is_initialized() and dist.get_world_size() > 1:
             box = [result]
             dist.broadcast_object_list(box, src=0, device=platform.device())
