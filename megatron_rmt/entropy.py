@@ -41,10 +41,13 @@ def vocab_parallel_ce_entropy(
 
     `tp_group` is the tensor-parallel group the vocabulary is sharded over (None: no TP).
     Returns `(loss [...], entropy [...])`; only `loss` carries a gradient.
-    `inplace_backward=True` writes the gradient into the logits' own storage (as Megatron's
-    vocab_parallel_cross_entropy does), saving one `[N, v/tp]` tensor: only for logits nothing
-    reads after the backward, such as GPTModel's output. A second backward through the same graph
-    then fails loudly (autograd sees the saved logits were modified).
+    `inplace_backward=True` hands the logits over to this function, as Megatron's
+    vocab_parallel_cross_entropy takes them: fp32 logits are overwritten with the softmax
+    during the forward, and any logits with their gradient during the backward. Only for logits
+    nothing else reads afterwards, such as GPTModel's output. A second backward through the same
+    graph then fails loudly (autograd sees the saved logits were modified).
+    The token dimensions may be stored in any order (e.g. a `[b, s, v]` view of `[s, b, v]`
+    memory): the work follows the memory order, so such a view is never copied.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
@@ -54,9 +57,23 @@ def vocab_parallel_ce_entropy(
         raise ValueError(f"logits {tuple(logits.shape)} do not match labels {tuple(labels.shape)}")
     if tp_group is not None and dist.get_world_size(tp_group) == 1:
         tp_group = None
-    return _FusedCEEntropy.apply(
-        logits, labels, tp_group, temperature, chunk_tokens, inplace_backward
+    order = _memory_order(logits)
+    loss, entropy = _FusedCEEntropy.apply(
+        logits.permute(*order, -1),
+        labels.permute(*order),
+        tp_group,
+        temperature,
+        chunk_tokens,
+        inplace_backward,
     )
+    back = sorted(range(len(order)), key=order.__getitem__)  # inverse permutation
+    return loss.permute(*back).contiguous(), entropy.permute(*back).contiguous()
+
+
+def _memory_order(logits: torch.Tensor) -> list[int]:
+    """The token dimensions by decreasing stride: permuted so, the logits are contiguous
+    whenever their storage is dense (identity for ordinary contiguous logits)."""
+    return sorted(range(logits.dim() - 1), key=lambda d: -logits.stride(d))
 
 
 def _vocab_offset(v_local: int, tp_group: dist.ProcessGroup | None) -> int:
@@ -72,15 +89,34 @@ def _local_targets(labels: torch.Tensor, offset: int, v_local: int):
 
 
 def _workspace(rows: int, v_local: int, device: torch.device) -> torch.Tensor:
-    """The fp32 `[rows, v/tp]` buffer: the only vocabulary-sized fp32 memory used."""
+    """One fp32 `[rows, v/tp]` chunk buffer, reused by every chunk (fresh memory per chunk
+    would cost page faults on CPU)."""
     return torch.empty(rows, v_local, dtype=torch.float32, device=device)
 
 
-def _scaled_fp32(chunk: torch.Tensor, temperature: float, buf: torch.Tensor) -> torch.Tensor:
-    """chunk / temperature in fp32, written into `buf` (never into the caller's logits)."""
-    z = buf[: chunk.shape[0]]  # [c, v/tp]
-    z.copy_(chunk)
-    return z if temperature == 1.0 else z.div_(temperature)
+def _shifted_stats(
+    z: torch.Tensor,  # [c, v/tp] fp32 logits / temperature; overwritten (ends as e * z)
+    e: torch.Tensor,  # [c, v/tp] fp32 buffer; ends as exp(z - global max)
+    labels: torch.Tensor,  # [c]
+    offset: int,
+    tp_group: dist.ProcessGroup | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Global max `[c]` and `stats [3, c]` = (sum e, sum e * z, target z), z shifted by the max,
+    all-reduced over TP. The sum of e * z is a multiply into z's own storage plus a row sum:
+    cheaper than `xlogy(e, e)` (a log per element) and, unlike `vecdot`, no hidden temporary."""
+    z_max = z.amax(dim=-1)  # [c]
+    if tp_group is not None:
+        dist.all_reduce(z_max, op=dist.ReduceOp.MAX, group=tp_group)
+    z.sub_(z_max.unsqueeze(-1))
+    stats = torch.zeros(3, z.shape[0], dtype=torch.float32, device=z.device)
+    rows, cols = _local_targets(labels, offset, z.shape[-1])
+    stats[2, rows] = z[rows, cols]
+    torch.exp(z, out=e)
+    stats[0] = e.sum(dim=-1)
+    stats[1] = torch.mul(e, z, out=z).sum(dim=-1)
+    if tp_group is not None:
+        dist.all_reduce(stats, group=tp_group)
+    return z_max, stats
 
 
 class _FusedCEEntropy(torch.autograd.Function):
@@ -91,35 +127,33 @@ class _FusedCEEntropy(torch.autograd.Function):
         flat_labels = labels.reshape(-1)  # [N]
         n_tokens = flat.shape[0]
         offset = _vocab_offset(v_local, tp_group)
+        # fp32 logits that the caller gives up: work in their storage and leave the softmax there.
+        keep_softmax = inplace_backward and logits.dtype == torch.float32 and logits.is_contiguous()
         loss = torch.empty(n_tokens, dtype=torch.float32, device=logits.device)
         entropy = torch.empty_like(loss)
         lse = torch.empty_like(loss)
-        # One fp32 work buffer reused by every chunk: allocating per chunk costs page faults.
-        buf = _workspace(min(chunk_tokens, n_tokens), v_local, logits.device)
+        rows = min(chunk_tokens, n_tokens)
+        e_buf = _workspace(rows, v_local, logits.device)
+        z_buf = None if keep_softmax else _workspace(rows, v_local, logits.device)
         for start in range(0, n_tokens, chunk_tokens):
             stop = min(start + chunk_tokens, n_tokens)
-            z = _scaled_fp32(flat[start:stop], temperature, buf)  # [c, v/tp]
-            z_max = z.amax(dim=-1)  # [c]
-            if tp_group is not None:
-                dist.all_reduce(z_max, op=dist.ReduceOp.MAX, group=tp_group)
-            z.sub_(z_max.unsqueeze(-1))
-            # stats[0] = sum exp(z), stats[1] = sum exp(z) * z, stats[2] = target logit.
-            stats = torch.zeros(3, stop - start, dtype=torch.float32, device=logits.device)
-            rows, cols = _local_targets(flat_labels[start:stop], offset, v_local)
-            stats[2, rows] = z[rows, cols]
-            # Everything in place in the one buffer: e = exp(z), then e * z = e * log(e)
-            # (xlogy is 0 where e underflowed to 0, which is the limit of e * z there).
-            exp_z = z.exp_()
-            stats[0] = exp_z.sum(dim=-1)
-            stats[1] = exp_z.xlogy_(exp_z).sum(dim=-1)
-            if tp_group is not None:
-                dist.all_reduce(stats, group=tp_group)
+            chunk = flat[start:stop]  # [c, v/tp]
+            z = chunk if keep_softmax else z_buf[: stop - start].copy_(chunk)
+            if temperature != 1.0:
+                z.div_(temperature)
+            e = e_buf[: stop - start]
+            z_max, stats = _shifted_stats(z, e, flat_labels[start:stop], offset, tp_group)
+            if keep_softmax:
+                torch.div(e, stats[0].unsqueeze(-1), out=chunk)
             log_sum = stats[0].log()
             # z is shifted by the global max: lse = max + log sum, H = log sum - E_p[z - max].
             lse[start:stop] = z_max + log_sum
             loss[start:stop] = log_sum - stats[2]
             entropy[start:stop] = log_sum - stats[1] / stats[0]
-        ctx.save_for_backward(logits, labels, lse)
+        # The input itself is saved (not `flat`, a view autograd would refuse after the in-place
+        # backward); in the keep_softmax case it now holds the softmax.
+        ctx.save_for_backward(logits, labels, None if keep_softmax else lse)
+        ctx.keep_softmax = keep_softmax
         ctx.tp_group = tp_group
         ctx.temperature = temperature
         ctx.chunk_tokens = chunk_tokens
@@ -130,20 +164,60 @@ class _FusedCEEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, grad_entropy):
-        logits, labels, lse = ctx.saved_tensors
-        v_local = logits.shape[-1]
-        flat = logits.reshape(-1, v_local)  # [N, v/tp]
-        flat_labels = labels.reshape(-1)  # [N]
         scale = grad_loss.reshape(-1).to(torch.float32) / ctx.temperature  # [N]
-        offset = _vocab_offset(v_local, ctx.tp_group)
-        # In place, each chunk's logits are read into p before its gradient overwrites them.
-        grad = flat if ctx.inplace_backward else torch.empty_like(flat)
-        p_buf = _workspace(min(ctx.chunk_tokens, flat.shape[0]), v_local, logits.device)
-        for start in range(0, flat.shape[0], ctx.chunk_tokens):
-            stop = min(start + ctx.chunk_tokens, flat.shape[0])
-            p = _scaled_fp32(flat[start:stop], ctx.temperature, p_buf)  # [c, v/tp]
-            p.sub_(lse[start:stop].unsqueeze(-1)).exp_()
-            rows, cols = _local_targets(flat_labels[start:stop], offset, v_local)
-            p[rows, cols] -= 1.0
-            grad[start:stop] = p.mul_(scale[start:stop].unsqueeze(-1))
+        logits, labels, lse = ctx.saved_tensors
+        if ctx.keep_softmax:
+            grad = _grad_from_softmax(
+                logits.view(-1, logits.shape[-1]), labels, scale, ctx.tp_group
+            )
+            return grad.view(logits.shape), None, None, None, None, None
+        grad = _grad_by_recompute(
+            logits, labels, lse, scale, ctx.tp_group, ctx.temperature, ctx.chunk_tokens,
+            ctx.inplace_backward,
+        )  # fmt: skip
         return grad.view(logits.shape), None, None, None, None, None
+
+
+def _grad_from_softmax(
+    softmax: torch.Tensor,  # [N, v/tp] fp32, overwritten with the gradient
+    labels: torch.Tensor,  # [...] N labels
+    scale: torch.Tensor,  # [N] upstream gradient / temperature
+    tp_group: dist.ProcessGroup | None,
+) -> torch.Tensor:
+    """(softmax - onehot) * scale in place: two passes, no exp (Megatron's CE backward)."""
+    v_local = softmax.shape[-1]
+    rows, cols = _local_targets(labels.reshape(-1), _vocab_offset(v_local, tp_group), v_local)
+    softmax[rows, cols] -= 1.0
+    return softmax.mul_(scale.unsqueeze(-1))
+
+
+def _grad_by_recompute(
+    logits: torch.Tensor,  # [..., v/tp] any float dtype, as given to the forward
+    labels: torch.Tensor,  # [...]
+    lse: torch.Tensor,  # [N] fp32 global log-sum-exp of logits / temperature
+    scale: torch.Tensor,  # [N]
+    tp_group: dist.ProcessGroup | None,
+    temperature: float,
+    chunk_tokens: int,
+    inplace: bool,
+) -> torch.Tensor:
+    """(softmax - onehot) * scale with the softmax recomputed chunk by chunk in fp32: the
+    precision of fp32 math for low-precision logits, O(chunk) extra memory. Returns `[N, v/tp]`
+    in the logits' dtype; in place, each chunk's logits are read before its gradient
+    overwrites them."""
+    v_local = logits.shape[-1]
+    flat = logits.reshape(-1, v_local)  # [N, v/tp]
+    flat_labels = labels.reshape(-1)  # [N]
+    offset = _vocab_offset(v_local, tp_group)
+    grad = flat if inplace else torch.empty_like(flat)
+    p_buf = _workspace(min(chunk_tokens, flat.shape[0]), v_local, logits.device)
+    for start in range(0, flat.shape[0], chunk_tokens):
+        stop = min(start + chunk_tokens, flat.shape[0])
+        p = p_buf[: stop - start].copy_(flat[start:stop])  # [c, v/tp]
+        if temperature != 1.0:
+            p.div_(temperature)
+        p.sub_(lse[start:stop].unsqueeze(-1)).exp_()
+        rows, cols = _local_targets(flat_labels[start:stop], offset, v_local)
+        p[rows, cols] -= 1.0
+        grad[start:stop] = p.mul_(scale[start:stop].unsqueeze(-1))
+    return grad
