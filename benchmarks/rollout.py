@@ -2,11 +2,13 @@
 
 1. sampling throughput (generated tokens/s) for the same token-id prompts through the project's
    HTTP client against a running server, and through vLLM's own offline `LLM.generate`;
-2. weight sync time (gather + safetensors + pause/reload/reset/resume) against writing the same
-   tensors with `safetensors.save_file` alone.
+2. weight sync time against writing the same tensors with `safetensors.save_file` alone: the
+   client's sync and the previous recipe (write, then pause, reload, reset_prefix_cache, resume
+   one after the other), side by side, with each part timed alone.
 
     python benchmarks/rollout.py --model tiny      # Qwen3, hidden 128, 4x32 heads, 2 layers
     python benchmarks/rollout.py --model smollm2   # SmolLM2-135M from the GGUF in assets
+    python benchmarks/rollout.py --sync-only       # the weight sync part alone
 
 The model starts as a Megatron model (random for `tiny`, the GGUF's weights for `smollm2`) and is
 exported to the HF directory the server loads by the weight sync itself. Server and offline runs
@@ -114,13 +116,27 @@ def client_throughput(url, eos, prompts, n, max_tokens, reps):
     return tokens, times
 
 
+# The previous sync recipe's server calls after the write, in order.
+BEFORE_CALLS = {
+    "pause": "/pause?mode=wait",
+    "reload": "/collective_rpc",
+    "reset_prefix_cache": "/reset_prefix_cache",
+    "resume": "/resume",
+}
+
+
 def sync_times(url, eos, model, m, vocab, sync_dir, reps):
-    """Medians over reps of: the full sync, its two parts (write; reload into the server) timed
-    on their own, and save_file of the same tensors alone; plus the bytes written."""
+    """Medians over reps, against the same server, of:
+    - `after`: the sync as the client runs it (`sync_weights`: the pause overlaps the write);
+    - `before`: the previous recipe, one step after the other: write, pause, reload_weights,
+      reset_prefix_cache, resume (each call also timed alone: `pause`, `reload`, ...);
+    - `gather` (the HF tensors from the Megatron model), `write` (`DiskWeightSync.write`:
+      gather, save, rename, clean-up) and `save_file` of the same tensors alone.
+    The two recipes alternate which goes first. Also returns the bytes written."""
     weights = DiskWeightSync(model, m, vocab, sync_dir)
     engine = VLLMEngine([url], eos, weights=weights)
     tensors = {k: v.detach().clone() for k, v in megatron_to_hf_tensors(model[0], m, vocab)}
-    times = {"full": [], "write": [], "reload": [], "save_file": []}
+    times = {k: [] for k in ("after", "before", "write", *BEFORE_CALLS, "gather", "save_file")}
 
     def timed(key, fn):
         t = time.perf_counter()
@@ -128,12 +144,23 @@ def sync_times(url, eos, model, m, vocab, sync_dir, reps):
         times[key].append(time.perf_counter() - t)
         return out
 
-    for v in range(reps):
-        timed("full", lambda v=v: engine.sync_weights(v))
+    def after(v):
+        timed("after", lambda: engine.sync_weights(v))
         if engine.loaded[url] != v:
             raise RuntimeError(f"server did not load v{v}")
-        path = timed("write", lambda v=v: weights.write(1000 + v))
-        timed("reload", lambda v=v, path=path: engine.reload_server(url, path, 1000 + v))
+
+    def before(v):
+        start = time.perf_counter()
+        path = timed("write", lambda: weights.write(1000 + v))
+        body = {"method": "reload_weights", "kwargs": {"weights_path": path}}
+        for key, route in BEFORE_CALLS.items():
+            timed(key, lambda r=route: engine._call(url, r, body))
+        times["before"].append(time.perf_counter() - start)
+
+    for v in range(reps):
+        for recipe in (after, before) if v % 2 == 0 else (before, after):
+            recipe(v)
+        timed("gather", lambda: [t.contiguous() for _, t in megatron_to_hf_tensors(model[0], m)])
         plain = os.path.join(sync_dir, f"plain{v}")
         os.makedirs(plain)
         timed("save_file", lambda p=plain: save_file(tensors, os.path.join(p, "model.safetensors")))
@@ -164,10 +191,13 @@ def main(argv=None) -> None:
     p.add_argument("--n", type=int, default=8, help="G samples per prompt")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--sync-reps", type=int, default=15, help="repetitions of each sync recipe")
+    p.add_argument("--sync-only", action="store_true", help="skip the throughput comparison")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     parallel.init()
     work = tempfile.mkdtemp(prefix="rollout-bench-")
+    client = offline = None
     try:
         model, m, vocab, eos, base, tokenizer = megatron_model(args.model)
         model_dir = os.path.join(work, "hf")
@@ -181,35 +211,51 @@ def main(argv=None) -> None:
         server = start_server(model_dir)
         startup = time.perf_counter() - t
         try:
-            client = client_throughput(server.url, eos, prompts, args.n, args.max_tokens, args.reps)
+            if not args.sync_only:
+                client = client_throughput(
+                    server.url, eos, prompts, args.n, args.max_tokens, args.reps
+                )
             sync = sync_times(
-                server.url, eos, model, m, vocab, os.path.join(work, "sync"), args.reps
+                server.url, eos, model, m, vocab, os.path.join(work, "sync"), args.sync_reps
             )
         finally:
             server.stop()
-        offline = offline_throughput(model_dir, eos, prompts, args.n, args.max_tokens, args.reps)
+        if not args.sync_only:
+            offline = offline_throughput(
+                model_dir, eos, prompts, args.n, args.max_tokens, args.reps
+            )
     finally:
         shutil.rmtree(work, ignore_errors=True)
         parallel.destroy()
-    report(args, startup, client, offline, sync)
+    print(f"model {args.model}, server start {startup:.1f} s")
+    if client:
+        report_throughput(args, client, offline)
+    report_sync(args, *sync)
 
 
-def report(args, startup, client, offline, sync) -> None:
+def report_throughput(args, client, offline) -> None:
     rate = {
         k: v[0] / statistics.median(v[1]) for k, v in (("client", client), ("offline", offline))
     }
-    t, nbytes = sync
-    print(f"model {args.model}: {args.prompts} prompts x {args.prompt_tokens} tokens, "
-          f"n={args.n}, max_tokens={args.max_tokens}, median of {args.reps}; "
-          f"server start {startup:.1f} s")  # fmt: skip
+    print(f"{args.prompts} prompts x {args.prompt_tokens} tokens, n={args.n}, "
+          f"max_tokens={args.max_tokens}, median of {args.reps}")  # fmt: skip
     print(f"{'path':<28}{'tokens':>8}{'tokens/s':>12}")
     print(f"{'HTTP client (VLLMEngine)':<28}{client[0]:>8}{rate['client']:>12.1f}")
     print(f"{'vLLM offline LLM.generate':<28}{offline[0]:>8}{rate['offline']:>12.1f}")
     print(f"client / offline: {rate['client'] / rate['offline']:.1%} (target >= 95%)")
-    print(f"weight sync of {nbytes / 2**20:.1f} MiB: full {t['full'] * 1e3:.0f} ms "
-          f"(alone: write {t['write'] * 1e3:.0f} ms, reload {t['reload'] * 1e3:.0f} ms); "
-          f"save_file alone {t['save_file'] * 1e3:.0f} ms; "
-          f"sync / save_file {t['full'] / t['save_file']:.2f}x (target <= 3x)")  # fmt: skip
+
+
+def report_sync(args, t: dict, nbytes: int) -> None:
+    ms = {k: v * 1e3 for k, v in t.items()}
+    print(f"weight sync of {nbytes / 2**20:.1f} MiB, median of {args.sync_reps} (ms):")
+    print("  parts alone: " + ", ".join(
+        f"{k} {ms[k]:.1f}" for k in ("gather", "save_file", "write", *BEFORE_CALLS)))  # fmt: skip
+    for key, what in (
+        ("before", "write, pause, reload, reset_prefix_cache, resume in turn"),
+        ("after", "sync_weights: pause during the write, no reset"),
+    ):
+        print(f"  {key:<7}{ms[key]:>7.1f} ms = {t[key] / t['save_file']:.2f}x save_file  ({what})")
+    print("  target: sync <= 3x save_file")
 
 
 if __name__ == "__main__":
