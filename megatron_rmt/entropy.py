@@ -6,16 +6,25 @@ From them this computes, per position, the cross-entropy of the label (the NTP l
 Shannon entropy of the whole predictive distribution (the difficulty signal), both in nats.
 
 Deliberate choices:
-- One `torch.autograd.Function`. The forward visits `chunk_tokens` positions at a time, upcasts
-  that chunk to fp32 and all-reduces four per-token numbers over TP: the max logit, then
-  (sum exp, sum exp * z, target logit) in one call. The full vocabulary is never gathered and no
-  fp32 `[tokens, v/tp]` tensor ever exists: forward and backward each work in a single reused
-  fp32 `[chunk, v/tp]` buffer, so peak extra memory is O(chunk x v/tp).
-- Only the input logits and the per-token log-sum-exp (fp32 `[N]`) are saved. The backward
-  recomputes the softmax chunk by chunk from them. Because the saved log-sum-exp is already the
-  global one, each rank's gradient `(softmax - onehot) / T` needs no communication. Optionally
-  the gradient overwrites the logits (they are dead after the backward), which removes the last
-  `[N, v/tp]` allocation; the chunk's fp32 work buffers are then the only extra memory.
+- One `torch.autograd.Function`. The forward visits `chunk_tokens` positions at a time, works in
+  fp32 and all-reduces four per-token numbers over TP: the max logit, then (sum exp,
+  sum exp * z, target logit) in one call. The full vocabulary is never gathered. The sum of
+  exp * z is a multiply and a row sum (a log per element, as in xlogy, cost more than the whole
+  cross-entropy on CPU). Work buffers are at most two fp32 `[chunk, v/tp]` tensors, allocated
+  once and reused: on CPU a chunk small enough to stay in cache (e.g. 16 tokens for a 50k
+  vocabulary) makes the several passes over it nearly free.
+- Two ways to the gradient `(softmax - onehot) / T`, which needs no communication because the
+  normaliser is already global:
+  * fp32 logits handed over (`inplace_backward`, contiguous in memory order): the chunk is
+    shifted and scaled in place and the softmax written back over it, as Megatron's own
+    vocab_parallel_cross_entropy does; the backward is then two cheap passes, no exp.
+  * otherwise (bf16/fp16 logits, or logits the caller keeps): only the logits and the
+    per-token log-sum-exp (fp32 `[N]`) are saved, and the backward recomputes the softmax
+    chunk by chunk in fp32, so low-precision logits lose nothing and no fp32 `[N, v/tp]` tensor
+    ever exists. With `inplace_backward` the gradient overwrites the logits chunk by chunk.
+- The token dimensions are processed in the order they are stored, so logits that are a
+  transposed view (GPTModel's `[s, b, v]` output seen as `[b, s, v]`, see model/logits.py) are
+  neither copied nor strided through.
 - Entropy is returned detached (marked non-differentiable): it drives selection and metrics,
   never a loss.
 - `temperature` divides the logits before everything, so with the sampling temperature `-loss`
