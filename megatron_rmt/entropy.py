@@ -8,16 +8,16 @@ Shannon entropy of the whole predictive distribution (the difficulty signal), bo
 Deliberate choices:
 - One `torch.autograd.Function`. The forward visits `chunk_tokens` positions at a time, works in
   fp32 and all-reduces four per-token numbers over TP: the max logit, then (sum exp,
-  sum exp * z, target logit) in one call. The full vocabulary is never gathered. The sum of
-  exp * z is a multiply and a row sum (a log per element, as in xlogy, cost more than the whole
-  cross-entropy on CPU). Work buffers are at most two fp32 `[chunk, v/tp]` tensors, allocated
-  once and reused: on CPU a chunk small enough to stay in cache (e.g. 16 tokens for a 50k
-  vocabulary) makes the several passes over it nearly free.
+  sum exp * z, target logit) in one call. The full vocabulary is never gathered. The only work
+  buffer is one fp32 `[chunk, v/tp]` tensor, allocated once and reused: on CPU a chunk small
+  enough to stay in cache (e.g. 16 tokens for a 50k vocabulary) makes the passes over it cheap.
 - Two ways to the gradient `(softmax - onehot) / T`, which needs no communication because the
   normaliser is already global:
   * fp32 logits handed over (`inplace_backward`, contiguous in memory order): the chunk is
     shifted and scaled in place and the softmax written back over it, as Megatron's own
-    vocab_parallel_cross_entropy does; the backward is then two cheap passes, no exp.
+    vocab_parallel_cross_entropy does; the backward is then two cheap passes, no exp. The
+    buffer holds exp(z), so sum exp * z is a multiply and a row sum (xlogy's log per element
+    cost more than the whole cross-entropy on CPU).
   * otherwise (bf16/fp16 logits, or logits the caller keeps): only the logits and the
     per-token log-sum-exp (fp32 `[N]`) are saved, and the backward recomputes the softmax
     chunk by chunk in fp32, so low-precision logits lose nothing and no fp32 `[N, v/tp]` tensor
@@ -104,15 +104,16 @@ def _workspace(rows: int, v_local: int, device: torch.device) -> torch.Tensor:
 
 
 def _shifted_stats(
-    z: torch.Tensor,  # [c, v/tp] fp32 logits / temperature; overwritten (ends as e * z)
-    e: torch.Tensor,  # [c, v/tp] fp32 buffer; ends as exp(z - global max)
+    z: torch.Tensor,  # [c, v/tp] fp32 logits / temperature; overwritten
+    e: torch.Tensor | None,  # [c, v/tp] fp32 buffer for exp(z - global max), or None
     labels: torch.Tensor,  # [c]
     offset: int,
     tp_group: dist.ProcessGroup | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Global max `[c]` and `stats [3, c]` = (sum e, sum e * z, target z), z shifted by the max,
-    all-reduced over TP. The sum of e * z is a multiply into z's own storage plus a row sum:
-    cheaper than `xlogy(e, e)` (a log per element) and, unlike `vecdot`, no hidden temporary."""
+    all-reduced over TP. With a buffer `e`, sum e * z is a multiply into z's storage and a row
+    sum (e is kept); without one, z becomes e in place and the sum is `xlogy(e, e)`: a log per
+    element (slow on CPU) in exchange for one `[c, v/tp]` buffer less."""
     z_max = z.amax(dim=-1)  # [c]
     if tp_group is not None:
         dist.all_reduce(z_max, op=dist.ReduceOp.MAX, group=tp_group)
@@ -120,9 +121,14 @@ def _shifted_stats(
     stats = torch.zeros(3, z.shape[0], dtype=torch.float32, device=z.device)
     rows, cols = _local_targets(labels, offset, z.shape[-1])
     stats[2, rows] = z[rows, cols]
-    torch.exp(z, out=e)
-    stats[0] = e.sum(dim=-1)
-    stats[1] = torch.mul(e, z, out=z).sum(dim=-1)
+    if e is None:
+        e = z.exp_()
+        stats[0] = e.sum(dim=-1)
+        stats[1] = e.xlogy_(e).sum(dim=-1)  # 0 where e underflowed: the limit of e * z
+    else:
+        torch.exp(z, out=e)
+        stats[0] = e.sum(dim=-1)
+        stats[1] = torch.mul(e, z, out=z).sum(dim=-1)
     if tp_group is not None:
         dist.all_reduce(stats, group=tp_group)
     return z_max, stats
@@ -141,16 +147,16 @@ class _FusedCEEntropy(torch.autograd.Function):
         loss = torch.empty(n_tokens, dtype=torch.float32, device=logits.device)
         entropy = torch.empty_like(loss)
         lse = torch.empty_like(loss)
-        rows = min(chunk_tokens, n_tokens)
-        e_buf = _workspace(rows, v_local, logits.device)
-        z_buf = None if keep_softmax else _workspace(rows, v_local, logits.device)
+        # One fp32 chunk buffer either way: exp(z) beside the logits' own storage, or the fp32
+        # copy of the chunk that becomes exp(z) in place (O(chunk) memory, as before).
+        buf = _workspace(min(chunk_tokens, n_tokens), v_local, logits.device)
         for start in range(0, n_tokens, chunk_tokens):
             stop = min(start + chunk_tokens, n_tokens)
             chunk = flat[start:stop]  # [c, v/tp]
-            z = chunk if keep_softmax else z_buf[: stop - start].copy_(chunk)
+            z = chunk if keep_softmax else buf[: stop - start].copy_(chunk)
             if temperature != 1.0:
                 z.div_(temperature)
-            e = e_buf[: stop - start]
+            e = buf[: stop - start] if keep_softmax else None
             z_max, stats = _shifted_stats(z, e, flat_labels[start:stop], offset, tp_group)
             if keep_softmax:
                 torch.div(e, stats[0].unsqueeze(-1), out=chunk)
