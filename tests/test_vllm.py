@@ -255,22 +255,29 @@ def test_weight_sync_serves_the_trainers_weights(server, tiny_corpus, tmp_path):
 
 class FaultyService:
     """Wraps the real engine: at step `kill_at` the server is killed before the rollouts, at
-    `restart_at` it is started again (with its original weights) on the same port."""
+    `restart_at` it is started again (with its original weights) on the same port. Each happens
+    once, whatever the number of `generate` calls and threads in that step."""
 
     collective = False
 
     def __init__(self, inner, server_pid, kill_at, restart_at, model_dir, python, port):
         self.inner, self.pid, self.kill_at, self.restart_at = inner, server_pid, kill_at, restart_at
         self.model_dir, self.python, self.port = model_dir, python, port
+        self.lock, self.done = threading.Lock(), set()
 
     def sync_weights(self, version):
         self.inner.sync_weights(version)
 
     def generate(self, requests):
-        if self.inner.version == self.kill_at:
-            _kill_group(self.pid, signal.SIGKILL)
-        if self.inner.version == self.restart_at:
-            self.pid = start_server(self.model_dir, python=self.python, port=self.port).process.pid
+        with self.lock:
+            version = self.inner.version
+            if version == self.kill_at and "kill" not in self.done:
+                _kill_group(self.pid, signal.SIGKILL)
+                self.done.add("kill")
+            if version == self.restart_at and "restart" not in self.done:
+                handle = start_server(self.model_dir, python=self.python, port=self.port)
+                self.pid = handle.process.pid
+                self.done.add("restart")
         return self.inner.generate(requests)
 
 
