@@ -25,9 +25,11 @@ report)` once per micro-batch on the last pipeline stage and backpropagates `los
    `(sum_rl / N_rl, n_rl, report)`, which accumulates on top of the scaled NTP gradients.
 5. `finalize_model_grads` sums over DP: grad = lambda * d(sum_ntp)/N_ntp + d(sum_rl)/N_rl, the
    gradient of L. Both counts travel in the reports for the RL/NTP token ratio metric.
-The loss functions let the CE backward overwrite the logits with their gradient
-(`inplace_backward`): GPTModel's logits (a fresh `transpose(0, 1).contiguous()` copy) are read by
-nothing else afterwards, and Megatron's own fused cross-entropy clobbers them the same way.
+The loss functions let the CE kernel reuse the logits' memory (`inplace_backward`: fp32 logits
+hold the softmax from the forward on, then the gradient): the logits (`model.logits.forward_logits`,
+a view of the output layer's own output) are read by nothing else, and the output layer's
+backward needs its input and weight, not its output. Megatron's own fused cross-entropy clobbers
+them the same way.
 """
 
 from collections.abc import Callable

@@ -103,14 +103,20 @@ def broadcast_object_from_last_stage(obj):
     return _broadcast_object(obj, src, group)
 
 
-def broadcast_object_in_replica(obj, src_rank_in_replica: int = 0):
-    """Send a picklable object from one rank of this model-parallel replica (TP x PP) to the rest.
+def broadcast_object_in_replica(obj, src: int):
+    """Send a picklable object from global rank `src` to the rest of its model-parallel replica
+    (TP x PP). The rollout results are fetched by one rank per replica and shared this way."""
+    return _broadcast_object(obj, src, ps.get_model_parallel_group())
 
-    The rollout results are fetched by one rank per replica and shared this way.
-    """
+
+def replica_talker() -> int:
+    """Collective over the replica: the global rank of its last-stage, TP-rank-0 process, which
+    chooses C and so talks to a rollout service."""
     group = ps.get_model_parallel_group()
-    src = dist.get_global_rank(group, src_rank_in_replica)
-    return _broadcast_object(obj, src, group)
+    me = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
+    flags = [None] * dist.get_world_size(group)
+    dist.all_gather_object(flags, (me, dist.get_rank()), group=group)
+    return next(rank for is_talker, rank in flags if is_talker)
 
 
 def _broadcast_object(obj, src: int, group):

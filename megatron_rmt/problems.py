@@ -57,9 +57,11 @@ def problems_from_selection(
 
 
 def make_requests(
-    problems: list[Problem], tokenizer, template, budget: int | None, rmt, seed: int
+    problems: list[Problem], tokenizer, template, budget: int | None, rmt, seed: int, first: int = 0
 ) -> list[RolloutRequest]:
-    """One request of G samples per problem; `budget` None leaves the budget sentence out."""
+    """One request of G samples per problem; `budget` None leaves the budget sentence out.
+    `first` is the index of problems[0] in the step: the sampling seed follows the index, so a
+    step's requests are the same whether built at once or a microbatch at a time."""
     cap = rmt.max_response_tokens
     if budget is not None:
         cap = min(cap, budget_mod.max_new_tokens(budget, rmt.answer_tokens))
@@ -72,7 +74,7 @@ def make_requests(
             top_p=rmt.rollout_top_p,
             seed=seed * 1_000_003 + i,
         )
-        for i, p in enumerate(problems)
+        for i, p in enumerate(problems, start=first)
     ]
 
 

@@ -14,6 +14,7 @@ the same DDP gradient buffers, so L = L_RL + lambda * L_NTP, each term normalise
 global count. Gradients are finalised (DP all-reduce, tied-embedding sync) once, after both.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -24,6 +25,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron_rmt import losses, parallel, platform, selection
 from megatron_rmt.build import Trainable
 from megatron_rmt.entropy import vocab_parallel_ce_entropy
+from megatron_rmt.model.logits import forward_logits
 from megatron_rmt.problems import Problem, problems_from_selection
 
 
@@ -81,20 +83,25 @@ def ntp_pass(
     selector: Selector,
     ntp_weight: float,
     chunk_tokens: int,
+    on_chosen: Callable[[list[Problem]], None] | None = None,
 ) -> NTPOutcome:
     """Forward (and backward unless ntp_weight is 0) over the step's microbatches; returns, on
-    every stage, the chosen problems and the NTP statistics (broadcast from the last stage)."""
+    every stage, the chosen problems and the NTP statistics (broadcast from the last stage).
+    `on_chosen` sees each microbatch's problems on the last stage as soon as they are chosen."""
     outcome = NTPOutcome()
     forward_only = ntp_weight == 0.0
 
     def forward_step(data_iterator, model):
         batch = _on_device(next(data_iterator))
-        logits = model(batch["tokens"], batch["position_ids"], None)  # [b, s, v/tp] (last stage)
+        logits = forward_logits(model, batch["tokens"], batch["position_ids"])  # [b, s, v/tp]
 
         def select(entropy):  # [b, s] -> C as a [b, s] bool mask; keeps C for the rollouts
             chosen, levels = _choose(batch, entropy, selector)
             valid = batch["loss_mask"] > 0
-            outcome.problems += problems_from_selection(batch, chosen, entropy, levels)
+            new = problems_from_selection(batch, chosen, entropy, levels)
+            outcome.problems += new
+            if on_chosen is not None:
+                on_chosen(new)
             outcome.entropy_sum += float(entropy[valid].sum())
             outcome.entropy_count += int(valid.sum())
             return chosen
@@ -184,7 +191,7 @@ def reference_logprobs(
             zero = torch.zeros((), device=logits.device)
             return zero, torch.ones((), dtype=torch.int), {"ref_logp": -token_loss}
 
-        return model(batch["tokens"], _positions(batch["tokens"]), None), loss_func
+        return forward_logits(model, batch["tokens"], _positions(batch["tokens"])), loss_func
 
     with torch.no_grad():
         reports = _run(reference, forward_step, microbatches, forward_only=True)
@@ -214,7 +221,8 @@ def rl_pass(
 
     def forward_step(data_iterator, model):
         batch = _on_device(next(data_iterator))
-        return model(batch["tokens"], _positions(batch["tokens"]), None), losses.make_rl_loss_func(
+        logits = forward_logits(model, batch["tokens"], _positions(batch["tokens"]))
+        return logits, losses.make_rl_loss_func(
             batch["labels"],
             batch["old_logp"],
             batch["advantages"],

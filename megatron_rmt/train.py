@@ -20,7 +20,6 @@ import time
 from dataclasses import dataclass
 
 import torch.distributed as dist
-from megatron.core import parallel_state as ps
 
 from megatron_rmt import budget as budget_mod
 from megatron_rmt import (
@@ -41,7 +40,7 @@ from megatron_rmt.model import padded_vocab_size
 from megatron_rmt.reference import build_reference
 from megatron_rmt.rollout.client import build_engine
 from megatron_rmt.rollout.contract import RolloutEngine
-from megatron_rmt.rollout.dispatch import run_rollouts
+from megatron_rmt.rollout.dispatch import MakeRequests, StepRollouts
 from megatron_rmt.rollout.embedded import EmbeddedEngine
 from megatron_rmt.tokenizer import TextTokenizer, build_tokenizer
 from megatron_rmt.variants import VARIANTS, ntp_weight
@@ -60,6 +59,7 @@ class Run:
     engine: RolloutEngine
     progress: checkpoint.Progress
     decay_data: MicrobatchIterator | None = None  # WSD decay-phase blend, if it has one
+    talker: int = 0  # global rank that calls a rollout service for this replica
     reference: list | None = None  # the frozen pi_ref of the KL term (only when kl_beta > 0)
 
 
@@ -109,9 +109,11 @@ def setup(cfg: config.Config, engine: RolloutEngine | None = None) -> Run:
         reference = build_reference(
             cfg.model, vocab, trainable, cfg.checkpoint.ref_load, progress.step
         )
+    talker = parallel.replica_talker()
     return Run(
-        cfg, layout, tokenizer, template, trainable, data, engine, progress, decay_data, reference
-    )
+        cfg, layout, tokenizer, template, trainable, data, engine, progress, decay_data,
+        talker, reference,
+    )  # fmt: skip
 
 
 def _served_vocab(cfg: config.Config, tokenizer) -> int:
@@ -181,19 +183,22 @@ def train_step(run: Run, t: int) -> dict:
     budget, probs, selector = _schedule(run, variant, t)  # B_t, p(t) and how C is drawn
 
     # 1. NTP pass: per-token loss and entropy, buckets, CAS picks C, NTP loss off C.
+    # 2. As each microbatch's C is chosen, its prefixes become prompts under budget B_t with G
+    #    samples each; a rollout service starts sampling them while the pass goes on.
+    make_requests = _request_maker(run, t, budget)
+    rollouts = StepRollouts(
+        run.engine, run.talker, make_requests, cfg.rollout.rollout_max_concurrency
+    )
     step.zero_grads(run.trainable)
     ntp_start = time.perf_counter()
     weight = ntp_weight(variant, r.ntp_weight)
-    ntp = step.ntp_pass(run.trainable, microbatches, selector, weight, r.entropy_chunk_tokens)
-    ntp_time = time.perf_counter() - ntp_start
-
-    # 2. The prefixes at C become prompts under budget B_t; G samples each.
-    template = run.template
-    requests = problems.make_requests(
-        ntp.problems, tokenizer, template, budget, r, seed=cfg.parallel.seed + 7919 * t
+    ntp = step.ntp_pass(
+        run.trainable, microbatches, selector, weight, r.entropy_chunk_tokens, rollouts.submit
     )
+    ntp_time = time.perf_counter() - ntp_start
+    requests = make_requests(ntp.problems, 0)
     rollout_start = time.perf_counter()
-    results = run_rollouts(run.engine, requests, dist.get_rank(ps.get_model_parallel_group()))
+    results = rollouts.results(requests)  # the time the step waits for them after the pass
     rollout_latency = time.perf_counter() - rollout_start
     failed = results is None  # the service failed: this step trains NTP only
     if failed:
@@ -202,7 +207,7 @@ def train_step(run: Run, t: int) -> dict:
 
     # 3. Rewards and group-normalised advantages.
     scored = problems.score(
-        ntp.problems, results, tokenizer, template, budget, r, variant.prefix_reward
+        ntp.problems, results, tokenizer, run.template, budget, r, variant.prefix_reward
     )
     adv, zero_groups = grpo.group_advantages(scored.rewards, delta=r.advantage_delta)
 
@@ -252,6 +257,19 @@ def _schedule(run: Run, variant, t: int):
         seed=run.cfg.parallel.seed + t,
     )
     return budget, probs, selector
+
+
+def _request_maker(run: Run, t: int, budget: int | None) -> MakeRequests:
+    """Step t's rollout requests: prompts under B_t, G samples each, seeded by step, replica
+    (so data-parallel replicas draw independent samples) and problem index."""
+    seed = (run.cfg.parallel.seed + 7919 * t) * run.layout.dp_size + run.layout.dp_rank
+
+    def make(chosen: list[problems.Problem], first: int) -> list:
+        return problems.make_requests(
+            chosen, run.tokenizer, run.template, budget, run.cfg.rmt, seed, first
+        )
+
+    return make
 
 
 def _check_versions(results, t: int, sync_interval: int) -> None:

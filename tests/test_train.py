@@ -8,6 +8,7 @@ group has nonzero advantages and the RL pass really trains.
 """
 
 import json
+import threading
 
 import pytest
 import torch
@@ -189,7 +190,7 @@ def embedded_logprob_gap(argv):
     results = run.engine.generate([req])
     groups = problems.rl_microbatches([req], results, torch.ones(1, 3), pad_id=run.tokenizer.eod)
     out = step.rl_pass(run.trainable, groups, 1.0, 1.0, "token", None, 1024)
-    same_on_all_ranks = parallel.broadcast_object_in_replica(results[0].responses)
+    same_on_all_ranks = parallel.broadcast_object_in_replica(results[0].responses, run.talker)
     return out.logprob_gap_sum / out.tokens, out.tokens, same_on_all_ranks == results[0].responses
 
 
@@ -280,3 +281,46 @@ def reference_vs_naive(argv, ref_dir):
 def test_reference_logprobs_come_from_ref_load(tiny_corpus, tmp_path):
     to_ref, to_policy = spawn(reference_vs_naive, 1, args=(_flags(tiny_corpus), str(tmp_path)))[0]
     assert to_ref < 1e-5 and to_policy > 1e-3
+
+
+def overlap_probe(argv):
+    """Which rank calls the service, and whether the NTP pass was still running at each call.
+    The probed pass waits (up to 30 s) for a first call before it returns: a trainer that only
+    dispatches after the pass records every call as after it."""
+    run = train.setup(config.parse(argv))
+    in_pass, called, calls = threading.Event(), threading.Event(), []
+    engine = ScriptedEngine(run.tokenizer)
+    scripted = engine.generate
+
+    def generate(requests):
+        calls.append((in_pass.is_set(), len(requests)))
+        called.set()
+        return scripted(requests)
+
+    engine.generate = generate
+    run.engine = engine
+    real_pass = step.ntp_pass
+
+    def probed_pass(*args, **kwargs):
+        in_pass.set()
+        try:
+            return real_pass(*args, **kwargs)
+        finally:
+            called.wait(timeout=30 if parallel.layout_of_this_rank().is_last_stage else 0)
+            in_pass.clear()
+
+    step.ntp_pass = probed_pass
+    try:
+        metrics = train.train_step(run, 0)
+    finally:
+        step.ntp_pass = real_pass
+    return calls, metrics["rl_positions"], metrics["rl_tokens"]
+
+
+def test_rollouts_start_while_the_ntp_pass_runs(tiny_corpus):
+    first, last = spawn(overlap_probe, 2, pp=2, args=(_flags(tiny_corpus, pp=2),))
+    assert first[0] == []  # the first stage never talks to the service
+    calls, positions, rl_tokens = last
+    assert len(calls) == positions == 4  # one request per chosen position, from the last stage
+    assert any(during for during, _ in calls)
+    assert first[1:] == last[1:] and rl_tokens > 0  # both stages train on the results

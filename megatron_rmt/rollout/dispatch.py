@@ -1,27 +1,67 @@
-"""Run one step's rollouts on whichever engine is configured, from the right ranks.
+"""One step's rollouts on whichever engine is configured, from the right ranks, at the right time.
 
-The embedded engine is collective (every rank of the replica runs the model). A remote service is
-called by the replica's first rank only; the others receive its results. A service failure after
-the client's own retries returns None: the step then proceeds NTP-only, and the trainer counts it.
+- A remote service is called by one rank per model-parallel replica, the talker: TP rank 0 of
+  the last pipeline stage, where C is chosen. It sends each microbatch's requests as soon as that
+  microbatch's loss_func has picked its positions, so the service samples while the rest of the
+  NTP pass computes (the requests wait on HTTP in threads; the pass holds no lock they need).
+  After the pass the talker waits for the rest and shares the results with its replica.
+- The embedded engine is collective (every rank of the replica runs the model), so it samples
+  after the NTP pass, when the model is free.
+- Every rank builds the step's requests again after the pass from the broadcast problems, with
+  the same function and per-problem seeds, so they are exactly the ones the talker sent.
+- A service failure after the client's own retries gives None: the step proceeds NTP-only, and
+  the trainer counts it. The run never waits on requests it no longer needs.
 """
 
 import logging
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch.distributed as dist
 
 from megatron_rmt import parallel
+from megatron_rmt.problems import Problem
 from megatron_rmt.rollout.contract import RolloutEngine, RolloutRequest, RolloutResult
 
 log = logging.getLogger(__name__)
 
+# (problems, index of the first of them in the step) -> their requests
+MakeRequests = Callable[[list[Problem], int], list[RolloutRequest]]
 
-def run_rollouts(
-    engine: RolloutEngine, requests: list[RolloutRequest], rank_in_replica: int
-) -> list[RolloutResult] | None:
-    if engine.collective:
-        return engine.generate(requests) if requests else []
-    results = None
-    if rank_in_replica == 0:
-        try:
-            results = engine.generate(requests) if requests else []
-        except Exception as e:  # the run must outlive the rollout service
-            log.warning("rollouts failed, this step trains NTP only: %s", e)
-    return parallel.broadcast_object_in_replica(results)
+
+class StepRollouts:
+    """The rollouts of one step: `submit` as C is chosen, `results` after the NTP pass."""
+
+    def __init__(
+        self, engine: RolloutEngine, talker: int, make_requests: MakeRequests, concurrency: int
+    ):
+        self.engine = engine
+        self.talker = talker  # global rank that calls a remote engine for this replica
+        self.make_requests = make_requests
+        self.streaming = not engine.collective and dist.get_rank() == talker
+        # One request per task: concurrency stays bounded however many microbatches there are.
+        self.pool = ThreadPoolExecutor(concurrency) if self.streaming else None
+        self.futures: list[Future] = []
+        self.submitted = 0
+
+    def submit(self, problems: list[Problem]) -> None:
+        """Last stage, after each microbatch's selection: the talker sends its requests now."""
+        if not self.streaming:
+            return
+        for request in self.make_requests(problems, self.submitted):
+            self.futures.append(self.pool.submit(self.engine.generate, [request]))
+        self.submitted += len(problems)
+
+    def results(self, requests: list[RolloutRequest]) -> list[RolloutResult] | None:
+        """Every rank of the replica: the results of all the step's `requests`, or None."""
+        if self.engine.collective:
+            return self.engine.generate(requests) if requests else []
+        results = None
+        if self.streaming:
+            try:
+                results = [future.result()[0] for future in self.futures]
+                self.pool.shutdown()
+            except Exception as e:  # the run must outlive the rollout service
+                log.warning("rollouts failed, this step trains NTP only: %s", e)
+                self.pool.shutdown(wait=False, cancel_futures=True)
+        return parallel.broadcast_object_in_replica(results, self.talker)
