@@ -1,0 +1,319 @@
+"""Evaluate models the way the RMT paper does: NTP and NTR accuracy on easy / medium / hard
+tokens (Table 1) and response length (Table 3). Run under torchrun like the trainer, with its
+flags for the model, tokenizer, parallelism, `--load` and `--rollout-url`:
+
+    python -m megatron_rmt.evaluate build-set --eval-data HELD_OUT --output set.jsonl \\
+        --per-level 100 --config configs/tiny_cpu.yaml --load PROXY_CKPT
+    torchrun --nproc-per-node 2 -m megatron_rmt.evaluate run --eval-set set.jsonl \\
+        --output base.json --samples 8 --config ... --load CKPT --tensor-model-parallel-size 2
+    python -m megatron_rmt.evaluate table base.json rmt.json --output table.md
+
+1. build-set: a proxy model (`--load`) computes the entropy of every candidate position of the
+   held-out documents, which are bucketed with the trainer's rules (`--entropy-thresholds`, or
+   `--bucket-mode quantile` over the whole held-out set; `--min-context`), and `--per-level`
+   positions per level are drawn with `--sample-seed`. Difficulty is fixed there, once, so every
+   model compared is scored on the same easy / medium / hard tokens.
+2. run: NTP accuracy (greedy argmax of one forward of each prefix == the true next token) and
+   NTR accuracy (the trainer's prompt template, `--budget` or none, `--samples` G responses from
+   the rollout engine, pass@1 averaged over them), per level, with mean response and thinking
+   length and the share of unreadable answers. Data-parallel replicas split the positions.
+3. table: results files side by side as a markdown table.
+Without `--load`, `run` evaluates the random initialisation of `--seed` (a smoke test).
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import types
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from tqdm import tqdm
+
+from megatron_rmt import config, parallel, prompts, selection
+from megatron_rmt.evaluation import evalset, forward, ntr, report
+from megatron_rmt.evaluation.documents import EvalInputError, read_documents
+from megatron_rmt.model import padded_vocab_size
+from megatron_rmt.problems import CONTINUATION_TOKENS
+from megatron_rmt.rollout.client import build_engine
+from megatron_rmt.rollout.embedded import EmbeddedEngine
+from megatron_rmt.tokenizer import build_tokenizer
+from megatron_rmt.train import _served_vocab
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m megatron_rmt.evaluate",
+        description="RMT evaluation; any other flag is the trainer's (model, tokenizer, --load)",
+        allow_abbrev=False,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    build = sub.add_parser("build-set", allow_abbrev=False, help="fix the evaluation positions")
+    build.add_argument("--eval-data", required=True, help="JSONL file or indexed dataset prefix")
+    build.add_argument("--output", required=True, help="the set's JSONL file")
+    build.add_argument("--per-level", type=int, default=100, help="positions drawn per level")
+    build.add_argument("--sample-seed", type=int, default=1234, help="seed of that draw")
+    build.add_argument("--text-field", default="text", help="the JSONL field with the text")
+    build.add_argument("--max-documents", type=int, default=None, help="read at most this many")
+    run = sub.add_parser("run", allow_abbrev=False, help="evaluate one model on a set")
+    run.add_argument("--eval-set", required=True, help="a set file from build-set")
+    run.add_argument("--output", required=True, help="results JSON file")
+    run.add_argument("--name", default=None, help="row label (default: --load's folder name)")
+    run.add_argument("--samples", type=int, default=8, help="G responses per position; 0: no NTR")
+    run.add_argument("--budget", type=int, default=None, help="thinking budget in the prompt")
+    run.add_argument("--ntr-batch", type=int, default=8, help="positions per rollout batch")
+    for p in (build, run):
+        p.add_argument("--eval-micro-batch", type=int, default=4, help="sequences per forward")
+    table = sub.add_parser("table", allow_abbrev=False, help="results side by side")
+    table.add_argument("results", nargs="+", help="results JSON files from `run`")
+    table.add_argument("--output", default=None, help="also write the table here")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, rest = _parser().parse_known_args(argv)
+    if args.command == "table":
+        if rest:
+            raise SystemExit(f"table takes no other flags: {rest}")
+        text = report.render_table([read_results(path) for path in args.results])
+        print(text)
+        if args.output:
+            with open(args.output, "w") as fh:
+                fh.write(text + "\n")
+        return
+    cfg = config.parse(rest)
+    p = cfg.parallel
+    parallel.init(
+        p.tensor_model_parallel_size,
+        p.pipeline_model_parallel_size,
+        p.seed,
+        p.distributed_timeout_minutes,
+    )
+    try:
+        (build_set if args.command == "build-set" else run)(args, cfg)
+    finally:
+        parallel.destroy()
+
+
+def _tokenizer_and_model(cfg: config.Config):
+    d = cfg.data
+    tokenizer = build_tokenizer(d.tokenizer_type, d.tokenizer_model, d.vocab_file, d.merge_file)
+    vocab = cfg.model.vocab_size or padded_vocab_size(
+        tokenizer.vocab_size,
+        cfg.model.make_vocab_size_divisible_by,
+        cfg.parallel.tensor_model_parallel_size,
+    )
+    return tokenizer, forward.build_eval_model(cfg.model, vocab, cfg.checkpoint.load)
+
+
+def build_set(args, cfg: config.Config) -> None:
+    if args.per_level < 1:
+        raise SystemExit("--per-level must be at least 1")
+    tokenizer, model = _tokenizer_and_model(cfg)
+    r = cfg.rmt
+    docs = read_documents(args.eval_data, tokenizer, args.text_field, args.max_documents)
+    windows = evalset.document_windows(docs, cfg.model.seq_length)
+    rows = [w for _, _, w in windows]
+    masks = [_candidates(w, tokenizer.eod, r.min_context) for w in rows]
+    found = [(i, j) for i, m in enumerate(masks) for j, ok in enumerate(m) if ok]
+    if not found:
+        raise EvalInputError(
+            f"{args.eval_data}: no candidate positions (min_context {r.min_context})"
+        )
+    length = max(len(w) - 1 for w in rows)
+    batches = forward.padded_microbatches(rows, masks, length, args.eval_micro_batch, tokenizer.eod)
+    stats = forward.position_stats(
+        model, batches, tokenizer.vocab_size, r.entropy_chunk_tokens, False
+    )
+    entropy = torch.cat([s["entropy"] for s in stats])  # [m], in the order of `found`
+    every = torch.ones_like(entropy, dtype=torch.bool)
+    thresholds = tuple(r.entropy_thresholds)
+    if r.bucket_mode == "quantile":
+        thresholds = selection.quantile_thresholds(entropy, every)
+    levels = selection.difficulty_levels(entropy, every, thresholds)
+    keep = evalset.sample_per_level(levels, args.per_level, args.sample_seed).tolist()
+    positions = []
+    for k in keep:
+        i, j = found[k]
+        doc, start, w = windows[i]
+        positions.append(
+            evalset.EvalPosition(
+                doc=doc,
+                offset=start + j,
+                prefix_ids=w[: j + 1],
+                target_id=w[j + 1],
+                target_text=tokenizer.token_text(w[j + 1]),
+                continuation_ids=w[j + 1 : j + 1 + CONTINUATION_TOKENS],
+                entropy=float(entropy[k]),
+                level=int(levels[k]),
+            )
+        )
+    header = {
+        "source": os.path.abspath(args.eval_data),
+        "proxy": cfg.checkpoint.load,
+        "tokenizer": tokenizer.source,
+        "vocab_size": tokenizer.vocab_size,
+        "eod": tokenizer.eod,
+        "seq_length": cfg.model.seq_length,
+        "min_context": r.min_context,
+        "bucket_mode": r.bucket_mode,
+        "thresholds": list(thresholds),
+        "per_level": args.per_level,
+        "sample_seed": args.sample_seed,
+        "documents": len(docs),
+        "candidates": len(found),
+        "available": [int((levels == d).sum()) for d in range(len(selection.LEVELS))],
+        "sampled": [sum(p.level == d for p in positions) for d in range(len(selection.LEVELS))],
+    }
+    if dist.get_rank() == 0:
+        evalset.write_set(args.output, header, positions)
+        print(f"wrote {len(positions)} positions to {args.output}: {_counts(header)}", flush=True)
+
+
+def _candidates(window: list[int], eod: int, min_context: int) -> list[bool]:
+    """The trainer's candidate rule on one window (its context restarts at the window start)."""
+    ids = torch.tensor(window)
+    tokens, labels = ids[None, :-1], ids[None, 1:]  # [1, s]
+    context = torch.arange(1, tokens.shape[1] + 1)[None]  # [1, s]
+    mask = selection.candidate_mask(
+        context, torch.ones_like(context), tokens, labels, eod_id=eod, min_context=min_context
+    )
+    return mask[0].tolist()
+
+
+def _counts(header: dict) -> str:
+    pairs = zip(selection.LEVELS, header["sampled"], header["available"], strict=True)
+    return ", ".join(f"{name} {n} of {avail}" for name, n, avail in pairs)
+
+
+def run(args, cfg: config.Config) -> None:
+    header, positions = evalset.read_set(args.eval_set)
+    tokenizer, model = _tokenizer_and_model(cfg)
+    if (header.get("vocab_size"), header.get("eod")) != (tokenizer.vocab_size, tokenizer.eod):
+        raise EvalInputError(
+            f"{args.eval_set}: built for a tokenizer with {header.get('vocab_size')} tokens and "
+            f"EOD {header.get('eod')}, this model's has {tokenizer.vocab_size} and {tokenizer.eod}"
+        )
+    dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    if len(positions) < dp_size:
+        raise SystemExit(f"{len(positions)} positions cannot be split over {dp_size} replicas")
+    mine = positions[dp_rank::dp_size]
+    rows = _evaluate(args, cfg, tokenizer, model, mine)
+    rows = _gather_replicas(rows, dp_size)
+    levels = torch.tensor([p.level for p in positions])
+    results = {
+        "name": args.name or os.path.basename(os.path.normpath(cfg.checkpoint.load or "init")),
+        "load": cfg.checkpoint.load,
+        "eval_set": os.path.abspath(args.eval_set),
+        "set_header": header,
+        "settings": {
+            "samples": args.samples,
+            "budget": args.budget,
+            "template": cfg.rmt.prompt_template,
+            "temperature": cfg.rmt.rollout_temperature,
+            "top_p": cfg.rmt.rollout_top_p,
+            "max_response_tokens": cfg.rmt.max_response_tokens,
+            "engine": "vllm" if cfg.rollout.rollout_url else "embedded",
+        },
+        "ntp": report.summarize_ntp(levels, rows["ntp_correct"], rows["ntp_loss"]),
+        "ntr": None,
+    }
+    if args.samples > 0:
+        results["ntr"] = report.summarize_ntr(
+            levels, rows["match"], rows["think_tokens"], rows["response_tokens"], rows["unparsed"]
+        )
+    if dist.get_rank() == 0:
+        with open(args.output, "w") as fh:
+            json.dump(results, fh, indent=1)
+        print(report.render_table([results]), flush=True)
+        print(f"results: {args.output}", flush=True)
+
+
+def _evaluate(args, cfg, tokenizer, model, positions) -> dict:
+    """This replica's positions: NTP correctness and loss `[n]`, NTR match / lengths /
+    unparsed `[n, G]` (G = 0 without NTR)."""
+    rows = [p.prefix_ids + [p.target_id] for p in positions]
+    masks = [[False] * (len(p.prefix_ids) - 1) + [True] for p in positions]
+    length = max(len(p.prefix_ids) for p in positions)
+    batches = forward.padded_microbatches(rows, masks, length, args.eval_micro_batch, tokenizer.eod)
+    stats = forward.position_stats(
+        model, batches, tokenizer.vocab_size, cfg.rmt.entropy_chunk_tokens, True
+    )
+    target = torch.tensor([p.target_id for p in positions])
+    out = {
+        "ntp_correct": torch.cat([s["argmax"] for s in stats]) == target,
+        "ntp_loss": torch.cat([s["loss"] for s in stats]),
+    }
+    empty = torch.zeros(len(positions), 0)
+    scored = dict.fromkeys(("match", "think_tokens", "response_tokens", "unparsed"), empty)
+    if args.samples > 0:
+        scored = vars(_ntr(args, cfg, tokenizer, model, positions))
+    return {**out, **{k: scored[k] for k in ("match", "think_tokens", "response_tokens")},
+            "unparsed": scored["unparsed"].bool()}  # fmt: skip
+
+
+def _ntr(args, cfg, tokenizer, model, positions):
+    if cfg.rollout.rollout_url:  # the servers get this checkpoint's weights, as in training
+        holder = types.SimpleNamespace(model=model)
+        engine = build_engine(cfg, holder, tokenizer, _served_vocab(cfg, tokenizer))
+    else:
+        engine = EmbeddedEngine(model, tokenizer.vocab_size, tokenizer.eod)
+    engine.sync_weights(0)
+    rmt = dataclasses.replace(cfg.rmt, group_size=args.samples)
+    bar = tqdm(total=len(positions), desc="NTR", unit="pos", disable=dist.get_rank() != 0)
+    with bar:
+        return ntr.ntr_scores(
+            positions,
+            engine,
+            parallel.replica_talker(),
+            tokenizer,
+            prompts.load_template(cfg.rmt.prompt_template),
+            args.budget,
+            rmt,
+            cfg.parallel.seed,
+            args.ntr_batch,
+            cfg.rollout.rollout_max_concurrency,
+            bar.update,
+        )
+
+
+def _gather_replicas(rows: dict, dp_size: int) -> dict:
+    """Every replica's rows, back in set order (replica r holds positions r, r + dp, ...)."""
+    if dp_size == 1:
+        return rows
+    parts = [None] * dp_size
+    dist.all_gather_object(parts, rows, group=ps.get_data_parallel_group())
+    out = {}
+    for key in rows:
+        pieces = [part[key] for part in parts]
+        total = sum(len(x) for x in pieces)
+        merged = torch.empty((total, *pieces[0].shape[1:]), dtype=pieces[0].dtype)
+        for r, piece in enumerate(pieces):
+            merged[r::dp_size] = piece
+        out[key] = merged
+    return out
+
+
+def read_results(path: str) -> dict:
+    """A results file from `run`; `FILE:LINE: problem` when it is not one."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            results = json.load(fh)
+    except OSError as e:
+        raise EvalInputError(f"{path}: cannot read ({e.strerror})") from None
+    except json.JSONDecodeError as e:
+        raise EvalInputError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    if not isinstance(results, dict) or not {"name", "ntp", "ntr"} <= results.keys():
+        raise EvalInputError(f"{path}:1: not a results file of `evaluate run` (name, ntp, ntr)")
+    return results
+
+
+if __name__ == "__main__":  # dist_checkpointing may start worker processes: keep this guard
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    try:
+        main(sys.argv[1:])
+    except (EvalInputError, config.ConfigError) as e:
+        raise SystemExit(f"error: {e}") from None

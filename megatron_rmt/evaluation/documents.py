@@ -1,0 +1,66 @@
+"""Held-out documents for an evaluation set, as token ids.
+
+Two sources, told apart by what exists on disk:
+- an indexed dataset prefix (`PREFIX.bin` + `PREFIX.idx`, as tools/preprocess_data.py writes):
+  each document is the concatenation of its sequences, with the end-of-document token the
+  preprocessor appended removed (the set never asks what follows a document);
+- a JSONL file, one document per line, its text in `text_field`, tokenized here without special
+  tokens, as the preprocessor does.
+Bad input stops with `FILE:LINE: problem`. Blank lines are no documents and are passed over.
+"""
+
+import json
+import os
+
+from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+
+class EvalInputError(ValueError):
+    """A bad input file, with where and what in the message."""
+
+
+def read_documents(
+    path: str, tokenizer, text_field: str = "text", limit: int | None = None
+) -> list[list[int]]:
+    """The first `limit` documents (all when None) of `path` as token-id lists."""
+    if IndexedDataset.exists(path):
+        return _indexed_documents(path, tokenizer.eod, limit)
+    if not os.path.isfile(path):
+        raise EvalInputError(f"{path}: neither a JSONL file nor an indexed dataset prefix")
+    return _jsonl_documents(path, tokenizer, text_field, limit)
+
+
+def _indexed_documents(prefix: str, eod: int, limit: int | None) -> list[list[int]]:
+    dataset = IndexedDataset(prefix)
+    bounds = dataset.document_indices  # sequence index where each document starts, then the end
+    count = len(bounds) - 1 if limit is None else min(limit, len(bounds) - 1)
+    docs = []
+    for d in range(count):
+        ids = [int(t) for s in range(bounds[d], bounds[d + 1]) for t in dataset[s]]
+        while ids and ids[-1] == eod:
+            ids.pop()
+        docs.append(ids)
+    return docs
+
+
+def _jsonl_documents(path: str, tokenizer, text_field: str, limit: int | None) -> list[list[int]]:
+    docs = []
+    with open(path, encoding="utf-8") as fh:
+        for number, line in enumerate(fh, start=1):
+            if limit is not None and len(docs) >= limit:
+                break
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise EvalInputError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+            if not isinstance(record, dict) or text_field not in record:
+                raise EvalInputError(f"{path}:{number}: no {text_field!r} field")
+            text = record[text_field]
+            if not isinstance(text, str) or not text.strip():
+                raise EvalInputError(f"{path}:{number}: {text_field!r} must be non-empty text")
+            docs.append(tokenizer.encode(text))
+    if not docs:
+        raise EvalInputError(f"{path}: no documents")
+    return docs
