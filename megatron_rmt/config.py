@@ -76,6 +76,7 @@ class DataConfig:
     data_path: list[str] = _f([], "indexed dataset prefixes, optionally weighted: W1 P1 W2 P2")
     split: str = _f("969,30,1", "train,valid,test proportions")
     decay_data_path: list[str] = _f([], "blend for the decay phase of the WSD schedule")
+    prompt_data: str | None = _f(None, "post-training: JSONL of math problems with answers")
     tokenizer_type: str = _f(
         "HuggingFaceTokenizer", "tokenizer kind", ("HuggingFaceTokenizer", "GPT2BPETokenizer")
     )
@@ -220,7 +221,9 @@ def _build_parser() -> argparse.ArgumentParser:
             kw = {"dest": f.name, "help": f.metadata["help"], "default": None}
             if f.metadata["choices"]:
                 kw["choices"] = f.metadata["choices"]
-            if base is bool:
+            if base is bool and flag.startswith("--no-"):  # Megatron's --no-load-optim style
+                group.add_argument(flag, action="store_const", const=True, **kw)
+            elif base is bool:
                 group.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
             elif base is list:
                 item = typing.get_args(f.type)[0]

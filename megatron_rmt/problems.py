@@ -7,6 +7,7 @@ the budget sentence; each of the G responses is scored by its final prediction (
 match, or RPT's byte-prefix match) and, with the dynamic budget, by its reasoning length.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -87,35 +88,42 @@ def score(
     rmt,
     prefix_match: bool,
 ) -> Scored:
-    """Rewards of every response, read as the template's response prefix + the sampled text.
-    prefix_match: RPT's byte-prefix reward instead of exact match; budget None: no length
-    reward (r = r_match)."""
+    """Next-token rewards of every response. prefix_match: RPT's byte-prefix reward instead of
+    exact match; budget None: no length reward (r = r_match)."""
+    targets = [tokenizer.token_text(p.target_id) for p in problems]
+    continuations = [[tokenizer.token_text(t) for t in p.continuation_ids] for p in problems]
+
+    def reward(i: int, text: str, think: int) -> rewards.RewardParts:
+        if prefix_match:
+            return rewards.rpt_reward(text, continuations[i])
+        w, r_max = rmt.length_reward_weight, rmt.length_reward_max
+        return rewards.next_token_reward(text, targets[i], think, budget, w=w, r_max=r_max)
+
+    return score_responses(results, tokenizer, template, reward)
+
+
+def score_responses(
+    results: list[RolloutResult],
+    tokenizer,
+    template,
+    reward: Callable[[int, str, int], rewards.RewardParts],
+) -> Scored:
+    """Score every response of every request with `reward(request index, text, thinking
+    tokens)`, where text is the template's response prefix + the sampled text."""
     rows = []
-    for problem, result in zip(problems, results, strict=True):
-        target_text = tokenizer.token_text(problem.target_id)
-        continuation = [tokenizer.token_text(t) for t in problem.continuation_ids]
+    for i, result in enumerate(results):
         row = []
         for response in result.responses:
             sampled = tokenizer.decode([t for t in response if t != tokenizer.eod])
             text = template.response_prefix + sampled
             think = len(tokenizer.encode(prompts.split_response(text)[0].strip()))
-            if prefix_match:
-                parts = rewards.rpt_reward(text, continuation)
-            else:
-                parts = rewards.next_token_reward(
-                    text,
-                    target_text,
-                    think,
-                    budget,
-                    w=rmt.length_reward_weight,
-                    r_max=rmt.length_reward_max,
-                )
+            parts = reward(i, text, think)
             row.append(
                 (parts.total, parts.match, parts.length, think, len(response), not parts.parsed)
             )
         rows.append(row)
     group = len(results[0].responses) if results else 0
-    t = torch.tensor(rows, dtype=torch.float64).reshape(len(problems), group, 6)  # [n, G, 6]
+    t = torch.tensor(rows, dtype=torch.float64).reshape(len(results), group, 6)  # [n, G, 6]
     return Scored(
         rewards=t[..., 0],
         match=t[..., 1],

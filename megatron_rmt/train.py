@@ -17,6 +17,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch.distributed as dist
@@ -55,7 +56,7 @@ class Run:
     tokenizer: TextTokenizer
     template: prompts.PromptTemplate  # the next-token-reasoning prompt, read once
     trainable: Trainable
-    data: MicrobatchIterator
+    data: MicrobatchIterator | None  # None until the caller supplies its own (post-training)
     engine: RolloutEngine
     progress: checkpoint.Progress
     decay_data: MicrobatchIterator | None = None  # WSD decay-phase blend, if it has one
@@ -75,12 +76,15 @@ def main(argv: list[str] | None = None, engine: RolloutEngine | None = None) -> 
     )
     if dist.get_rank() == 0:
         print("resolved config:\n" + config.to_yaml(cfg), flush=True)
+    if not cfg.data.data_path:
+        raise config.ConfigError("--data-path is required: the pretraining windows to train on")
     run = setup(cfg, engine)
-    train(run)
+    train(run, train_step)
     parallel.destroy()
 
 
 def setup(cfg: config.Config, engine: RolloutEngine | None = None) -> Run:
+    """Model, optimizer, checkpoint, data streams (when --data-path is set), rollout engine."""
     p, d = cfg.parallel, cfg.data
     tokenizer = build_tokenizer(d.tokenizer_type, d.tokenizer_model, d.vocab_file, d.merge_file)
     vocab = cfg.model.vocab_size or padded_vocab_size(
@@ -93,7 +97,9 @@ def setup(cfg: config.Config, engine: RolloutEngine | None = None) -> Run:
             cfg.checkpoint.load, trainable, load_optimizer=not cfg.checkpoint.no_load_optim
         )
     layout = parallel.layout_of_this_rank()
-    data = _stream(cfg, tokenizer, layout, d.data_path, progress.consumed_samples)
+    data = None
+    if d.data_path:
+        data = _stream(cfg, tokenizer, layout, d.data_path, progress.consumed_samples)
     decay_data = None
     start = decay_start(cfg)
     if start is not None:  # Stable-then-Decay: the decay phase draws from its own blend
@@ -152,14 +158,14 @@ def data_for_step(run: Run, t: int) -> MicrobatchIterator:
     return run.decay_data if start is not None and t >= start else run.data
 
 
-def train(run: Run) -> None:
-    """Steps from where the run stands to T, with metrics and checkpoints."""
+def train(run: Run, step_fn: Callable[[Run, int], dict]) -> None:
+    """`step_fn(run, t)` from where the run stands to T, with metrics and checkpoints."""
     cfg, log = run.cfg, run.cfg.logging
     is_logger = dist.get_rank() == 0
     writer = MetricsWriter(is_logger, log.metrics_file, log.tensorboard_dir)
     failures = 0
     for t in range(run.progress.step, cfg.optim.train_iters):
-        metrics = train_step(run, t)
+        metrics = step_fn(run, t)
         failures += int(metrics["rollout_failed"])
         metrics["rollout_failures"] = failures
         writer.write(t, metrics, console=t % log.log_interval == 0)
@@ -212,7 +218,7 @@ def train_step(run: Run, t: int) -> dict:
     adv, zero_groups = grpo.group_advantages(scored.rewards, delta=r.advantage_delta)
 
     # 4. RL pass into the same gradient buffers, 5. one optimizer step, weight sync.
-    rl, total_count, rl_tokens = _rl_pass(run, requests, results, adv)
+    rl, total_count, rl_tokens = rl_update(run, requests, results, adv)
     grad_norm, lr = step.optimizer_step(run.trainable)
     run.engine.sync_weights(t + 1)
 
@@ -261,8 +267,8 @@ def _schedule(run: Run, variant, t: int):
 
 def _request_maker(run: Run, t: int, budget: int | None) -> MakeRequests:
     """Step t's rollout requests: prompts under B_t, G samples each, seeded by step, replica
-    (so data-parallel replicas draw independent samples) and problem index."""
-    seed = (run.cfg.parallel.seed + 7919 * t) * run.layout.dp_size + run.layout.dp_rank
+    and problem index."""
+    seed = rollout_seed(run, t)
 
     def make(chosen: list[problems.Problem], first: int) -> list:
         return problems.make_requests(
@@ -270,6 +276,11 @@ def _request_maker(run: Run, t: int, budget: int | None) -> MakeRequests:
         )
 
     return make
+
+
+def rollout_seed(run: Run, t: int) -> int:
+    """Step t's sampling seed, distinct per data-parallel replica (independent samples)."""
+    return (run.cfg.parallel.seed + 7919 * t) * run.layout.dp_size + run.layout.dp_rank
 
 
 def _check_versions(results, t: int, sync_interval: int) -> None:
@@ -283,7 +294,7 @@ def _check_versions(results, t: int, sync_interval: int) -> None:
             )
 
 
-def _rl_pass(run: Run, requests, results, adv):
+def rl_update(run: Run, requests, results, adv):
     """The GRPO pass over this replica's groups, normalised by the RL count over all replicas.
     Returns (outcome, that count, RL response tokens over all replicas)."""
     r = run.cfg.rmt

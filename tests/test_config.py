@@ -122,3 +122,9 @@ def test_shipped_configs_parse(path):
     world = par.get("tensor_model_parallel_size", 1) * par.get("pipeline_model_parallel_size", 1)
     cfg = parse(["--config", path], world_size=world)
     assert cfg.model.num_layers > 0
+
+
+def test_negative_named_switches_turn_on():
+    """`--no-load-optim` is a Megatron switch named in the negative: it sets the field True."""
+    assert parse(["--no-load-optim"]).checkpoint.no_load_optim is True
+    assert parse([]).checkpoint.no_load_optim is False

@@ -222,7 +222,7 @@ def kl_run_then_resume(argv, ckpt):
     """Two KL steps from the run's own start; then a resume at step 2 without --ref-load."""
     run = train.setup(config.parse(argv))
     run.engine = ScriptedEngine(run.tokenizer)
-    train.train(run)
+    train.train(run, train.train_step)
     try:
         train.setup(config.parse([*argv, "--load", ckpt, "--train-iters", "3"]))
     except config.ConfigError as e:

@@ -301,7 +301,7 @@ def rmt_run_with_faults(argv, sync_dir, server_pid, model_dir, python, port):
     engine.retries, engine.backoff_s = 1, 0.05
     run.engine = FaultyService(engine, server_pid, 2, 3, model_dir, python, port)
     run.engine.sync_weights(0)
-    train.train(run)
+    train.train(run, train.train_step)
     return run.engine.pid
 
 
@@ -370,7 +370,9 @@ def rmt_run_data_parallel(argv):
     sync_dir = argv[argv.index("--weight-sync-dir") + 1]
     client_mod.VLLMEngine.generate, client_mod.VLLMEngine._call = recorded_generate, recorded_call
     weight_sync.save_file, weight_sync.megatron_to_hf_tensors = recorded_save, recorded_gather
-    train.train(train.setup(config.parse(argv)))  # setup syncs v0, each step t syncs v(t+1)
+    train.train(
+        train.setup(config.parse(argv)), train.train_step
+    )  # setup syncs v0, each step t syncs v(t+1)
     return record
 
 

@@ -1,0 +1,136 @@
+"""Math post-training (GRPO) of a mid-trained checkpoint on the same trainer. Run under torchrun:
+
+    torchrun --nproc-per-node 2 -m megatron_rmt.posttrain --config configs/posttrain_tiny_cpu.yaml \
+        --load CKPT --prompt-data ../shared/assets/math/math_train.jsonl ...
+
+The paper's last stage: checkpoints from (reinforcement) mid-training continue with RL on math
+problems. Each step t of T:
+  1. This replica's share of the step's problems (shuffled epochs, resumable; math_data.py).
+  2. Each becomes the math template's prompt (no budget); the rollout engine samples G solutions
+     (a remote service gets them all at once, from the replica's talker).
+  3. Reward 1 when the final \\boxed{} answer after </think> equals the gold answer
+     (rewards.math_answer_reward), else 0; GRPO's group-normalised advantages.
+  4. The trainer's own RL pass (with KL to a reference when --kl-beta > 0), optimizer step, LR
+     schedule, weight sync, metrics and checkpoints (train.rl_update, train.train).
+Deliberate simplifications: no NTP term and no entropy selection (there is no pretraining text
+here); the metrics are the trainer's, where `match_acc` is the accuracy on the step's problems
+and the NTP and curriculum fields stay 0.
+"""
+
+import os
+import sys
+import time
+
+import torch.distributed as dist
+
+from megatron_rmt import config, grpo, parallel, problems, prompts, rewards, step, train
+from megatron_rmt.math_data import MathProblem, ProblemStream, read_problems
+from megatron_rmt.metrics import step_metrics
+from megatron_rmt.rollout.contract import RolloutEngine, RolloutRequest
+from megatron_rmt.rollout.dispatch import StepRollouts
+
+
+def main(argv: list[str] | None = None, engine: RolloutEngine | None = None) -> None:
+    """Parse, set up the trainer, post-train. `engine` replaces the configured rollout engine."""
+    cfg = config.parse(argv)
+    if not cfg.data.prompt_data:
+        raise config.ConfigError("--prompt-data is required: a JSONL of math problems")
+    math_problems = read_problems(cfg.data.prompt_data)  # a bad file fails before any work
+    p = cfg.parallel
+    parallel.init(
+        p.tensor_model_parallel_size,
+        p.pipeline_model_parallel_size,
+        p.seed,
+        p.distributed_timeout_minutes,
+    )
+    if dist.get_rank() == 0:
+        print("resolved config:\n" + config.to_yaml(cfg), flush=True)
+    run = train.setup(cfg, engine)
+    run.data = ProblemStream(
+        math_problems,
+        cfg.data.global_batch_size,
+        run.layout.dp_rank,
+        run.layout.dp_size,
+        p.seed,
+        run.progress.consumed_samples,
+    )
+    train.train(run, posttrain_step)
+    parallel.destroy()
+
+
+def posttrain_step(run: train.Run, t: int) -> dict:
+    """One GRPO step on this replica's problems; returns the metrics (reduced over DP)."""
+    r = run.cfg.rmt
+    start = time.perf_counter()
+    batch: list[MathProblem] = next(run.data)
+
+    # 1-2. Prompts, G samples each.
+    make_requests = _request_maker(run, t)
+    rollouts = StepRollouts(
+        run.engine, run.talker, make_requests, run.cfg.rollout.rollout_max_concurrency
+    )
+    rollouts.submit(batch)
+    requests = make_requests(batch, 0)
+    results = rollouts.results(requests)
+    rollout_latency = time.perf_counter() - start
+    failed = results is None  # the service failed: nothing to learn from this step
+    if failed:
+        batch, requests, results = [], [], []
+
+    # 3. Rewards: the final boxed answer against the gold one; group advantages.
+    def reward(i: int, text: str, think: int) -> rewards.RewardParts:
+        return rewards.math_answer_reward(text, batch[i].answer)
+
+    scored = problems.score_responses(results, run.tokenizer, run.template, reward)
+    adv, zero_groups = grpo.group_advantages(scored.rewards, delta=r.advantage_delta)
+
+    # 4. RL pass, one optimizer step, weight sync.
+    step.zero_grads(run.trainable)
+    rl, total_count, rl_tokens = train.rl_update(run, requests, results, adv)
+    grad_norm, lr = step.optimizer_step(run.trainable)
+    run.engine.sync_weights(t + 1)
+
+    return step_metrics(
+        ntp=step.NTPOutcome(),
+        rl=rl,
+        scored=scored,
+        zero_groups=zero_groups,
+        total_rl_count=total_count,
+        rl_tokens=rl_tokens,
+        ntp_time=0.0,
+        flops_per_token=0.0,
+        budget=None,
+        probs=(0.0, 0.0, 0.0),
+        grad_norm=grad_norm,
+        lr=lr,
+        failed=failed,
+        rollout_latency=rollout_latency,
+        step_time=time.perf_counter() - start,
+        window_tokens=0,
+    )
+
+
+def _request_maker(run: train.Run, t: int):
+    """Step t's requests: the math prompt of each problem, G samples, seeded per replica."""
+    r = run.cfg.rmt
+    seed = train.rollout_seed(run, t)
+
+    def make(batch: list[MathProblem], first: int) -> list[RolloutRequest]:
+        return [
+            RolloutRequest(
+                prompt_ids=prompts.encode_prompt(run.tokenizer, run.template, p.text, None),
+                n=r.group_size,
+                max_tokens=r.max_response_tokens,
+                temperature=r.rollout_temperature,
+                top_p=r.rollout_top_p,
+                seed=seed * 1_000_003 + i,
+            )
+            for i, p in enumerate(batch, start=first)
+        ]
+
+    return make
+
+
+if __name__ == "__main__":  # dist_checkpointing starts worker processes: keep this guard
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main(sys.argv[1:])
