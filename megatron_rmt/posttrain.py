@@ -21,8 +21,6 @@ import os
 import sys
 import time
 
-import torch.distributed as dist
-
 from megatron_rmt import config, grpo, parallel, problems, prompts, rewards, step, train
 from megatron_rmt.math_data import MathProblem, ProblemStream, read_problems
 from megatron_rmt.metrics import step_metrics
@@ -36,22 +34,14 @@ def main(argv: list[str] | None = None, engine: RolloutEngine | None = None) -> 
     if not cfg.data.prompt_data:
         raise config.ConfigError("--prompt-data is required: a JSONL of math problems")
     math_problems = read_problems(cfg.data.prompt_data)  # a bad file fails before any work
-    p = cfg.parallel
-    parallel.init(
-        p.tensor_model_parallel_size,
-        p.pipeline_model_parallel_size,
-        p.seed,
-        p.distributed_timeout_minutes,
-    )
-    if dist.get_rank() == 0:
-        print("resolved config:\n" + config.to_yaml(cfg), flush=True)
+    train.init_distributed(cfg)
     run = train.setup(cfg, engine)
     run.data = ProblemStream(
         math_problems,
         cfg.data.global_batch_size,
         run.layout.dp_rank,
         run.layout.dp_size,
-        p.seed,
+        cfg.parallel.seed,
         run.progress.consumed_samples,
     )
     train.train(run, posttrain_step)

@@ -67,6 +67,16 @@ class Run:
 def main(argv: list[str] | None = None, engine: RolloutEngine | None = None) -> None:
     """Parse, set up, train. `engine` replaces the configured rollout engine (tests, custom)."""
     cfg = config.parse(argv)
+    if not cfg.data.data_path:
+        raise config.ConfigError("--data-path is required: the pretraining windows to train on")
+    init_distributed(cfg)
+    run = setup(cfg, engine)
+    train(run, train_step)
+    parallel.destroy()
+
+
+def init_distributed(cfg: config.Config) -> None:
+    """torch.distributed and Megatron's TP/PP/DP groups; rank 0 prints the resolved config."""
     p = cfg.parallel
     parallel.init(
         p.tensor_model_parallel_size,
@@ -76,11 +86,6 @@ def main(argv: list[str] | None = None, engine: RolloutEngine | None = None) -> 
     )
     if dist.get_rank() == 0:
         print("resolved config:\n" + config.to_yaml(cfg), flush=True)
-    if not cfg.data.data_path:
-        raise config.ConfigError("--data-path is required: the pretraining windows to train on")
-    run = setup(cfg, engine)
-    train(run, train_step)
-    parallel.destroy()
 
 
 def setup(cfg: config.Config, engine: RolloutEngine | None = None) -> Run:
