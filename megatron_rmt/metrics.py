@@ -140,7 +140,7 @@ def step_metrics(
         "entropy_chosen": mean(g["ent_chosen"], g["chosen"]),
         "entropy_all": mean(g["ent_sum"], g["ent_n"]),
         "logprob_gap": mean(g["gap_sum"], g["rl_tok"]),
-        "rollout_latency": g["latency"] / dp,
+        "rollout_latency": g["latency"] / dp,  # the wait for rollouts after the NTP pass
         "rollout_failed": g["failed"],
         "tokens_per_s": mean(g["win_tok"] + g["rl_tok"], g["step_s"] / dp),
         "step_time": g["step_s"] / dp,
