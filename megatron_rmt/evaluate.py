@@ -39,6 +39,7 @@ from megatron_rmt.evaluation.documents import EvalInputError, read_documents
 from megatron_rmt.model import padded_vocab_size
 from megatron_rmt.problems import CONTINUATION_TOKENS
 from megatron_rmt.rollout.client import build_engine
+from megatron_rmt.rollout.contract import RolloutEngine
 from megatron_rmt.rollout.embedded import EmbeddedEngine
 from megatron_rmt.tokenizer import build_tokenizer
 from megatron_rmt.train import _served_vocab
@@ -73,18 +74,26 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, config.Config | None]:
+    """The command's own flags, and the trainer's Config from every other flag (None for
+    `table`, which takes no model)."""
     args, rest = _parser().parse_known_args(argv)
     if args.command == "table":
         if rest:
-            raise SystemExit(f"table takes no other flags: {rest}")
+            raise config.ConfigError(f"table takes no other flags: {rest}")
+        return args, None
+    return args, config.parse(rest)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, cfg = parse(argv)
+    if cfg is None:
         text = report.render_table([read_results(path) for path in args.results])
         print(text)
         if args.output:
             with open(args.output, "w") as fh:
                 fh.write(text + "\n")
         return
-    cfg = config.parse(rest)
     p = cfg.parallel
     parallel.init(
         p.tensor_model_parallel_size,
@@ -98,9 +107,15 @@ def main(argv: list[str] | None = None) -> None:
         parallel.destroy()
 
 
-def _tokenizer_and_model(cfg: config.Config):
+def build_tokenizer_of(cfg: config.Config):
     d = cfg.data
-    tokenizer = build_tokenizer(d.tokenizer_type, d.tokenizer_model, d.vocab_file, d.merge_file)
+    return build_tokenizer(d.tokenizer_type, d.tokenizer_model, d.vocab_file, d.merge_file)
+
+
+def _tokenizer_and_model(cfg: config.Config):
+    """The tokenizer and this rank's frozen stage of `--load` (vocabulary padded as the trainer
+    pads it)."""
+    tokenizer = build_tokenizer_of(cfg)
     vocab = cfg.model.vocab_size or padded_vocab_size(
         tokenizer.vocab_size,
         cfg.model.make_vocab_size_divisible_by,
@@ -189,7 +204,9 @@ def _counts(header: dict) -> str:
     return ", ".join(f"{name} {n} of {avail}" for name, n, avail in pairs)
 
 
-def run(args, cfg: config.Config) -> None:
+def run(args, cfg: config.Config, engine: RolloutEngine | None = None) -> dict:
+    """Evaluate `--load` on `--eval-set`; writes and returns the results. `engine` replaces the
+    configured rollout engine (tests, custom engines)."""
     header, positions = evalset.read_set(args.eval_set)
     tokenizer, model = _tokenizer_and_model(cfg)
     if (header.get("vocab_size"), header.get("eod")) != (tokenizer.vocab_size, tokenizer.eod):
@@ -201,7 +218,7 @@ def run(args, cfg: config.Config) -> None:
     if len(positions) < dp_size:
         raise SystemExit(f"{len(positions)} positions cannot be split over {dp_size} replicas")
     mine = positions[dp_rank::dp_size]
-    rows = _evaluate(args, cfg, tokenizer, model, mine)
+    rows = _evaluate(args, cfg, tokenizer, model, mine, engine)
     rows = _gather_replicas(rows, dp_size)
     levels = torch.tensor([p.level for p in positions])
     results = {
@@ -230,9 +247,10 @@ def run(args, cfg: config.Config) -> None:
             json.dump(results, fh, indent=1)
         print(report.render_table([results]), flush=True)
         print(f"results: {args.output}", flush=True)
+    return results
 
 
-def _evaluate(args, cfg, tokenizer, model, positions) -> dict:
+def _evaluate(args, cfg, tokenizer, model, positions, engine) -> dict:
     """This replica's positions: NTP correctness and loss `[n]`, NTR match / lengths /
     unparsed `[n, G]` (G = 0 without NTR)."""
     rows = [p.prefix_ids + [p.target_id] for p in positions]
@@ -250,18 +268,26 @@ def _evaluate(args, cfg, tokenizer, model, positions) -> dict:
     empty = torch.zeros(len(positions), 0)
     scored = dict.fromkeys(("match", "think_tokens", "response_tokens", "unparsed"), empty)
     if args.samples > 0:
-        scored = vars(_ntr(args, cfg, tokenizer, model, positions))
+        scored = vars(_ntr(args, cfg, tokenizer, model, positions, engine))
     return {**out, **{k: scored[k] for k in ("match", "think_tokens", "response_tokens")},
             "unparsed": scored["unparsed"].bool()}  # fmt: skip
 
 
-def _ntr(args, cfg, tokenizer, model, positions):
-    if cfg.rollout.rollout_url:  # the servers get this checkpoint's weights, as in training
-        holder = types.SimpleNamespace(model=model)
+def _rollout_engine(cfg, tokenizer, model: list) -> RolloutEngine:
+    """vLLM servers when `--rollout-url` is set, loaded with this checkpoint's weights through
+    the trainer's weight sync (so they serve the model being evaluated); else the embedded
+    engine over the model itself."""
+    if cfg.rollout.rollout_url:
+        holder = types.SimpleNamespace(model=model)  # the one field the weight sync reads
         engine = build_engine(cfg, holder, tokenizer, _served_vocab(cfg, tokenizer))
     else:
         engine = EmbeddedEngine(model, tokenizer.vocab_size, tokenizer.eod)
     engine.sync_weights(0)
+    return engine
+
+
+def _ntr(args, cfg, tokenizer, model, positions, engine):
+    engine = engine or _rollout_engine(cfg, tokenizer, model)
     rmt = dataclasses.replace(cfg.rmt, group_size=args.samples)
     bar = tqdm(total=len(positions), desc="NTR", unit="pos", disable=dist.get_rank() != 0)
     with bar:
