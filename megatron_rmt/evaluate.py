@@ -217,8 +217,8 @@ def run(args, cfg: config.Config, engine: RolloutEngine | None = None) -> dict:
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     if len(positions) < dp_size:
         raise SystemExit(f"{len(positions)} positions cannot be split over {dp_size} replicas")
-    mine = positions[dp_rank::dp_size]
-    rows = _evaluate(args, cfg, tokenizer, model, mine, engine)
+    mine = list(range(dp_rank, len(positions), dp_size))  # this replica's share, by set index
+    rows = _evaluate(args, cfg, tokenizer, model, positions, mine, engine)
     rows = _gather_replicas(rows, dp_size)
     levels = torch.tensor([p.level for p in positions])
     results = {
@@ -250,9 +250,10 @@ def run(args, cfg: config.Config, engine: RolloutEngine | None = None) -> dict:
     return results
 
 
-def _evaluate(args, cfg, tokenizer, model, positions, engine) -> dict:
-    """This replica's positions: NTP correctness and loss `[n]`, NTR match / lengths /
-    unparsed `[n, G]` (G = 0 without NTR)."""
+def _evaluate(args, cfg, tokenizer, model, all_positions, indices, engine) -> dict:
+    """The positions at `indices` of the set: NTP correctness and loss `[n]`, NTR match /
+    lengths / unparsed `[n, G]` (G = 0 without NTR)."""
+    positions = [all_positions[i] for i in indices]
     rows = [p.prefix_ids + [p.target_id] for p in positions]
     masks = [[False] * (len(p.prefix_ids) - 1) + [True] for p in positions]
     length = max(len(p.prefix_ids) for p in positions)
@@ -268,7 +269,7 @@ def _evaluate(args, cfg, tokenizer, model, positions, engine) -> dict:
     empty = torch.zeros(len(positions), 0)
     scored = dict.fromkeys(("match", "think_tokens", "response_tokens", "unparsed"), empty)
     if args.samples > 0:
-        scored = vars(_ntr(args, cfg, tokenizer, model, positions, engine))
+        scored = vars(_ntr(args, cfg, tokenizer, model, positions, indices, engine))
     return {**out, **{k: scored[k] for k in ("match", "think_tokens", "response_tokens")},
             "unparsed": scored["unparsed"].bool()}  # fmt: skip
 
@@ -286,13 +287,14 @@ def _rollout_engine(cfg, tokenizer, model: list) -> RolloutEngine:
     return engine
 
 
-def _ntr(args, cfg, tokenizer, model, positions, engine):
+def _ntr(args, cfg, tokenizer, model, positions, indices, engine):
     engine = engine or _rollout_engine(cfg, tokenizer, model)
     rmt = dataclasses.replace(cfg.rmt, group_size=args.samples)
     bar = tqdm(total=len(positions), desc="NTR", unit="pos", disable=dist.get_rank() != 0)
     with bar:
         return ntr.ntr_scores(
             positions,
+            indices,
             engine,
             parallel.replica_talker(),
             tokenizer,

@@ -22,10 +22,11 @@ MIN_CONTEXT = 4
 QUANTILES = (0.5, 0.75, 0.9)  # selection.quantile_thresholds' defaults
 
 
-def _model_flags(tp=1, load=None):
+def _model_flags(tp=1, pp=1, load=None):
     flags = [
         "--config", f"{ROOT}/configs/tiny_cpu.yaml", *GPT2, "--seq-length", str(SEQ),
-        "--tensor-model-parallel-size", str(tp), "--min-context", str(MIN_CONTEXT),
+        "--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp),
+        "--min-context", str(MIN_CONTEXT),
         "--bucket-mode", "quantile", "--init-method-std", "1.0",
         # short rollouts keep the embedded engine cheap (the budget settings only pass validation)
         "--max-response-tokens", "6", "--budget-initial", "1", "--answer-tokens", "2",
@@ -136,10 +137,10 @@ def _with_targets(tmp, positions, argmax):
     return changed
 
 
-def run_ntp(tmp, tp):
+def run_ntp(tmp, tp=1, pp=1):
     return _evaluate(["run", "--eval-set", f"{tmp}/set_targets.jsonl", "--output",
-                      f"{tmp}/tp{tp}.json", "--samples", "2", "--eval-micro-batch", "3",
-                      *_model_flags(tp, load=f"{tmp}/proxy")])  # fmt: skip
+                      f"{tmp}/tp{tp}pp{pp}.json", "--samples", "2", "--eval-micro-batch", "3",
+                      *_model_flags(tp, pp, load=f"{tmp}/proxy")])  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -159,29 +160,38 @@ def test_ntp_accuracy_equals_naive_argmax(built, ntp_tp1):
     assert results["ntp"]["all"]["accuracy"] >= 0.5  # every other target is the greedy token
 
 
-def tp2_run_and_argmax(tmp):
-    # vocab_parallel_argmax on TP shards: ties, and padding ids that must never win.
+def sharded_argmax_ok():
+    """vocab_parallel_argmax on two TP shards: a tie across shards (the lower id wins, as in
+    torch.argmax) and a padding id (7 of a vocabulary of 7 real tokens) that must never win."""
     from megatron.core import parallel_state as ps
 
     rank = ps.get_tensor_model_parallel_rank()
     full = torch.randn(6, 8, generator=torch.Generator().manual_seed(0))
-    full[0, 1] = full[0, 5] = full[0].max() + 1  # a tie across shards: the lower id wins
-    full[1, 7] = 100.0  # a padding row (vocab 7 of 8)
+    full[0, 1] = full[0, 5] = full[0].max() + 1
+    full[1, 7] = 100.0
     got = forward.vocab_parallel_argmax(
         full[:, 4 * rank : 4 * rank + 4], 7, ps.get_tensor_model_parallel_group()
     )
-    want = full[:, :7].argmax(-1)
-    _evaluate(["build-set", "--eval-data", f"{tmp}/held.jsonl", "--output", f"{tmp}/set_tp2.jsonl",
-               "--per-level", "5", "--sample-seed", "7", *_model_flags(2, f"{tmp}/proxy")])  # fmt: skip
-    return torch.equal(got, want), run_ntp(tmp, 2)
+    return torch.equal(got, full[:, :7].argmax(-1))
 
 
-def test_tp2_equals_tp1(built, ntp_tp1):
+def layout_build_and_run(tmp, tp, pp):
+    argmax_ok = tp == 1 or sharded_argmax_ok()
+    _evaluate(["build-set", "--eval-data", f"{tmp}/held.jsonl", "--output",
+               f"{tmp}/set_tp{tp}pp{pp}.jsonl", "--per-level", "5", "--sample-seed", "7",
+               *_model_flags(tp, pp, f"{tmp}/proxy")])  # fmt: skip
+    return argmax_ok, run_ntp(tmp, tp, pp)
+
+
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (1, 1)], ids=["tp2", "pp2", "dp2"])
+def test_two_ranks_equal_one(built, ntp_tp1, tp, pp):
+    """build-set and run on 2 ranks (TP=2, PP=2, or two data-parallel replicas that split the
+    positions) give the set and results of one process."""
     tmp = built[0]
-    (argmax_ok, results), _ = spawn(tp2_run_and_argmax, 2, tp=2, args=(str(tmp),))
+    (argmax_ok, results), _ = spawn(layout_build_and_run, 2, tp=tp, pp=pp, args=(str(tmp), tp, pp))
     assert argmax_ok
-    h1, p1 = evalset.read_set(f"{tmp}/set.jsonl")
-    h2, p2 = evalset.read_set(f"{tmp}/set_tp2.jsonl")
+    _, p1 = evalset.read_set(f"{tmp}/set.jsonl")
+    _, p2 = evalset.read_set(f"{tmp}/set_tp{tp}pp{pp}.jsonl")
     assert [(p.doc, p.offset, p.level) for p in p2] == [(p.doc, p.offset, p.level) for p in p1]
     assert [p.entropy for p in p2] == pytest.approx([p.entropy for p in p1], rel=1e-4)
     reference = ntp_tp1[1]

@@ -9,7 +9,8 @@ whitespace normalisation. pass@1 is the share of matching samples.
 
 Deliberate choices:
 - Positions go in batches of `batch_size` (progress is reported per batch); request seeds follow
-  the position's index in the whole set, so results do not depend on the batch size.
+  the position's index in the whole set (`indices`), so results depend neither on the batch
+  size nor on how data-parallel replicas split the set.
 - A rollout service that fails after its retries fails the evaluation (the trainer would go
   NTP-only for a step; an evaluation with holes would be silently wrong).
 """
@@ -30,6 +31,7 @@ def as_problem(p: EvalPosition) -> problems.Problem:
 
 def ntr_scores(
     positions: list[EvalPosition],
+    indices: list[int],
     engine: RolloutEngine,
     talker: int,
     tokenizer,
@@ -41,17 +43,22 @@ def ntr_scores(
     concurrency: int,
     on_batch: Callable[[int], None] | None = None,
 ) -> problems.Scored:
-    """Every position's G responses scored; `rmt` gives G (group_size), the sampling settings and
-    the cap. Collective over the model-parallel replica. `on_batch(n)` after each n positions."""
+    """Every position's G responses scored; `indices` are the positions' indices in the whole
+    set (they seed the sampling); `rmt` gives G (group_size), the sampling settings and the cap.
+    Collective over the model-parallel replica. `on_batch(n)` after each n positions."""
     chosen = [as_problem(p) for p in positions]
     parts = []
     for first in range(0, len(chosen), batch_size):
         batch = chosen[first : first + batch_size]
 
-        def make(some, start, first=first):  # seeds by index in the whole set
-            return problems.make_requests(
-                some, tokenizer, template, budget, rmt, seed, first + start
-            )
+        def make(some, start, first=first):  # one problem at a time: seeded by its set index
+            return [
+                request
+                for k, problem in enumerate(some)
+                for request in problems.make_requests(
+                    [problem], tokenizer, template, budget, rmt, seed, indices[first + start + k]
+                )
+            ]
 
         rollouts = StepRollouts(engine, talker, make, concurrency)
         rollouts.submit(batch)  # only a remote engine's talker sends anything here
