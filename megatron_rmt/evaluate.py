@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def build_tokenizer_of(cfg: config.Config):
+    """The tokenizer the trainer's data flags name."""
     d = cfg.data
     return build_tokenizer(d.tokenizer_type, d.tokenizer_model, d.vocab_file, d.merge_file)
 
@@ -124,7 +125,22 @@ def _tokenizer_and_model(cfg: config.Config):
     return tokenizer, forward.build_eval_model(cfg.model, vocab, cfg.checkpoint.load)
 
 
+def _stats(model, batches: list[dict], vocab_size: int, chunk_tokens: int, with_argmax: bool):
+    """`forward.position_stats` over groups of microbatches, with a progress bar on rank 0."""
+    out = []
+    group = 32  # microbatches per schedule call: progress without a long pipeline bubble
+    bar = tqdm(total=len(batches), desc="forward", unit="mb", disable=dist.get_rank() != 0)
+    with bar:
+        for first in range(0, len(batches), group):
+            part = batches[first : first + group]
+            out += forward.position_stats(model, part, vocab_size, chunk_tokens, with_argmax)
+            bar.update(len(part))
+    return out
+
+
 def build_set(args, cfg: config.Config) -> None:
+    """Proxy entropies of every candidate of the held-out documents, levels, the seeded draw;
+    rank 0 writes the set."""
     if args.per_level < 1:
         raise SystemExit("--per-level must be at least 1")
     tokenizer, model = _tokenizer_and_model(cfg)
@@ -140,28 +156,26 @@ def build_set(args, cfg: config.Config) -> None:
         )
     length = max(len(w) - 1 for w in rows)
     batches = forward.padded_microbatches(rows, masks, length, args.eval_micro_batch, tokenizer.eod)
-    stats = forward.position_stats(
-        model, batches, tokenizer.vocab_size, r.entropy_chunk_tokens, False
-    )
+    stats = _stats(model, batches, tokenizer.vocab_size, r.entropy_chunk_tokens, False)
     entropy = torch.cat([s["entropy"] for s in stats])  # [m], in the order of `found`
     every = torch.ones_like(entropy, dtype=torch.bool)
     thresholds = tuple(r.entropy_thresholds)
-    if r.bucket_mode == "quantile":
+    if r.bucket_mode == "quantile":  # over the whole held-out set at once
         thresholds = selection.quantile_thresholds(entropy, every)
     levels = selection.difficulty_levels(entropy, every, thresholds)
     keep = evalset.sample_per_level(levels, args.per_level, args.sample_seed).tolist()
     positions = []
     for k in keep:
-        i, j = found[k]
-        doc, start, w = windows[i]
+        doc, start, window = windows[found[k][0]]
+        j = found[k][1]
         positions.append(
             evalset.EvalPosition(
                 doc=doc,
                 offset=start + j,
-                prefix_ids=w[: j + 1],
-                target_id=w[j + 1],
-                target_text=tokenizer.token_text(w[j + 1]),
-                continuation_ids=w[j + 1 : j + 1 + CONTINUATION_TOKENS],
+                prefix_ids=window[: j + 1],
+                target_id=window[j + 1],
+                target_text=tokenizer.token_text(window[j + 1]),
+                continuation_ids=window[j + 1 : j + 1 + CONTINUATION_TOKENS],
                 entropy=float(entropy[k]),
                 level=int(levels[k]),
             )
@@ -258,9 +272,7 @@ def _evaluate(args, cfg, tokenizer, model, all_positions, indices, engine) -> di
     masks = [[False] * (len(p.prefix_ids) - 1) + [True] for p in positions]
     length = max(len(p.prefix_ids) for p in positions)
     batches = forward.padded_microbatches(rows, masks, length, args.eval_micro_batch, tokenizer.eod)
-    stats = forward.position_stats(
-        model, batches, tokenizer.vocab_size, cfg.rmt.entropy_chunk_tokens, True
-    )
+    stats = _stats(model, batches, tokenizer.vocab_size, cfg.rmt.entropy_chunk_tokens, True)
     target = torch.tensor([p.target_id for p in positions])
     out = {
         "ntp_correct": torch.cat([s["argmax"] for s in stats]) == target,
