@@ -42,7 +42,7 @@ from megatron_rmt.rollout.client import build_engine
 from megatron_rmt.rollout.contract import RolloutEngine
 from megatron_rmt.rollout.embedded import EmbeddedEngine
 from megatron_rmt.tokenizer import build_tokenizer
-from megatron_rmt.train import _served_vocab
+from megatron_rmt.train import _served_vocab, init_distributed
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -94,13 +94,7 @@ def main(argv: list[str] | None = None) -> None:
             with open(args.output, "w") as fh:
                 fh.write(text + "\n")
         return
-    p = cfg.parallel
-    parallel.init(
-        p.tensor_model_parallel_size,
-        p.pipeline_model_parallel_size,
-        p.seed,
-        p.distributed_timeout_minutes,
-    )
+    init_distributed(cfg)
     try:
         (build_set if args.command == "build-set" else run)(args, cfg)
     finally:
