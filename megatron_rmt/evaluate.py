@@ -35,14 +35,14 @@ from tqdm import tqdm
 
 from megatron_rmt import config, parallel, prompts, selection
 from megatron_rmt.evaluation import evalset, forward, ntr, report
-from megatron_rmt.evaluation.documents import EvalInputError, read_documents
-from megatron_rmt.model import padded_vocab_size
+from megatron_rmt.evaluation.documents import read_documents
+from megatron_rmt.jsonl import InputError
 from megatron_rmt.problems import CONTINUATION_TOKENS
 from megatron_rmt.rollout.client import build_engine
 from megatron_rmt.rollout.contract import RolloutEngine
 from megatron_rmt.rollout.embedded import EmbeddedEngine
-from megatron_rmt.tokenizer import build_tokenizer
-from megatron_rmt.train import _served_vocab, init_distributed
+from megatron_rmt.tokenizer import tokenizer_of
+from megatron_rmt.train import init_distributed, model_vocab, served_vocab
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -101,21 +101,11 @@ def main(argv: list[str] | None = None) -> None:
         parallel.destroy()
 
 
-def build_tokenizer_of(cfg: config.Config):
-    """The tokenizer the trainer's data flags name."""
-    d = cfg.data
-    return build_tokenizer(d.tokenizer_type, d.tokenizer_model, d.vocab_file, d.merge_file)
-
-
 def _tokenizer_and_model(cfg: config.Config):
     """The tokenizer and this rank's frozen stage of `--load` (vocabulary padded as the trainer
     pads it)."""
-    tokenizer = build_tokenizer_of(cfg)
-    vocab = cfg.model.vocab_size or padded_vocab_size(
-        tokenizer.vocab_size,
-        cfg.model.make_vocab_size_divisible_by,
-        cfg.parallel.tensor_model_parallel_size,
-    )
+    tokenizer = tokenizer_of(cfg.data)
+    vocab = model_vocab(cfg, tokenizer)
     return tokenizer, forward.build_eval_model(cfg.model, vocab, cfg.checkpoint.load)
 
 
@@ -145,9 +135,7 @@ def build_set(args, cfg: config.Config) -> None:
     masks = [_candidates(w, tokenizer.eod, r.min_context) for w in rows]
     found = [(i, j) for i, m in enumerate(masks) for j, ok in enumerate(m) if ok]
     if not found:
-        raise EvalInputError(
-            f"{args.eval_data}: no candidate positions (min_context {r.min_context})"
-        )
+        raise InputError(f"{args.eval_data}: no candidate positions (min_context {r.min_context})")
     length = max(len(w) - 1 for w in rows)
     batches = forward.padded_microbatches(rows, masks, length, args.eval_micro_batch, tokenizer.eod)
     stats = _stats(model, batches, tokenizer.vocab_size, r.entropy_chunk_tokens, False)
@@ -218,7 +206,7 @@ def run(args, cfg: config.Config, engine: RolloutEngine | None = None) -> dict:
     header, positions = evalset.read_set(args.eval_set)
     tokenizer, model = _tokenizer_and_model(cfg)
     if (header.get("vocab_size"), header.get("eod")) != (tokenizer.vocab_size, tokenizer.eod):
-        raise EvalInputError(
+        raise InputError(
             f"{args.eval_set}: built for a tokenizer with {header.get('vocab_size')} tokens and "
             f"EOD {header.get('eod')}, this model's has {tokenizer.vocab_size} and {tokenizer.eod}"
         )
@@ -286,7 +274,7 @@ def _rollout_engine(cfg, tokenizer, model: list) -> RolloutEngine:
     engine over the model itself."""
     if cfg.rollout.rollout_url:
         holder = types.SimpleNamespace(model=model)  # the one field the weight sync reads
-        engine = build_engine(cfg, holder, tokenizer, _served_vocab(cfg, tokenizer))
+        engine = build_engine(cfg, holder, tokenizer, served_vocab(cfg, tokenizer))
     else:
         engine = EmbeddedEngine(model, tokenizer.vocab_size, tokenizer.eod)
     engine.sync_weights(0)
@@ -337,11 +325,11 @@ def read_results(path: str) -> dict:
         with open(path, encoding="utf-8") as fh:
             results = json.load(fh)
     except OSError as e:
-        raise EvalInputError(f"{path}: cannot read ({e.strerror})") from None
+        raise InputError(f"{path}: cannot read ({e.strerror})") from None
     except json.JSONDecodeError as e:
-        raise EvalInputError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+        raise InputError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
     if not isinstance(results, dict) or not {"name", "ntp", "ntr"} <= results.keys():
-        raise EvalInputError(f"{path}:1: not a results file of `evaluate run` (name, ntp, ntr)")
+        raise InputError(f"{path}:1: not a results file of `evaluate run` (name, ntp, ntr)")
     return results
 
 
@@ -349,5 +337,5 @@ if __name__ == "__main__":  # dist_checkpointing may start worker processes: kee
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
         main(sys.argv[1:])
-    except (EvalInputError, config.ConfigError) as e:
+    except (InputError, config.ConfigError) as e:
         raise SystemExit(f"error: {e}") from None

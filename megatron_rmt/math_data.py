@@ -10,10 +10,11 @@ next `global_batch` problems of that order and each data-parallel rank its own c
 Everything follows from the number of problems consumed, so a resumed run continues exactly.
 """
 
-import json
 from dataclasses import dataclass
 
 import torch
+
+from megatron_rmt import jsonl
 
 
 @dataclass(frozen=True)
@@ -24,24 +25,15 @@ class MathProblem:
 
 def read_problems(path: str) -> list[MathProblem]:
     problems = []
-    with open(path, encoding="utf-8") as fh:
-        for number, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{number}: not JSON ({e.msg})") from None
-            text = row.get("problem", row.get("question")) if isinstance(row, dict) else None
-            answer = row.get("answer") if isinstance(row, dict) else None
-            if not isinstance(text, str) or not isinstance(answer, str | int | float):
-                raise ValueError(
-                    f'{path}:{number}: expected an object with "problem" (or "question") text '
-                    'and an "answer"'
-                )
-            problems.append(MathProblem(text, str(answer)))
+    for number, row in jsonl.records(path):
+        text, answer = row.get("problem", row.get("question")), row.get("answer")
+        if not isinstance(text, str) or not isinstance(answer, str | int | float):
+            raise jsonl.InputError(
+                f'{path}:{number}: expected "problem" (or "question") text and an "answer"'
+            )
+        problems.append(MathProblem(text, str(answer)))
     if not problems:
-        raise ValueError(f"{path}: no problems")
+        raise jsonl.InputError(f"{path}: no problems")
     return problems
 
 

@@ -17,7 +17,7 @@ else the weights the run starts from, copied at step 0. A resumed run must name 
 from megatron_rmt import checkpoint
 from megatron_rmt.build import Trainable
 from megatron_rmt.config import ConfigError, ModelConfig
-from megatron_rmt.model import build_model
+from megatron_rmt.model import build_model, frozen
 
 
 def build_reference(
@@ -34,7 +34,4 @@ def build_reference(
         checkpoint.load_model(ref_load, model)
     else:
         model.load_state_dict(trainable.model[0].module.state_dict())
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return [model]
+    return frozen(model)

@@ -64,7 +64,9 @@ def _on_device(batch: dict) -> dict:
     return {k: v.to(platform.device(), non_blocking=True) for k, v in batch.items()}
 
 
-def _run(model: list, forward_step, microbatches, forward_only: bool):
+def run_schedule(model: list, forward_step, microbatches: list[dict], forward_only: bool) -> list:
+    """Megatron's pipeline schedule over same-shape microbatches; the loss_func reports
+    (last stage only)."""
     b, s = microbatches[0]["tokens"].shape
     return get_forward_backward_func()(
         forward_step_func=forward_step,
@@ -115,7 +117,7 @@ def ntp_pass(
             chunk_tokens=chunk_tokens,
         )
 
-    reports = _run(trainable.model, forward_step, microbatches, forward_only)
+    reports = run_schedule(trainable.model, forward_step, microbatches, forward_only)
     outcome.ntp_loss_sum = sum(float(r["ntp_loss_sum"]) for r in reports)
     outcome.ntp_tokens = sum(int(r["ntp_tokens"]) for r in reports)
     outcome = parallel.broadcast_object_from_last_stage(
@@ -194,7 +196,7 @@ def reference_logprobs(
         return forward_logits(model, batch["tokens"], _positions(batch["tokens"])), loss_func
 
     with torch.no_grad():
-        reports = _run(reference, forward_step, microbatches, forward_only=True)
+        reports = run_schedule(reference, forward_step, microbatches, forward_only=True)
     if not ps.is_pipeline_last_stage():
         return [None] * len(microbatches)
     return [r["ref_logp"] for r in reports]
@@ -238,7 +240,7 @@ def rl_pass(
             chunk_tokens=chunk_tokens,
         )
 
-    reports = _run(trainable.model, forward_step, microbatches, forward_only=False)
+    reports = run_schedule(trainable.model, forward_step, microbatches, forward_only=False)
     outcome.loss_sum = sum(float(r["rl_loss_sum"]) for r in reports)
     outcome.tokens = sum(int(r["rl_tokens"]) for r in reports)
     outcome.logprob_gap_sum = sum(float(r["logp_gap_sum"]) for r in reports)

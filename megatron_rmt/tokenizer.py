@@ -137,3 +137,9 @@ def _find_eod(backend: Tokenizer, hf_dir: str | None) -> int:
     if eod is None:
         raise ValueError(f"tokenizer has neither {_EOD_TEXT} nor an eos_token to use as EOD")
     return eod
+
+
+def tokenizer_of(data_cfg) -> TextTokenizer:
+    """The tokenizer the config's data flags name (`config.DataConfig`)."""
+    d = data_cfg
+    return build_tokenizer(d.tokenizer_type, d.tokenizer_model, d.vocab_file, d.merge_file)

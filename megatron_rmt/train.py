@@ -43,7 +43,7 @@ from megatron_rmt.rollout.client import build_engine
 from megatron_rmt.rollout.contract import RolloutEngine
 from megatron_rmt.rollout.dispatch import MakeRequests, StepRollouts
 from megatron_rmt.rollout.embedded import EmbeddedEngine
-from megatron_rmt.tokenizer import TextTokenizer, build_tokenizer
+from megatron_rmt.tokenizer import TextTokenizer, tokenizer_of
 from megatron_rmt.variants import VARIANTS, ntp_weight
 
 
@@ -90,11 +90,9 @@ def init_distributed(cfg: config.Config) -> None:
 
 def setup(cfg: config.Config, engine: RolloutEngine | None = None) -> Run:
     """Model, optimizer, checkpoint, data streams (when --data-path is set), rollout engine."""
-    p, d = cfg.parallel, cfg.data
-    tokenizer = build_tokenizer(d.tokenizer_type, d.tokenizer_model, d.vocab_file, d.merge_file)
-    vocab = cfg.model.vocab_size or padded_vocab_size(
-        tokenizer.vocab_size, cfg.model.make_vocab_size_divisible_by, p.tensor_model_parallel_size
-    )
+    d = cfg.data
+    tokenizer = tokenizer_of(d)
+    vocab = model_vocab(cfg, tokenizer)
     trainable = build_trainable(cfg, vocab)
     progress = checkpoint.Progress()
     if cfg.checkpoint.load:
@@ -111,7 +109,7 @@ def setup(cfg: config.Config, engine: RolloutEngine | None = None) -> Run:
         done = max(progress.step - start, 0) * d.global_batch_size
         decay_data = _stream(cfg, tokenizer, layout, d.decay_data_path, done)
     if engine is None and cfg.rollout.rollout_url:
-        engine = build_engine(cfg, trainable, tokenizer, _served_vocab(cfg, tokenizer))
+        engine = build_engine(cfg, trainable, tokenizer, served_vocab(cfg, tokenizer))
     engine = engine or EmbeddedEngine(trainable.model, tokenizer.vocab_size, tokenizer.eod)
     engine.sync_weights(progress.step)
     template = prompts.load_template(cfg.rmt.prompt_template)
@@ -127,7 +125,16 @@ def setup(cfg: config.Config, engine: RolloutEngine | None = None) -> Run:
     )  # fmt: skip
 
 
-def _served_vocab(cfg: config.Config, tokenizer) -> int:
+def model_vocab(cfg: config.Config, tokenizer) -> int:
+    """The model's vocabulary: --vocab-size, or the tokenizer's padded as Megatron pads it."""
+    return cfg.model.vocab_size or padded_vocab_size(
+        tokenizer.vocab_size,
+        cfg.model.make_vocab_size_divisible_by,
+        cfg.parallel.tensor_model_parallel_size,
+    )
+
+
+def served_vocab(cfg: config.Config, tokenizer) -> int:
     """The vocabulary the rollout servers' HF model has (its config.json), which the weight sync
     cuts Megatron's padded rows to: the converter keeps that config beside the checkpoint."""
     for folder in (cfg.checkpoint.load, cfg.data.tokenizer_model):

@@ -13,9 +13,11 @@ from distributed import spawn
 
 from megatron_rmt import checkpoint, evaluate
 from megatron_rmt.evaluation import evalset, forward, report
-from megatron_rmt.evaluation.documents import EvalInputError, read_documents
+from megatron_rmt.evaluation.documents import read_documents
+from megatron_rmt.jsonl import InputError
 from megatron_rmt.rollout.contract import RolloutResult
 from megatron_rmt.selection import LEVELS
+from megatron_rmt.tokenizer import tokenizer_of
 
 SEQ = 48
 MIN_CONTEXT = 4
@@ -241,7 +243,7 @@ def _ids(tokenizer, text):
 
 def scripted_ntr(tmp):
     _, cfg = evaluate.parse(["run", "--eval-set", "x", "--output", "x", *_model_flags()])
-    tokenizer = evaluate.build_tokenizer_of(cfg)
+    tokenizer = tokenizer_of(cfg.data)
     positions = []
     for level, targets in enumerate(TARGETS.values()):
         for target in targets:
@@ -304,7 +306,7 @@ GOOD = {"doc": 0, "offset": 1, "prefix_ids": [1, 2], "target_id": 3, "target_tex
 )
 def test_bad_set_files_name_file_and_line(tmp_path, lines, where, what):
     path = _write(tmp_path / "set.jsonl", lines)
-    with pytest.raises(EvalInputError, match=what) as e:
+    with pytest.raises(InputError, match=what) as e:
         evalset.read_set(path)
     assert str(e.value).startswith(path + where)
 
@@ -312,16 +314,16 @@ def test_bad_set_files_name_file_and_line(tmp_path, lines, where, what):
 def test_bad_documents_and_results_name_file_and_line(tmp_path):
     tok = type("Tok", (), {"encode": staticmethod(lambda text: [1, 2]), "eod": 0})
     docs = _write(tmp_path / "docs.jsonl", ['{"text": "fine"}', "", '{"body": "x"}'])
-    with pytest.raises(EvalInputError, match=f"^{docs}:3: no 'text' field"):
+    with pytest.raises(InputError, match=f"^{docs}:3: no 'text' field"):
         read_documents(docs, tok)
     assert read_documents(docs, tok, limit=1) == [[1, 2]]
-    with pytest.raises(EvalInputError, match="neither a JSONL file nor an indexed dataset"):
+    with pytest.raises(InputError, match="neither a JSONL file nor an indexed dataset"):
         read_documents(str(tmp_path / "missing"), tok)
     bad = _write(tmp_path / "r.json", ["{", '  "name": }'])
-    with pytest.raises(EvalInputError, match=f"^{bad}:2: not valid JSON"):
+    with pytest.raises(InputError, match=f"^{bad}:2: not valid JSON"):
         evaluate.read_results(bad)
     other = _write(tmp_path / "o.json", ['{"loss": 1}'])
-    with pytest.raises(EvalInputError, match=f"^{other}:1: not a results file"):
+    with pytest.raises(InputError, match=f"^{other}:1: not a results file"):
         evaluate.read_results(other)
 
 

@@ -12,7 +12,7 @@ from test_train import _read, config_dir, save_initial
 from megatron_rmt import posttrain
 from megatron_rmt.math_data import ProblemStream, read_problems
 from megatron_rmt.rollout.contract import RolloutResult
-from megatron_rmt.tokenizer import build_tokenizer
+from megatron_rmt.tokenizer import tokenizer_of
 
 ASSETS = f"{config_dir()}/../../shared/assets/math"
 
@@ -27,7 +27,7 @@ def test_reads_the_bundled_math_and_gsm8k_files():
 
 @pytest.mark.parametrize(
     "line,expected",
-    [("{not json", "not JSON"), ('{"problem": "x"}', '"answer"'), ("[1, 2]", '"problem"')],
+    [("{not json", "not valid JSON"), ('{"problem": "x"}', '"answer"'), ("[1, 2]", "object")],
 )
 def test_bad_lines_name_file_and_line(tmp_path, line, expected):
     path = tmp_path / "p.jsonl"
@@ -72,7 +72,7 @@ class GoldOrNot:
 def run_posttrain(argv):
     cfg = posttrain.config.parse(argv)
     d = cfg.data
-    tok = build_tokenizer(d.tokenizer_type, d.tokenizer_model, d.vocab_file, d.merge_file)
+    tok = tokenizer_of(d)
     posttrain.main(argv, engine=GoldOrNot(tok))
 
 

@@ -17,6 +17,7 @@ from distributed import spawn
 
 from megatron_rmt import checkpoint, config, parallel, problems, step, train
 from megatron_rmt.rollout.contract import RolloutRequest, RolloutResult
+from megatron_rmt.tokenizer import tokenizer_of
 
 
 class ScriptedEngine:
@@ -57,10 +58,9 @@ def config_dir():
 
 def _train(argv):
     cfg = config.parse(argv)
-    from megatron_rmt.tokenizer import build_tokenizer
 
     d = cfg.data
-    tok = build_tokenizer(d.tokenizer_type, d.tokenizer_model, d.vocab_file, d.merge_file)
+    tok = tokenizer_of(d)
     train.main(argv, engine=ScriptedEngine(tok))
 
 

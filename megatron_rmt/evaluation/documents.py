@@ -9,14 +9,11 @@ Two sources, told apart by what exists on disk:
 Bad input stops with `FILE:LINE: problem`. Blank lines are no documents and are passed over.
 """
 
-import json
 import os
 
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-
-class EvalInputError(ValueError):
-    """A bad input file, with where and what in the message."""
+from megatron_rmt.jsonl import InputError, records
 
 
 def read_documents(
@@ -26,7 +23,7 @@ def read_documents(
     if IndexedDataset.exists(path):
         return _indexed_documents(path, tokenizer.eod, limit)
     if not os.path.isfile(path):
-        raise EvalInputError(f"{path}: neither a JSONL file nor an indexed dataset prefix")
+        raise InputError(f"{path}: neither a JSONL file nor an indexed dataset prefix")
     return _jsonl_documents(path, tokenizer, text_field, limit)
 
 
@@ -45,22 +42,15 @@ def _indexed_documents(prefix: str, eod: int, limit: int | None) -> list[list[in
 
 def _jsonl_documents(path: str, tokenizer, text_field: str, limit: int | None) -> list[list[int]]:
     docs = []
-    with open(path, encoding="utf-8") as fh:
-        for number, line in enumerate(fh, start=1):
-            if limit is not None and len(docs) >= limit:
-                break
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise EvalInputError(f"{path}:{number}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict) or text_field not in record:
-                raise EvalInputError(f"{path}:{number}: no {text_field!r} field")
-            text = record[text_field]
-            if not isinstance(text, str) or not text.strip():
-                raise EvalInputError(f"{path}:{number}: {text_field!r} must be non-empty text")
-            docs.append(tokenizer.encode(text))
+    for number, record in records(path):
+        if limit is not None and len(docs) >= limit:
+            break
+        if text_field not in record:
+            raise InputError(f"{path}:{number}: no {text_field!r} field")
+        text = record[text_field]
+        if not isinstance(text, str) or not text.strip():
+            raise InputError(f"{path}:{number}: {text_field!r} must be non-empty text")
+        docs.append(tokenizer.encode(text))
     if not docs:
-        raise EvalInputError(f"{path}: no documents")
+        raise InputError(f"{path}: no documents")
     return docs

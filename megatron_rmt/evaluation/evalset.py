@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from megatron_rmt.evaluation.documents import EvalInputError
+from megatron_rmt.jsonl import InputError, records
 from megatron_rmt.selection import LEVELS
 
 FORMAT = "megatron_rmt.evalset/1"
@@ -91,41 +91,23 @@ _FIELDS = {
 
 def read_set(path: str) -> tuple[dict, list[EvalPosition]]:
     """The header and positions of a set file; `FILE:LINE: problem` for anything malformed."""
-    try:
-        fh = open(path, encoding="utf-8")
-    except OSError as e:
-        raise EvalInputError(f"{path}: cannot read the evaluation set ({e.strerror})") from None
     header, positions = None, []
-    with fh:
-        for number, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            record = _json(path, number, line)
-            if header is None:
-                header = _header(path, number, record)
-            else:
-                positions.append(_position(path, number, record))
+    for number, record in records(path):
+        if header is None:
+            header = _header(path, number, record)
+        else:
+            positions.append(_position(path, number, record))
     if header is None:
-        raise EvalInputError(f"{path}: empty file, expected a header line")
+        raise InputError(f"{path}: empty file, expected a header line")
     if not positions:
-        raise EvalInputError(f"{path}: no positions after the header")
+        raise InputError(f"{path}: no positions after the header")
     return header, positions
-
-
-def _json(path: str, number: int, line: str) -> dict:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise EvalInputError(f"{path}:{number}: not valid JSON ({e.msg})") from None
-    if not isinstance(record, dict):
-        raise EvalInputError(f"{path}:{number}: expected a JSON object")
-    return record
 
 
 def _header(path: str, number: int, record: dict) -> dict:
     header = record.get("header")
     if not isinstance(header, dict) or header.get("format") != FORMAT:
-        raise EvalInputError(
+        raise InputError(
             f'{path}:{number}: expected a header line {{"header": {{"format": "{FORMAT}", ...}}}}'
             " (build one with `python -m megatron_rmt.evaluate build-set`)"
         )
@@ -136,14 +118,14 @@ def _position(path: str, number: int, record: dict) -> EvalPosition:
     for key, kind in _FIELDS.items():
         value = record.get(key)
         if value is None:
-            raise EvalInputError(f"{path}:{number}: missing field {key!r}")
+            raise InputError(f"{path}:{number}: missing field {key!r}")
         if not isinstance(value, kind) or isinstance(value, bool):
-            raise EvalInputError(f"{path}:{number}: field {key!r} has the wrong type")
+            raise InputError(f"{path}:{number}: field {key!r} has the wrong type")
     for key in ("prefix_ids", "continuation_ids"):
         if not record[key] or not all(isinstance(t, int) and t >= 0 for t in record[key]):
-            raise EvalInputError(f"{path}:{number}: {key!r} must be a non-empty list of token ids")
+            raise InputError(f"{path}:{number}: {key!r} must be a non-empty list of token ids")
     if record["level"] not in LEVELS:
-        raise EvalInputError(f"{path}:{number}: level {record['level']!r} is not one of {LEVELS}")
+        raise InputError(f"{path}:{number}: level {record['level']!r} is not one of {LEVELS}")
     fields = {key: record[key] for key in _FIELDS}
     return EvalPosition(**{**fields, "entropy": float(fields["entropy"]),
                            "level": LEVELS.index(fields["level"])})  # fmt: skip

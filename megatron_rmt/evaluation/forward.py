@@ -18,13 +18,13 @@ Deliberate choices:
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
-from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_rmt import checkpoint, parallel, platform
 from megatron_rmt.config import ModelConfig
 from megatron_rmt.entropy import vocab_parallel_ce_entropy
-from megatron_rmt.model import build_model
+from megatron_rmt.model import build_model, frozen
 from megatron_rmt.model.logits import forward_logits
+from megatron_rmt.step import run_schedule
 
 
 def build_eval_model(model_cfg: ModelConfig, vocab_size: int, load: str | None) -> list:
@@ -33,10 +33,7 @@ def build_eval_model(model_cfg: ModelConfig, vocab_size: int, load: str | None) 
     model = build_model(model_cfg, vocab_size, initialize=load is None)
     if load is not None:
         checkpoint.load_model(load, model)
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return [model]
+    return frozen(model)
 
 
 def vocab_parallel_argmax(
@@ -93,17 +90,8 @@ def position_stats(
 
         return forward_logits(chunk, tokens, positions), loss_func
 
-    b, s = microbatches[0]["tokens"].shape
     with torch.no_grad():
-        reports = get_forward_backward_func()(
-            forward_step_func=forward_step,
-            data_iterator=iter(microbatches),
-            model=model,
-            num_microbatches=len(microbatches),
-            seq_length=s,
-            micro_batch_size=b,
-            forward_only=True,
-        )
+        reports = run_schedule(model, forward_step, microbatches, forward_only=True)
     return parallel.broadcast_object_from_last_stage(
         list(reports) if ps.is_pipeline_last_stage() else None
     )

@@ -117,3 +117,12 @@ def build_model(m: ModelConfig, vocab_size: int, initialize: bool = True) -> GPT
         rotary_base=m.rotary_base,
     )
     return model.to(platform.device())
+
+
+def frozen(model: GPTModel) -> list:
+    """`model` in eval mode without gradients, as the one-chunk list Megatron's schedules take:
+    for models that are only run forward (the KL reference, evaluation)."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return [model]
