@@ -416,3 +416,51 @@ def test_rmt_run_with_two_replicas(server, tiny_corpus, tmp_path, tp):
     ])  # fmt: skip
     ranks = spawn(rmt_run_data_parallel, 2 * tp, tp=tp, args=(argv,))
     _check_data_parallel_run(ranks, metrics, sync_dir, steps, dp=2)
+
+
+def evaluate_through_vllm(flags, url, tmp):
+    """`evaluate run --rollout-url`: build a set with a fresh checkpoint as proxy, evaluate that
+    checkpoint through the server, then ask the server for log-probs of a sample and recompute
+    them with the checkpoint: the server must serve exactly the evaluated weights."""
+    from megatron_rmt import checkpoint, evaluate
+
+    args, cfg = evaluate.parse(["build-set", "--eval-data", "x", "--output", "x", *flags])
+    tokenizer, model = evaluate._tokenizer_and_model(cfg)
+    with torch.no_grad():  # weights the server has never held
+        for p in model[0].parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    checkpoint.save_model(f"{tmp}/ckpt", model[0], cfg)
+    with open(f"{ROOT}/corpus/sample_math.jsonl") as src, open(f"{tmp}/held.jsonl", "w") as dst:
+        dst.writelines(src.readline() for _ in range(4))
+    load = ["--load", f"{tmp}/ckpt"]
+    args, cfg = evaluate.parse(["build-set", "--eval-data", f"{tmp}/held.jsonl", "--output",
+                                f"{tmp}/set.jsonl", "--per-level", "2", *flags, *load])  # fmt: skip
+    evaluate.build_set(args, cfg)
+    args, cfg = evaluate.parse(["run", "--eval-set", f"{tmp}/set.jsonl", "--output",
+                                f"{tmp}/vllm.json", "--samples", "2", *flags, *load,
+                                "--rollout-url", url, "--weight-sync-dir", f"{tmp}/sync"])  # fmt: skip
+    results = evaluate.run(args, cfg)
+    engine = client_mod.VLLMEngine([url], tokenizer.eod)
+    req = RolloutRequest(PROMPT, n=1, max_tokens=4, temperature=1.0, top_p=1.0, seed=1)
+    served = engine.generate([req])[0]
+    ids = torch.tensor([PROMPT + served.responses[0]])
+    with torch.no_grad():
+        logits = model[0](ids, torch.arange(ids.shape[1])[None], None)[0, len(PROMPT) - 1 : -1]
+    logp = torch.log_softmax(logits[:, :50257], -1)  # the served vocabulary: no padding rows
+    ours = logp.gather(1, torch.tensor(served.responses[0])[:, None]).squeeze(1)
+    gap = (ours - torch.tensor(served.logprobs[0])).abs().max().item()
+    return results, gap
+
+
+def test_evaluate_ntr_through_the_server(server, tmp_path):
+    flags = [
+        "--config", f"{ROOT}/configs/tiny_cpu.yaml", *GPT2, *SHAPE, "--bucket-mode", "quantile",
+        "--min-context", "4", "--max-response-tokens", "6", "--budget-initial", "1",
+        "--answer-tokens", "2",
+    ]  # fmt: skip
+    results, gap = spawn(evaluate_through_vllm, 1, args=(flags, server.url, str(tmp_path)))[0]
+    assert gap < 1e-3  # the server samples from the evaluated checkpoint
+    assert results["settings"]["samples"] == 2
+    everything = results["ntr"]["all"]
+    assert everything["n"] == 6 and 0 < everything["response_tokens"] <= 6
+    assert 0 <= everything["accuracy"] <= 1
