@@ -90,6 +90,8 @@ def score(
 ) -> Scored:
     """Next-token rewards of every response. prefix_match: RPT's byte-prefix reward instead of
     exact match; budget None: no length reward (r = r_match)."""
+    if len(problems) != len(results):
+        raise ValueError(f"{len(problems)} problems but {len(results)} rollout results")
     targets = [tokenizer.token_text(p.target_id) for p in problems]
     continuations = [[tokenizer.token_text(t) for t in p.continuation_ids] for p in problems]
 

@@ -464,3 +464,31 @@ def test_evaluate_ntr_through_the_server(server, tmp_path):
     everything = results["ntr"]["all"]
     assert everything["n"] == 6 and 0 < everything["response_tokens"] <= 6
     assert 0 <= everything["accuracy"] <= 1
+
+
+def posttrain_through_vllm(argv):
+    """Math post-training with `--rollout-url`; every other sample is rewarded (a random model
+    never solves anything) so the RL pass runs and measures the log-prob gap."""
+    from megatron_rmt import posttrain
+
+    problems.score_responses = _alternating_rewards(problems.score_responses)  # this worker only
+    posttrain.main(argv)
+
+
+def test_math_posttraining_through_the_server(server, tmp_path):
+    data, metrics = tmp_path / "math.jsonl", str(tmp_path / "m.jsonl")
+    data.write_text("".join(json.dumps({"problem": f"{i} + 1?", "answer": str(i + 1)}) + "\n"
+                            for i in range(8)))  # fmt: skip
+    argv = [
+        "--config", f"{ROOT}/configs/tiny_cpu.yaml", f"{ROOT}/configs/posttrain_tiny_cpu.yaml",
+        *GPT2, *SHAPE, "--prompt-data", str(data), "--train-iters", "2",
+        "--max-response-tokens", "8", "--metrics-file", metrics, "--rollout-url", server.url,
+        "--weight-sync-dir", str(tmp_path / "sync"),
+    ]  # fmt: skip
+    spawn(posttrain_through_vllm, 1, args=(argv,))
+    with open(metrics) as fh:
+        rows = [json.loads(line) for line in fh]
+    assert [m["step"] for m in rows] == [0, 1]
+    for m in rows:
+        assert m["rollout_failed"] == 0 and m["rl_tokens_trained"] > 0
+        assert 0 < m["logprob_gap"] < 2e-3  # sampled from the weights synced after each step
