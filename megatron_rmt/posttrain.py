@@ -106,17 +106,8 @@ def _request_maker(run: train.Run, t: int):
     seed = train.rollout_seed(run, t)
 
     def make(batch: list[MathProblem], first: int) -> list[RolloutRequest]:
-        return [
-            RolloutRequest(
-                prompt_ids=prompts.encode_prompt(run.tokenizer, run.template, p.text, None),
-                n=r.group_size,
-                max_tokens=r.max_response_tokens,
-                temperature=r.rollout_temperature,
-                top_p=r.rollout_top_p,
-                seed=seed * 1_000_003 + i,
-            )
-            for i, p in enumerate(batch, start=first)
-        ]
+        ids = [prompts.encode_prompt(run.tokenizer, run.template, p.text, None) for p in batch]
+        return problems.sample_requests(ids, r.max_response_tokens, r, seed, first)
 
     return make
 

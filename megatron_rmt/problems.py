@@ -66,16 +66,27 @@ def make_requests(
     cap = rmt.max_response_tokens
     if budget is not None:
         cap = min(cap, budget_mod.max_new_tokens(budget, rmt.answer_tokens))
+    prompt_ids = [
+        prompts.build_prompt_ids(tokenizer, template, p.prefix_ids, budget) for p in problems
+    ]
+    return sample_requests(prompt_ids, cap, rmt, seed, first)
+
+
+def sample_requests(
+    prompt_ids: list[list[int]], max_tokens: int, rmt, seed: int, first: int = 0
+) -> list[RolloutRequest]:
+    """One request of G samples per prompt at the configured temperature and top-p, seeded by
+    the step's `seed` and the prompt's index (`first` is that of prompt_ids[0])."""
     return [
         RolloutRequest(
-            prompt_ids=prompts.build_prompt_ids(tokenizer, template, p.prefix_ids, budget),
+            prompt_ids=ids,
             n=rmt.group_size,
-            max_tokens=cap,
+            max_tokens=max_tokens,
             temperature=rmt.rollout_temperature,
             top_p=rmt.rollout_top_p,
             seed=seed * 1_000_003 + i,
         )
-        for i, p in enumerate(problems, start=first)
+        for i, ids in enumerate(prompt_ids, start=first)
     ]
 
 

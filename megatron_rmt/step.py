@@ -167,7 +167,8 @@ class KL:
     estimator: str
 
 
-def _positions(tokens: torch.Tensor) -> torch.Tensor:  # [g, s] -> [g, s]
+def position_ids(tokens: torch.Tensor) -> torch.Tensor:  # [g, s] -> [g, s]
+    """0..s-1 on every row: each sequence starts at position 0."""
     g, s = tokens.shape
     return torch.arange(s, device=tokens.device).expand(g, s)
 
@@ -193,7 +194,7 @@ def reference_logprobs(
             zero = torch.zeros((), device=logits.device)
             return zero, torch.ones((), dtype=torch.int), {"ref_logp": -token_loss}
 
-        return forward_logits(model, batch["tokens"], _positions(batch["tokens"])), loss_func
+        return forward_logits(model, batch["tokens"], position_ids(batch["tokens"])), loss_func
 
     with torch.no_grad():
         reports = run_schedule(reference, forward_step, microbatches, forward_only=True)
@@ -223,7 +224,7 @@ def rl_pass(
 
     def forward_step(data_iterator, model):
         batch = _on_device(next(data_iterator))
-        logits = forward_logits(model, batch["tokens"], _positions(batch["tokens"]))
+        logits = forward_logits(model, batch["tokens"], position_ids(batch["tokens"]))
         return logits, losses.make_rl_loss_func(
             batch["labels"],
             batch["old_logp"],

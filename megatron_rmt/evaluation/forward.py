@@ -24,7 +24,7 @@ from megatron_rmt.config import ModelConfig
 from megatron_rmt.entropy import vocab_parallel_ce_entropy
 from megatron_rmt.model import build_model, frozen
 from megatron_rmt.model.logits import forward_logits
-from megatron_rmt.step import run_schedule
+from megatron_rmt.step import position_ids, run_schedule
 
 
 def build_eval_model(model_cfg: ModelConfig, vocab_size: int, load: str | None) -> list:
@@ -77,7 +77,6 @@ def position_stats(
     def forward_step(data_iterator, chunk):
         batch = {k: v.to(platform.device()) for k, v in next(data_iterator).items()}
         tokens, mask = batch["tokens"], batch["mask"]
-        positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
 
         def loss_func(logits):  # [b, s, v/tp]
             loss, entropy = vocab_parallel_ce_entropy(
@@ -88,7 +87,7 @@ def position_stats(
                 report["argmax"] = vocab_parallel_argmax(logits[mask], vocab_size, tp_group).cpu()
             return logits.new_zeros(()), torch.ones((), dtype=torch.int), report
 
-        return forward_logits(chunk, tokens, positions), loss_func
+        return forward_logits(chunk, tokens, position_ids(tokens)), loss_func
 
     with torch.no_grad():
         reports = run_schedule(model, forward_step, microbatches, forward_only=True)
