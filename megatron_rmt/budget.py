@@ -4,8 +4,9 @@
   budget decays exponentially from B_0 to about gamma * B_0 at the last step.
 - Eq. 2: a triangle peaking at l = B_t: r_max * l / B_t up to B_t, r_max * (2 B_t - l) / B_t up
   to 2 B_t, 0 beyond. l is the number of tokens inside <think></think>.
-- The sampling cap must leave room for 2 B_t thinking tokens plus the answer, otherwise every
-  long-but-rewarded answer is truncated and scores nothing.
+- Responses are capped at max_response_tokens (the paper's fixed cap, 2048), which must leave
+  room for 2 B_0 thinking tokens plus the answer. `max_new_tokens` (2 B_t + answer) is the
+  cheaper opt-in cap (`--response-cap budget`, see problems.response_cap).
 """
 
 import math

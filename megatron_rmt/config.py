@@ -124,6 +124,12 @@ class RMTConfig:
     rollout_temperature: float = _f(1.0, "sampling temperature")
     rollout_top_p: float = _f(1.0, "nucleus sampling p")
     max_response_tokens: int = _f(2048, "sampling cap; must exceed 2*B_0 plus the answer")
+    response_cap: str = _f(
+        "fixed",
+        "fixed: every response may use max_response_tokens (the paper); budget: at most "
+        "2*B_t + answer_tokens (cheaper, but a correct answer after a longer think scores 0)",
+        ("fixed", "budget"),
+    )
     answer_tokens: int = _f(16, "room after </think> for the boxed answer")
     kl_beta: float = _f(0.0, "KL penalty weight beta")
     kl_estimator: str = _f("k3", "KL estimator", ("k1", "k3"))
@@ -317,10 +323,10 @@ def validate(cfg: Config, world_size: int) -> None:
         )
     if r.rmt_variant not in ("ntp", "rpt", "no_dtb"):
         need = 2 * r.budget_initial + r.answer_tokens
-        if r.max_response_tokens < need:
+        if r.max_response_tokens < need:  # either cap: Eq. 2 rewards thinks up to 2 B_0 long
             problems.append(
                 f"max_response_tokens {r.max_response_tokens} is below 2*B_0 + answer_tokens = "
-                f"{need}: every over-budget answer would be truncated"
+                f"{need}: answers after a think Eq. 2 still rewards would be truncated"
             )
     problems += _validate_rmt(r)
     if cfg.rollout.rollout_url and not cfg.rollout.weight_sync_dir:

@@ -229,6 +229,7 @@ def run(args, cfg: config.Config, engine: RolloutEngine | None = None) -> dict:
             "temperature": cfg.rmt.rollout_temperature,
             "top_p": cfg.rmt.rollout_top_p,
             "max_response_tokens": cfg.rmt.max_response_tokens,
+            "response_cap": cfg.rmt.response_cap,  # problems.response_cap, as in training
             "engine": "vllm" if cfg.rollout.rollout_url else "embedded",
         },
         "ntp": report.summarize_ntp(levels, rows["ntp_correct"], rows["ntp_loss"]),

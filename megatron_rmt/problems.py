@@ -63,13 +63,21 @@ def make_requests(
     """One request of G samples per problem; `budget` None leaves the budget sentence out.
     `first` is the index of problems[0] in the step: the sampling seed follows the index, so a
     step's requests are the same whether built at once or a microbatch at a time."""
-    cap = rmt.max_response_tokens
-    if budget is not None:
-        cap = min(cap, budget_mod.max_new_tokens(budget, rmt.answer_tokens))
     prompt_ids = [
         prompts.build_prompt_ids(tokenizer, template, p.prefix_ids, budget) for p in problems
     ]
-    return sample_requests(prompt_ids, cap, rmt, seed, first)
+    return sample_requests(prompt_ids, response_cap(rmt, budget), rmt, seed, first)
+
+
+def response_cap(rmt, budget: int | None) -> int:
+    """Most tokens a response may have (training and evaluation alike). `fixed` (default, the
+    paper's): max_response_tokens, so a correct answer after a think longer than 2 B_t still
+    earns (1 - w) r_match, only its length reward is 0. `budget`: also at most 2 B_t +
+    answer_tokens, which bounds sampling cost as B_t decays but truncates such an answer
+    before `</think>` (it scores 0). Without a budget both are max_response_tokens."""
+    if rmt.response_cap == "budget" and budget is not None:
+        return min(rmt.max_response_tokens, budget_mod.max_new_tokens(budget, rmt.answer_tokens))
+    return rmt.max_response_tokens
 
 
 def sample_requests(

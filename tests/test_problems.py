@@ -1,11 +1,18 @@
 """Chosen positions -> problems -> scored responses -> RL microbatches, on real GPT-2 tokens."""
 
+import pytest
 import torch
 from conftest import ROOT
 
 from megatron_rmt import prompts
 from megatron_rmt.config import RMTConfig
-from megatron_rmt.problems import Problem, problems_from_selection, rl_microbatches, score
+from megatron_rmt.problems import (
+    Problem,
+    make_requests,
+    problems_from_selection,
+    rl_microbatches,
+    score,
+)
 from megatron_rmt.rollout.contract import RolloutRequest, RolloutResult
 from megatron_rmt.tokenizer import build_tokenizer
 
@@ -49,6 +56,24 @@ def test_budget_template_scores_match_and_length():
     assert s.match.tolist() == [[1.0, 0.0]]
     assert s.think_tokens[0, 0] == 2 and s.length[0, 0] == 1.0  # exactly B_t thinking tokens
     assert s.rewards[0, 1] == 0.0  # unclosed think block: nothing
+
+
+@pytest.mark.parametrize("cap,reward", [("fixed", 0.9), ("budget", 0.0)])
+def test_correct_answer_after_a_long_think_under_each_response_cap(cap, reward):
+    """B_t = 4, a 3 B_t think then the right answer: Eq. 2 gives no length reward, the match
+    still counts (1 - w) with the paper's fixed cap; the 2 B_t + answer cap cuts it first."""
+    paris = TOK.encode(" Paris")
+    problem = Problem(TOK.encode("The capital of France is"), paris[0], paris, 2.0, 2)
+    rmt = RMTConfig(answer_tokens=4, max_response_tokens=64, response_cap=cap, group_size=2)
+    template = prompts.load_template("ntr_base")
+    (req,) = make_requests([problem], TOK, template, 4, rmt, seed=0)
+    response = TOK.encode(" x" * 12 + "</think> \\boxed{Paris}")  # 12 = 3 B_t think tokens
+    sampled = [response[: req.max_tokens]] * req.n  # an engine honours max_tokens
+    result = RolloutResult(sampled, [[0.0] * len(sampled[0])] * req.n, 0)
+    s = score([problem], [result], TOK, template, 4, rmt, prefix_match=False)
+    assert req.max_tokens == (64 if cap == "fixed" else 2 * 4 + 4)
+    assert s.rewards.tolist() == [[pytest.approx(reward)] * 2]
+    assert s.length.tolist() == [[0.0, 0.0]]
 
 
 def test_rl_microbatch_masks_exactly_the_response_labels():
