@@ -130,14 +130,15 @@ def score_responses(
     reward: Callable[[int, str, int], rewards.RewardParts],
 ) -> Scored:
     """Score every response of every request with `reward(request index, text, thinking
-    tokens)`, where text is the template's response prefix + the sampled text."""
+    tokens)`, where text is the template's response prefix + the sampled text and thinking
+    tokens are counted on the sampled ids (`think_tokens`)."""
     rows = []
     for i, result in enumerate(results):
         row = []
         for response in result.responses:
-            sampled = tokenizer.decode([t for t in response if t != tokenizer.eod])
-            text = template.response_prefix + sampled
-            think = len(tokenizer.encode(prompts.split_response(text)[0].strip()))
+            ids = [t for t in response if t != tokenizer.eod]
+            text = template.response_prefix + tokenizer.decode(ids)
+            think = think_tokens(tokenizer, ids, template.response_prefix)
             parts = reward(i, text, think)
             row.append(
                 (parts.total, parts.match, parts.length, think, len(response), not parts.parsed)
@@ -153,6 +154,30 @@ def score_responses(
         response_tokens=t[..., 4],
         unparsed=t[..., 5].bool(),
     )
+
+
+def think_tokens(tokenizer, sampled: list[int], prefix: str) -> int:
+    """Eq. 2's l: how many `sampled` ids the policy wrote inside the think block, which the
+    template's response `prefix` opens: those before the first token that spells part of the
+    last `</think>` of prefix + sampled text (the tag may span several tokens or share one with
+    the text before it). Counted on the ids, not by re-tokenising the text, which can merge or
+    split them differently. No closing tag: all of them; a tag inside the prefix only: 0.
+    Bisection on the decoded length of sampled[:i+1], which never decreases (a token ending
+    inside a UTF-8 character decodes to one U+FFFD, as the whole character would)."""
+    cut = (prefix + tokenizer.decode(sampled)).rfind(prompts.THINK_CLOSE)
+    if cut < 0:
+        return len(sampled)
+    start = cut - len(prefix)  # where the tag starts in the sampled text
+    if start < 0:
+        return 0
+    lo, hi = 0, len(sampled)  # the first i whose decoded sampled[:i+1] reaches `start`
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if len(tokenizer.decode(sampled[: mid + 1])) > start:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
 
 
 def rl_microbatches(

@@ -12,6 +12,7 @@ from megatron_rmt.problems import (
     problems_from_selection,
     rl_microbatches,
     score,
+    think_tokens,
 )
 from megatron_rmt.rollout.contract import RolloutRequest, RolloutResult
 from megatron_rmt.tokenizer import build_tokenizer
@@ -74,6 +75,35 @@ def test_correct_answer_after_a_long_think_under_each_response_cap(cap, reward):
     assert req.max_tokens == (64 if cap == "fixed" else 2 * 4 + 4)
     assert s.rewards.tolist() == [[pytest.approx(reward)] * 2]
     assert s.length.tolist() == [[0.0, 0.0]]
+
+
+def _one_token_each(text):
+    return [TOK.encode(c)[0] for c in text]  # a valid sampling, not the tokenizer's own split
+
+
+def test_think_length_is_the_sampled_count_not_a_retokenisation():
+    think = _one_token_each(" hello world")  # 12 sampled ids; re-encoded, " hello world" is 2
+    tag = _one_token_each("</think>")  # the tag spelt by 8 tokens
+    ids = think + tag + TOK.encode(" \\boxed{Paris}")
+    assert len(TOK.encode(TOK.decode(think))) == 2
+    assert think_tokens(TOK, ids, "\n<think>\n") == 12
+    result = RolloutResult([ids], [[0.0] * len(ids)], 0)
+    paris = TOK.encode(" Paris")
+    problem = Problem([1, 2], paris[0], paris, 2.0, 2)
+    template = prompts.load_template("ntr_base")
+    s = score([problem], [result], TOK, template, 12, RMTConfig(), prefix_match=False)
+    assert s.think_tokens.tolist() == [[12.0]] and s.length.tolist() == [[1.0]]  # l = B_t
+
+
+def test_think_length_edge_cases():
+    ids = TOK.encode(" a b.</think> x</think> \\boxed{y}")
+    last = TOK.decode(ids).rfind("</think>")
+    expected = next(i for i in range(len(ids)) if len(TOK.decode(ids[: i + 1])) > last)
+    assert think_tokens(TOK, ids, "<think>") == expected  # the last tag counts
+    assert think_tokens(TOK, TOK.encode(" a b c"), "<think>") == 3  # never closed: all
+    assert think_tokens(TOK, TOK.encode(" Paris}"), "<think></think>\\boxed{") == 0
+    split = TOK.encode("漢")  # three byte-level tokens for one character
+    assert len(split) == 3 and think_tokens(TOK, split + TOK.encode("</think>"), "") == 3
 
 
 def test_rl_microbatch_masks_exactly_the_response_labels():
