@@ -119,6 +119,7 @@ class RMTConfig:
     budget_gamma: float = _f(0.2, "budget decay factor gamma")
     length_reward_weight: float = _f(0.1, "w in r = (1-w) r_match + w r_len")
     length_reward_max: float = _f(1.0, "r_max of the length reward")
+    match_fold_case: bool = _f(False, "r_match ignores case ('paris' matches ' Paris')")
     ntp_weight: float = _f(0.1, "lambda in L = L_RL + lambda L_NTP")
     group_size: int = _f(8, "G responses per chosen position")
     rollout_temperature: float = _f(1.0, "sampling temperature")

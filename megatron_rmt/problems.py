@@ -117,8 +117,10 @@ def score(
     def reward(i: int, text: str, think: int) -> rewards.RewardParts:
         if prefix_match:
             return rewards.rpt_reward(text, continuations[i])
-        w, r_max = rmt.length_reward_weight, rmt.length_reward_max
-        return rewards.next_token_reward(text, targets[i], think, budget, w=w, r_max=r_max)
+        w, r_max, fold = rmt.length_reward_weight, rmt.length_reward_max, rmt.match_fold_case
+        return rewards.next_token_reward(
+            text, targets[i], think, budget, w=w, r_max=r_max, fold_case=fold
+        )
 
     return score_responses(results, tokenizer, template, reward)
 

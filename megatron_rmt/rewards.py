@@ -4,7 +4,7 @@ Choices the paper leaves open, and why:
 - Match normalisation: surrounding whitespace is stripped from prediction and target, since the
   model cannot reliably write a leading space inside `\\boxed{}` and most BPE tokens carry one
   (" Paris"). Case matters by default ("Paris" and "paris" are different tokens); `fold_case`
-  folds it. A whitespace-only target is matched only by an empty box.
+  (`--match-fold-case`) folds it. The prefix reward never folds case (RPT's is byte-exact). A whitespace-only target is matched only by an empty box.
 - Prefix reward (RPT): the prediction's UTF-8 bytes must equal the bytes of the first k true
   continuation tokens for some k >= 1, so it ends on a real token boundary; same whitespace
   normalisation. Works on bytes because byte-level BPE tokens can split a character.

@@ -77,6 +77,17 @@ def test_correct_answer_after_a_long_think_under_each_response_cap(cap, reward):
     assert s.length.tolist() == [[0.0, 0.0]]
 
 
+@pytest.mark.parametrize("fold,match", [(False, 0.0), (True, 1.0)])
+def test_match_fold_case_reaches_the_reward(fold, match):
+    paris = TOK.encode(" Paris")
+    problem = Problem([1, 2], paris[0], paris, 2.0, 2)
+    result = RolloutResult([TOK.encode(" a</think> \\boxed{paris}")], [[0.0]], 0)
+    template = prompts.load_template("ntr_base")
+    rmt = RMTConfig(match_fold_case=fold)
+    s = score([problem], [result], TOK, template, None, rmt, prefix_match=False)
+    assert s.match.tolist() == [[match]]
+
+
 def _one_token_each(text):
     return [TOK.encode(c)[0] for c in text]  # a valid sampling, not the tokenizer's own split
 
