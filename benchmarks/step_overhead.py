@@ -84,13 +84,14 @@ def main() -> None:
     mbs = [next(run.data) for _ in range(run.cfg.num_microbatches)]
     r = run.cfg.rmt
     sel = step.Selector(
-        "curriculum",
-        (0.5, 0.4, 0.1),
-        r.positions_per_sequence,
-        tuple(r.entropy_thresholds),
-        run.tokenizer.eod,
-        r.min_context,
-        0,
+        mode="curriculum",
+        probs=(0.5, 0.4, 0.1),
+        k_per_unit=r.positions_per_sequence,
+        thresholds=tuple(r.entropy_thresholds),
+        eod_id=run.tokenizer.eod,
+        min_context=r.min_context,
+        seed=0,
+        unit=r.position_unit,
     )
     passes = {
         "NTP, Megatron CE": lambda: megatron_ce_pass(run.trainable, mbs),

@@ -109,7 +109,13 @@ class RMTConfig:
     entropy_thresholds: list[float] = _f([0.5, 1.0, 1.5], "easy/medium/hard cut-offs in nats")
     bucket_mode: str = _f("fixed", "fixed thresholds or per-batch quantiles", ("fixed", "quantile"))
     min_context: int = _f(16, "document tokens a position needs before it to be a candidate")
-    positions_per_sequence: int = _f(1, "RL positions chosen per sequence")
+    positions_per_sequence: int = _f(1, "RL positions chosen per position_unit")
+    position_unit: str = _f(
+        "document",
+        "what positions_per_sequence counts per: each document of a packed window (the paper) "
+        "or the whole window",
+        ("document", "window"),
+    )
     curriculum_start: list[float] = _f([0.5, 0.4, 0.1], "p(easy, medium, hard) before t1")
     curriculum_end: list[float] = _f([0.1, 0.3, 0.6], "p(easy, medium, hard) after t2")
     curriculum_t1: float = _f(0.3, "curriculum start of transition, fraction of T")
@@ -138,6 +144,8 @@ class RMTConfig:
     loss_aggregation: str = _f("token", "policy-loss aggregation", ("token", "sequence"))
     advantage_delta: float = _f(1e-6, "delta in A = (r - mean) / (std + delta)")
     prompt_template: str = _f("ntr_base", "next-token-reasoning template name")
+    rpt_entropy_threshold: float = _f(0.5, "RPT: train on every candidate with entropy >= this")
+    rpt_max_positions: int = _f(0, "RPT: at most this many positions per position_unit (0: all)")
     entropy_chunk_tokens: int = _f(1024, "tokens per chunk of the fused CE+entropy")
 
 
@@ -359,6 +367,10 @@ def _validate_rmt(r: RMTConfig) -> list[str]:
         problems.append("budget_gamma must be in (0, 1]")
     if r.group_size < 2:
         problems.append("group_size must be at least 2 (GRPO compares samples in a group)")
+    if r.positions_per_sequence < 1:
+        problems.append("positions_per_sequence must be at least 1")
+    if r.rpt_max_positions < 0:
+        problems.append("rpt_max_positions must be >= 0 (0: every position RPT's filter keeps)")
     return problems
 
 

@@ -25,7 +25,7 @@ class Problem:
     target_id: int  # token j+1
     continuation_ids: list[int]  # tokens j+1, j+2, ... within the window
     entropy: float  # predictive entropy at j (nats)
-    level: int  # 0 easy, 1 medium, 2 hard
+    level: int  # 0 easy, 1 medium, 2 hard (NOT_CANDIDATE: an RPT position below tau_easy)
 
 
 @dataclass(frozen=True)

@@ -11,13 +11,18 @@ Paper section 4.2 (curriculum-based adaptive sampling, CAS) with the choices it 
 - Curriculum (Eq. 4): p(t) = p^{t1} before t1, linear to p^{t2} between t1 and t2, p^{t2} after;
   defaults (0.5, 0.4, 0.1) -> (0.1, 0.3, 0.6) at 30% and 70% of training (the paper's t1, t2;
   it does not publish the vectors).
-- Sampling draws k positions per sequence without replacement: a level from p(t) renormalised
+- Sampling draws k positions per unit without replacement: a level from p(t) renormalised
   over the levels that still have candidates, then a position uniformly inside it. Fewer than k
   candidates: all are taken. Everything random comes from an explicit `torch.Generator`, so ranks
   seeded alike draw the same positions from the same levels.
-- Ablations: `uniform` (without CAS) draws k uniformly among all candidates; `all` (the RPT
-  baseline) keeps every candidate and only caps the count at k, by the same uniform draw. The two
-  share one sampler and differ in the k the configuration passes (RPT: every candidate).
+- The unit (`unit_ids`) is a document (the paper's reading: its positions are drawn per text)
+  or a whole packed window. Documents are told apart by `context_len` (1 at a window's first
+  position and after every EOD), so a document cut by a window boundary is one unit in each
+  window it reaches.
+- Ablation `uniform` (without CAS) draws k uniformly among all candidates of a unit.
+- Baseline RPT (`rpt_positions`) trains on every candidate its own entropy filter keeps
+  (entropy >= its threshold, no levels, no curriculum), optionally capped per unit by a uniform
+  draw to bound a step's rollouts.
 """
 
 import torch
@@ -89,18 +94,42 @@ def curriculum_probs(
     return tuple((1 - tau) * a + tau * b for a, b in zip(p_t1, p_t2, strict=True))
 
 
+def unit_ids(context_len: torch.Tensor, unit: str) -> torch.Tensor:
+    """`[b, s]` int64: the selection unit of every position, numbered 0, 1, ... in reading
+    order. unit 'window': one per row; 'document': a new one wherever `context_len` is 1."""
+    if unit == "window":
+        starts = torch.zeros_like(context_len, dtype=torch.bool)
+        starts[:, 0] = True
+    elif unit == "document":
+        starts = context_len == 1
+    else:
+        raise ValueError(f"unknown position unit {unit!r}")
+    return (starts.flatten().cumsum(0) - 1).view(context_len.shape)
+
+
+def _spans(shape: torch.Size, units: torch.Tensor | None) -> list[torch.Tensor]:
+    """Flat position indices of each unit (rows when `units` is None), in unit order."""
+    b, s = shape
+    if units is None:
+        return list(torch.arange(b * s).view(b, s))
+    counts = torch.unique_consecutive(units.flatten().cpu(), return_counts=True)[1]
+    return list(torch.arange(b * s).split(counts.tolist()))
+
+
 def sample_positions(
     levels: torch.Tensor,  # [b, s] int, NOT_CANDIDATE or a level
     probs: tuple[float, float, float],
-    k_per_sequence: int,
+    k: int,
     generator: torch.Generator,
+    units: torch.Tensor | None = None,  # [b, s] from unit_ids; None: one unit per row
 ) -> torch.Tensor:
-    """CAS: `[b, s]` bool mask of up to k positions per sequence (level first, then position)."""
-    chosen = torch.zeros(levels.shape, dtype=torch.bool)
+    """CAS: `[b, s]` bool mask of up to k positions per unit (level first, then position)."""
+    flat = levels.flatten().cpu()
+    chosen = torch.zeros(flat.shape, dtype=torch.bool)
     weights = torch.tensor(probs, dtype=torch.float64)
-    for row, row_levels in enumerate(levels.cpu()):
-        pools = [(row_levels == d).nonzero().flatten().tolist() for d in range(len(probs))]
-        for _ in range(k_per_sequence):
+    for span in _spans(levels.shape, units):
+        pools = [span[flat[span] == d].tolist() for d in range(len(probs))]
+        for _ in range(k):
             alive = torch.tensor([len(p) > 0 for p in pools], dtype=torch.float64)
             if alive.sum() == 0:
                 break
@@ -109,34 +138,51 @@ def sample_positions(
             level = torch.multinomial(w if w.sum() > 0 else alive, 1, generator=generator).item()
             pool = pools[level]
             pick = torch.randint(len(pool), (1,), generator=generator).item()
-            chosen[row, pool.pop(pick)] = True
-    return chosen.to(levels.device)
+            chosen[pool.pop(pick)] = True
+    return chosen.view(levels.shape).to(levels.device)
 
 
 def sample_uniform(
-    levels: torch.Tensor,  # [b, s] int
-    k_per_sequence: int,
+    pool: torch.Tensor,  # [b, s] bool
+    k: int,
     generator: torch.Generator,
+    units: torch.Tensor | None = None,  # [b, s] from unit_ids; None: one unit per row
 ) -> torch.Tensor:
-    """`[b, s]` bool: k candidates per sequence uniformly at random (all of them if fewer)."""
-    chosen = torch.zeros(levels.shape, dtype=torch.bool)
-    for row, row_levels in enumerate(levels.cpu()):
-        pool = (row_levels != NOT_CANDIDATE).nonzero().flatten()
-        order = torch.randperm(pool.numel(), generator=generator)
-        chosen[row, pool[order[:k_per_sequence]]] = True
-    return chosen.to(levels.device)
+    """`[b, s]` bool: k `pool` positions per unit uniformly at random (all of them if fewer)."""
+    flat = pool.flatten().cpu()
+    chosen = torch.zeros(flat.shape, dtype=torch.bool)
+    for span in _spans(pool.shape, units):
+        inside = span[flat[span]]
+        order = torch.randperm(inside.numel(), generator=generator)
+        chosen[inside[order[:k]]] = True
+    return chosen.view(pool.shape).to(pool.device)
+
+
+def rpt_positions(
+    entropy: torch.Tensor,  # [b, s]
+    candidates: torch.Tensor,  # [b, s] bool
+    threshold: float,
+    cap: int,
+    generator: torch.Generator,
+    units: torch.Tensor | None = None,  # [b, s] from unit_ids; None: one unit per row
+) -> torch.Tensor:
+    """RPT: `[b, s]` bool, every candidate with entropy >= `threshold`; `cap` > 0 keeps a
+    uniform draw of `cap` of them in a unit that has more (0: no cap)."""
+    kept = candidates & (entropy >= threshold)
+    return sample_uniform(kept, cap, generator, units) if cap > 0 else kept
 
 
 def select_positions(
     levels: torch.Tensor,  # [b, s] int
     mode: str,
     probs: tuple[float, float, float],
-    k_per_sequence: int,
+    k: int,
     generator: torch.Generator,
+    units: torch.Tensor | None = None,  # [b, s] from unit_ids; None: one unit per row
 ) -> torch.Tensor:
-    """`[b, s]` bool mask C. mode: 'curriculum' (CAS), 'uniform' (without CAS), 'all' (RPT)."""
+    """`[b, s]` bool mask C, k per unit. mode: 'curriculum' (CAS), 'uniform' (without CAS)."""
     if mode == "curriculum":
-        return sample_positions(levels, probs, k_per_sequence, generator)
-    if mode in ("uniform", "all"):
-        return sample_uniform(levels, k_per_sequence, generator)
+        return sample_positions(levels, probs, k, generator, units)
+    if mode == "uniform":
+        return sample_uniform(levels != NOT_CANDIDATE, k, generator, units)
     raise ValueError(f"unknown selection mode {mode!r}")

@@ -33,13 +33,15 @@ from megatron_rmt.problems import Problem, problems_from_selection
 class Selector:
     """How the NTP pass picks RL positions this step (None mode: plain NTP, nothing picked)."""
 
-    mode: str | None  # "curriculum", "uniform", "all" or None
+    mode: str | None  # "curriculum", "uniform", "all" (RPT) or None
     probs: tuple[float, float, float]
-    k_per_sequence: int
+    k_per_unit: int  # positions per unit; for "all", the cap per unit (0: every kept position)
     thresholds: tuple[float, float, float] | None  # None: per-microbatch quantiles
     eod_id: int
     min_context: int
     seed: int
+    unit: str = "window"  # "document" or "window" (selection.unit_ids)
+    rpt_threshold: float = 0.5  # "all": RPT's entropy filter, nats
 
 
 @dataclass
@@ -147,7 +149,13 @@ def _choose(batch: dict, entropy: torch.Tensor, sel: Selector):
     levels = selection.difficulty_levels(entropy, cand, thresholds)
     # Seeded by the samples themselves: every TP rank (and a resumed run) draws the same C.
     gen = torch.Generator().manual_seed(sel.seed * 1_000_003 + int(batch["sample_ids"][0]))
-    chosen = selection.select_positions(levels, sel.mode, sel.probs, sel.k_per_sequence, gen)
+    units = selection.unit_ids(batch["context_len"], sel.unit)
+    if sel.mode == "all":  # RPT: levels are only reported (NOT_CANDIDATE below tau_easy)
+        chosen = selection.rpt_positions(
+            entropy, cand, sel.rpt_threshold, sel.k_per_unit, gen, units
+        )
+    else:
+        chosen = selection.select_positions(levels, sel.mode, sel.probs, sel.k_per_unit, gen, units)
     return chosen, levels
 
 

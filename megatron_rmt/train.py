@@ -265,14 +265,17 @@ def _schedule(run: Run, variant, t: int):
     probs = selection.curriculum_probs(
         t, T, r.curriculum_start, r.curriculum_end, r.curriculum_t1, r.curriculum_t2
     )
+    rpt = variant.selection == "all"
     selector = step.Selector(
         mode=variant.selection,
         probs=probs,
-        k_per_sequence=r.positions_per_sequence,
+        k_per_unit=r.rpt_max_positions if rpt else r.positions_per_sequence,
         thresholds=tuple(r.entropy_thresholds) if r.bucket_mode == "fixed" else None,
         eod_id=run.tokenizer.eod,
         min_context=r.min_context,
         seed=run.cfg.parallel.seed + t,
+        unit=r.position_unit,
+        rpt_threshold=r.rpt_entropy_threshold,
     )
     return budget, probs, selector
 

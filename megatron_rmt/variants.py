@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Variant:
-    selection: str | None  # "curriculum" (CAS), "uniform", "all" (RPT) or None (no RL)
+    selection: str | None  # "curriculum" (CAS), "uniform", "all" (RPT's filter) or None
     budget: bool  # dynamic token budget: budget sentence + length reward
     prefix_reward: bool  # RPT's byte-prefix reward instead of exact token match
     ntp: bool  # token-inclusive NTP loss on the positions not in C

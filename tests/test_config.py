@@ -90,6 +90,7 @@ def test_config_is_frozen_and_round_trips_through_yaml():
             "below 2*B_0 + answer_tokens",
         ),
         (["--curriculum-start", "0.5", "0.5", "0.5"], 1, "summing to 1"),
+        (["--rpt-max-positions", "-1"], 1, "rpt_max_positions must be >= 0"),
         (["--lr-decay-style", "WSD"], 1, "WSD needs lr_wsd_decay_iters"),
     ],
 )
@@ -122,6 +123,16 @@ def test_shipped_configs_parse(path):
     world = par.get("tensor_model_parallel_size", 1) * par.get("pipeline_model_parallel_size", 1)
     cfg = parse(["--config", path], world_size=world)
     assert cfg.model.num_layers > 0
+
+
+def test_defaults_follow_the_paper():
+    r = parse([], world_size=1).rmt
+    assert (r.response_cap, r.position_unit, r.match_fold_case) == ("fixed", "document", False)
+    paper = parse(["--config", os.path.join(ROOT, "configs", "qwen3_14b.yaml")], world_size=8)
+    assert (paper.rmt.response_cap, paper.rmt.position_unit) == ("fixed", "document")
+    rpt = os.path.join(ROOT, "configs", "variants", "rpt.yaml")
+    r = parse(["--config", rpt], world_size=1).rmt
+    assert (r.rmt_variant, r.rollout_temperature, r.max_response_tokens) == ("rpt", 0.8, 8192)
 
 
 def test_negative_named_switches_turn_on():

@@ -10,8 +10,10 @@ from megatron_rmt.selection import (
     curriculum_probs,
     difficulty_levels,
     quantile_thresholds,
+    rpt_positions,
     sample_positions,
     select_positions,
+    unit_ids,
 )
 
 EOD = 0
@@ -99,13 +101,55 @@ def test_sampler_is_uniform_within_a_level():
     assert freq[4] == 0  # zero-probability level while another has candidates
 
 
-@pytest.mark.parametrize("mode", ["uniform", "all"])
-def test_uniform_modes_cap_at_k_over_all_candidates(mode):
+def test_uniform_mode_caps_at_k_over_all_candidates():
     levels = torch.full((3, 20), NOT_CANDIDATE)
     levels[0, :12] = 2
     levels[1, 5:8] = 0
-    got = select_positions(levels, mode, (1.0, 0.0, 0.0), 4, gen())
+    got = select_positions(levels, "uniform", (1.0, 0.0, 0.0), 4, gen())
     assert got.sum(dim=1).tolist() == [4, 3, 0]
     assert (levels[got] != NOT_CANDIDATE).all()
     with pytest.raises(ValueError):
-        select_positions(levels, "bogus", (1.0, 0.0, 0.0), 4, gen())
+        select_positions(levels, "all", (1.0, 0.0, 0.0), 4, gen())  # RPT: rpt_positions
+
+
+# Two rows: row 0 packs documents A (0..3), B (4..8, after the EOD at 3), C (9..11);
+# row 1 is one document (a piece that began in an earlier window).
+TOKENS = torch.tensor([[5, 6, 7, EOD, 8, 9, 4, 3, EOD, 6, 7, 8], [9] * 12])
+CONTEXT = context_lengths(TOKENS, EOD)
+
+
+def test_unit_ids_number_documents_and_windows_in_reading_order():
+    docs = [[0] * 4 + [1] * 5 + [2] * 3, [3] * 12]
+    assert unit_ids(CONTEXT, "document").tolist() == docs
+    assert unit_ids(CONTEXT, "window").tolist() == [[0] * 12, [1] * 12]
+    with pytest.raises(ValueError):
+        unit_ids(CONTEXT, "sentence")
+
+
+@pytest.mark.parametrize("mode", ["curriculum", "uniform"])
+def test_document_unit_picks_k_per_document(mode):
+    levels = torch.randint(0, 3, TOKENS.shape, generator=gen(5))
+    levels[0, 9:] = NOT_CANDIDATE  # document C has no candidates
+    units = unit_ids(CONTEXT, "document")
+    for seed in range(20):
+        got = select_positions(levels, mode, (0.3, 0.3, 0.4), 2, gen(seed), units)
+        per_doc = [int(got[units == u].sum()) for u in range(4)]
+        assert per_doc == [2, 2, 0, 2]
+        assert (levels[got] != NOT_CANDIDATE).all()
+        window = select_positions(levels, mode, (0.3, 0.3, 0.4), 2, gen(seed))
+        assert window.sum(dim=1).tolist() == [2, 2]  # per window: 2 in the whole row
+
+
+def test_rpt_trains_on_every_position_its_filter_keeps():
+    entropy = torch.rand(TOKENS.shape, generator=gen(6)) * 2
+    cand = candidate_mask(CONTEXT, torch.ones(TOKENS.shape), TOKENS, TOKENS, eod_id=EOD,
+                          min_context=1)  # fmt: skip
+    units = unit_ids(CONTEXT, "document")
+    got = rpt_positions(entropy, cand, 0.8, 0, gen(), units)
+    expected = [[bool(c and h >= 0.8) for c, h in zip(cr, hr, strict=True)]
+                for cr, hr in zip(cand.tolist(), entropy.tolist(), strict=True)]  # fmt: skip
+    assert got.tolist() == expected and got.sum() > 4
+    capped = rpt_positions(entropy, cand, 0.8, 1, gen(), units)
+    for u in range(4):  # the cap: at most one kept position per document, one if any
+        assert int(capped[units == u].sum()) == min(1, int(got[units == u].sum()))
+    assert (capped <= got).all()

@@ -118,8 +118,10 @@ def variants_one_step(argv_base):
 def test_variant_switches(tiny_corpus, tmp_path):
     m = spawn(variants_one_step, 1, args=(_flags(tiny_corpus),))[0]
     windows = 4 * 128
-    for v in ("rmt", "no_dtb", "no_cas", "no_ntp", "rpt"):
-        assert m[v]["rl_positions"] == 4, v  # one position per sequence
+    for v in ("rmt", "no_dtb", "no_cas", "no_ntp"):
+        assert m[v]["rl_positions"] == 4, v  # one position per window (tiny_cpu.yaml)
+    # RPT: every candidate its entropy filter keeps (a random model is uncertain everywhere).
+    assert m["rpt"]["rl_positions"] > 4 * 50
     assert m["ntp"]["rl_positions"] == 0 and m["ntp"]["rl_tokens"] == 0
     # NTP masks exactly the chosen positions; the plain-NTP run trains on all of them.
     assert m["rmt"]["ntp_tokens"] == m["ntp"]["ntp_tokens"] - 4
@@ -129,10 +131,11 @@ def test_variant_switches(tiny_corpus, tmp_path):
     assert m["rmt"]["zero_adv_share"] == 0
     assert m["no_dtb"]["budget"] == 0 and m["no_dtb"]["reward_length"] == 0
     assert m["no_dtb"]["zero_adv_share"] == 1 and m["no_dtb"]["rl_tokens_trained"] == 0
-    assert m["rpt"]["zero_adv_share"] == 1 and m["rpt"]["budget"] == 0
+    assert m["rpt"]["budget"] == 0 and m["rpt"]["reward_length"] == 0
+    # "\\boxed{x}" prefix-matches only where the text goes on with "x": most groups tie.
+    assert 0.9 < m["rpt"]["zero_adv_share"] < 1
     # Without NTP (and RPT) the NTP pass is forward-only: the loss is measured, not trained.
     assert m["no_ntp"]["rl_tokens_trained"] > 0
-    assert m["rpt"]["grad_norm"] == 0.0  # no NTP gradient and all-zero advantages
     assert m["ntp"]["grad_norm"] > 0 and m["rmt"]["grad_norm"] > 0
 
 
