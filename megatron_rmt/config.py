@@ -83,6 +83,11 @@ class DataConfig:
     tokenizer_model: str | None = _f(None, "HF tokenizer directory")
     vocab_file: str | None = _f(None, "GPT-2 vocab.json")
     merge_file: str | None = _f(None, "GPT-2 merges.txt")
+    eod_token: str = _f(
+        "endoftext",
+        "document separator the shards use: <|endoftext|> (ours) or eos_token (Megatron-LM's)",
+        ("endoftext", "eos"),
+    )
     micro_batch_size: int = _f(1, "sequences per microbatch")
     global_batch_size: int = _f(8, "sequences per optimizer step, all DP ranks")
     data_cache_path: str | None = _f(None, "where dataset index caches are written")

@@ -13,6 +13,10 @@ Deliberate choices:
 - Document boundaries come from EOD tokens (shards are built with `--append-eod`), the same
   signal Megatron's reset_position_ids uses: `context_len[j]` counts same-document tokens up to
   and including position j, restarting at 1 after an EOD and at the window start.
+- The shards' EOD must be the tokenizer's (`--eod-token`, see tokenizer.py): a shard whose first
+  document ends with the id of the other choice (e.g. Megatron-LM's `<|im_end|>` for Qwen3) is
+  refused with the flag to set, since one run has one EOD id (its boundaries, candidate masks,
+  loss mask). Shards built with different EODs cannot be blended: rebuild one.
 - `loss_mask` is GPTDataset's with `eod_mask_loss`: 0 where the input token is EOD (its label is
   the next document's first token, which no context predicts) and where the label is padding.
 - Every rank builds the dataset (each replica rank reads its own windows); the builder lets
@@ -70,6 +74,7 @@ def build_train_dataset(
     """The training split of the (blended) corpus: at least `num_samples` windows of
     `seq_length` tokens (+1 for the shifted labels). `tokenizer` needs `eod` and `vocab_size`."""
     prefixes, weights = parse_data_path(data_path)
+    check_eod(prefixes, tokenizer)
     config = GPTDatasetConfig(
         random_seed=seed,
         sequence_length=seq_length,
@@ -94,6 +99,25 @@ def build_train_dataset(
             f"{num_samples} requested (split={split!r})"
         )
     return train
+
+
+def check_eod(prefixes: list[str], tokenizer) -> None:
+    """Refuse shards whose first document ends with another `eod_token` choice's id than the
+    tokenizer's EOD (`tokenizer.eod_choices`); shards without EODs are not checked here."""
+    others = {i: name for name, i in getattr(tokenizer, "eod_choices", {}).items()}
+    others.pop(tokenizer.eod, None)
+    for prefix in prefixes:
+        shard = IndexedDataset(prefix)
+        if len(shard.document_indices) < 2 or len(shard) == 0:
+            continue
+        tail = shard[int(shard.document_indices[1]) - 1]  # document 0's last sequence
+        last = int(tail[-1]) if len(tail) else None
+        if last in others:
+            raise ValueError(
+                f"{prefix}: documents end with id {last}, the EOD of --eod-token "
+                f"{others[last]}, but this run's EOD is {tokenizer.eod}: train with "
+                f"--eod-token {others[last]} or rebuild the shard (docs/data.md)"
+            )
 
 
 @contextlib.contextmanager

@@ -15,8 +15,11 @@ Deliberate choices:
   written against a transformers tokenizer works with this one.
   Special-token text inside a document (e.g. a literal `<|endoftext|>`) is matched as the special
   token, as Hugging Face tokenizers and Megatron-LM's HuggingFaceTokenizer do.
-- `eod` is `<|endoftext|>` when the vocabulary has it (Qwen3, GPT-2, SmolLM2), else the
-  tokenizer's `eos_token`.
+- `eod` (`eod_token`): `endoftext` (default) is `<|endoftext|>` when the vocabulary has it
+  (Qwen3, GPT-2, SmolLM2), else the tokenizer's `eos_token`: the document separator these
+  models were pretrained with. `eos` is Megatron-LM's: a Hugging Face tokenizer's `eos_token`
+  (Qwen3: `<|im_end|>`, a chat turn's end), GPT-2's `<|endoftext|>`. Shards and trainer must
+  use the same one; `eod_choices` holds what each choice gives, to tell shards apart.
 - The object carries `vocab_size`, `eod` and `unique_identifiers` (part of the dataset index
   cache key), which is all megatron.core's GPTDataset asks of its tokenizer, so it is passed to
   GPTDatasetConfig as it is; no MegatronTokenizer subclass is needed.
@@ -28,14 +31,23 @@ import os
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 _EOD_TEXT = "<|endoftext|>"
+EOD_CHOICES = ("endoftext", "eos")
 
 
 class TextTokenizer:
     """Encode/decode text with a `tokenizers.Tokenizer`; see the module docstring."""
 
-    def __init__(self, backend: Tokenizer, eod: int, source: str, hf_dir: str | None = None):
+    def __init__(
+        self,
+        backend: Tokenizer,
+        eod: int,
+        source: str,
+        hf_dir: str | None = None,
+        eod_choices: dict[str, int] | None = None,
+    ):
         self._backend = backend
         self.eod = eod
+        self.eod_choices = eod_choices or {}  # eod_token choice -> the id it gives
         self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
         self.source = source  # the files it was built from, for cache keys and messages
         self._hf_dir = hf_dir
@@ -93,8 +105,12 @@ def build_tokenizer(
     tokenizer_model: str | None = None,
     vocab_file: str | None = None,
     merge_file: str | None = None,
+    eod_token: str = "endoftext",
 ) -> TextTokenizer:
-    """Build the tokenizer Megatron-LM's flags describe (`--tokenizer-type` and its files)."""
+    """Build the tokenizer Megatron-LM's flags describe (`--tokenizer-type` and its files);
+    `eod_token` picks the EOD id (module docstring)."""
+    if eod_token not in EOD_CHOICES:
+        raise ValueError(f"eod_token must be one of {EOD_CHOICES}, not {eod_token!r}")
     if tokenizer_type == "HuggingFaceTokenizer":
         if tokenizer_model is None:
             raise ValueError("HuggingFaceTokenizer needs --tokenizer-model DIR")
@@ -102,8 +118,10 @@ def build_tokenizer(
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no tokenizer.json in {tokenizer_model}")
         backend = Tokenizer.from_file(path)
-        eod = _find_eod(backend, tokenizer_model)
-        return TextTokenizer(backend, eod, os.path.abspath(path), hf_dir=tokenizer_model)
+        choices = _eod_choices(backend, tokenizer_model)
+        return TextTokenizer(
+            backend, _pick(choices, eod_token), os.path.abspath(path), tokenizer_model, choices
+        )
     if tokenizer_type == "GPT2BPETokenizer":
         if vocab_file is None or merge_file is None:
             raise ValueError("GPT2BPETokenizer needs --vocab-file and --merge-file")
@@ -112,7 +130,9 @@ def build_tokenizer(
         backend.decoder = decoders.ByteLevel()
         backend.add_special_tokens([_EOD_TEXT])  # already in vocab.json: marks it special
         source = f"{os.path.abspath(vocab_file)} + {os.path.abspath(merge_file)}"
-        return TextTokenizer(backend, _find_eod(backend, None), source)
+        eod = backend.token_to_id(_EOD_TEXT)  # Megatron-LM's GPT-2 EOD too
+        choices = dict.fromkeys(EOD_CHOICES, eod)
+        return TextTokenizer(backend, eod, source, eod_choices=choices)
     raise ValueError(
         f"unknown tokenizer type {tokenizer_type!r}: use HuggingFaceTokenizer or GPT2BPETokenizer"
     )
@@ -126,20 +146,27 @@ def _read_config(hf_dir: str) -> dict:
         return json.load(f)
 
 
-def _find_eod(backend: Tokenizer, hf_dir: str | None) -> int:
-    eod = backend.token_to_id(_EOD_TEXT)
-    if eod is not None:
-        return eod
-    eos = _read_config(hf_dir).get("eos_token") if hf_dir else None
+def _eod_choices(backend: Tokenizer, hf_dir: str) -> dict[str, int]:
+    """The EOD id of each `eod_token` choice this tokenizer supports."""
+    eos = _read_config(hf_dir).get("eos_token")
     if isinstance(eos, dict):  # older configs store AddedToken objects
         eos = eos.get("content")
-    eod = backend.token_to_id(eos) if eos else None
-    if eod is None:
-        raise ValueError(f"tokenizer has neither {_EOD_TEXT} nor an eos_token to use as EOD")
-    return eod
+    eos_id = backend.token_to_id(eos) if eos else None
+    text_id = backend.token_to_id(_EOD_TEXT)
+    choices = {"endoftext": text_id if text_id is not None else eos_id, "eos": eos_id}
+    return {name: i for name, i in choices.items() if i is not None}
+
+
+def _pick(choices: dict[str, int], eod_token: str) -> int:
+    if eod_token not in choices:
+        wanted = "an eos_token" if eod_token == "eos" else f"{_EOD_TEXT} or an eos_token"
+        raise ValueError(f"tokenizer has no {wanted} to use as EOD (--eod-token {eod_token})")
+    return choices[eod_token]
 
 
 def tokenizer_of(data_cfg) -> TextTokenizer:
     """The tokenizer the config's data flags name (`config.DataConfig`)."""
     d = data_cfg
-    return build_tokenizer(d.tokenizer_type, d.tokenizer_model, d.vocab_file, d.merge_file)
+    return build_tokenizer(
+        d.tokenizer_type, d.tokenizer_model, d.vocab_file, d.merge_file, d.eod_token
+    )

@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 from tokenizers import Tokenizer
 
@@ -245,3 +246,38 @@ def test_tokenizer_decode_and_chat_template():
     assert text.startswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
     assert tok.apply_chat_template(messages, tokenize=False, enable_thinking=False) == text
     assert tok.token_text(prompt[0]) == "<|im_start|>"  # a special token, not its spelling
+
+
+@needs_assets
+def test_eod_token_ours_or_megatron_lms_and_the_trainer_must_agree(tmp_path):
+    """Default EOD is <|endoftext|>; --eod-token eos appends what Megatron-LM's tokenizer calls
+    EOD (its HuggingFaceTokenizer.eod, the eos_token <|im_end|>); a trainer with the other EOD
+    refuses the shard, one with the same EOD reads its document boundaries."""
+    from megatron.core.tokenizers.text.libraries.huggingface_tokenizer import (
+        HuggingFaceTokenizer as MegatronHF,
+    )
+
+    from megatron_rmt.config import parse
+    from megatron_rmt.data import check_eod, context_lengths
+    from megatron_rmt.tokenizer import tokenizer_of
+
+    bare = Tokenizer.from_file(os.path.join(QWEN3, "tokenizer.json"))
+    path = write_lines(tmp_path / "in.jsonl", [good("One."), good("Two.")])
+    run(path, tmp_path / "ours")
+    run(path, tmp_path / "mlm", "--eod-token", "eos")
+    ours = IndexedDataset(str(tmp_path / "ours_text_document"))
+    mlm = IndexedDataset(str(tmp_path / "mlm_text_document"))
+    assert ours[0][-1] == bare.token_to_id("<|endoftext|>")
+    assert mlm[0][-1] == MegatronHF(QWEN3).eod == bare.token_to_id("<|im_end|>")
+
+    flags = ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", QWEN3]
+    default = tokenizer_of(parse(flags).data)
+    eos = tokenizer_of(parse([*flags, "--eod-token", "eos"]).data)
+    assert (default.eod, eos.eod) == (ours[0][-1], mlm[0][-1])
+    with pytest.raises(ValueError, match="--eod-token eos"):
+        check_eod([str(tmp_path / "mlm_text_document")], default)
+    with pytest.raises(ValueError, match="--eod-token endoftext"):
+        check_eod([str(tmp_path / "ours_text_document")], eos)
+    check_eod([str(tmp_path / "mlm_text_document")], eos)
+    window = torch.tensor([np.concatenate([mlm[0], mlm[1]]).tolist()])
+    assert context_lengths(window, eos.eod)[0, len(mlm[0])] == 1  # doc 2 starts after the EOD

@@ -16,6 +16,9 @@ Deliberate choices:
 - Output is written under temporary names and renamed into place only after every input line
   was handled, the .bin before the .idx (an old .idx is removed first): an error, Ctrl-C or a
   crash never leaves a .bin/.idx pair that looks valid but is not.
+- --append-eod appends `<|endoftext|>` (the pretraining document separator) where the
+  vocabulary has it; Megatron-LM's tool appends the tokenizer's eos_token (Qwen3: `<|im_end|>`),
+  which `--eod-token eos` reproduces. The trainer's --eod-token must name the same one.
 - --workers N > 1 tokenizes in N forked processes over chunks of lines, read back in input
   order, so the output does not depend on N; --workers 1 runs in-process (no IPC at all).
   Workers ignore SIGINT: the parent alone handles Ctrl-C and stops them.
@@ -74,6 +77,13 @@ def get_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--vocab-file", help="GPT-2 vocab.json")
     g.add_argument("--merge-file", help="GPT-2 merges.txt")
     g.add_argument("--append-eod", action="store_true", help="append EOD after each document")
+    g.add_argument(
+        "--eod-token",
+        choices=["endoftext", "eos"],
+        default="endoftext",
+        help="EOD: <|endoftext|> (default) or the eos_token, as Megatron-LM's tool appends; "
+        "train with the same --eod-token",
+    )
     g = p.add_argument_group("output data")
     g.add_argument("--output-prefix", required=True, help="path prefix of the output files")
     g = p.add_argument_group("runtime")
@@ -123,7 +133,11 @@ class DocumentEncoder:
         self.keys = args.json_keys
         self.append_eod = args.append_eod
         self.tokenizer = build_tokenizer(
-            args.tokenizer_type, args.tokenizer_model, args.vocab_file, args.merge_file
+            args.tokenizer_type,
+            args.tokenizer_model,
+            args.vocab_file,
+            args.merge_file,
+            args.eod_token,
         )
         self.dtype = DType.optimal_dtype(self.tokenizer.vocab_size)
         self.splitter = (

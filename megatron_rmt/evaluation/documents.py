@@ -13,6 +13,7 @@ import os
 
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+from megatron_rmt.data import check_eod
 from megatron_rmt.jsonl import InputError, records
 
 
@@ -21,6 +22,7 @@ def read_documents(
 ) -> list[list[int]]:
     """The first `limit` documents (all when None) of `path` as token-id lists."""
     if IndexedDataset.exists(path):
+        check_eod([path], tokenizer)  # built with the EOD the run uses (--eod-token)
         return _indexed_documents(path, tokenizer.eod, limit)
     if not os.path.isfile(path):
         raise InputError(f"{path}: neither a JSONL file nor an indexed dataset prefix")
