@@ -38,3 +38,11 @@ def max_new_tokens(budget: int, answer_tokens: int) -> int:
     length reward) plus `answer_tokens`, which must cover the `</think>` tag and the boxed
     answer (about 16 tokens for a one-token prediction; leave more for math answers)."""
     return 2 * budget + answer_tokens
+
+
+def budget_deviation(think_tokens: torch.Tensor, budget: int) -> float | None:
+    """How closely reasoning follows the budget: mean |l - B| / B over the think lengths given
+    (`[n]`, e.g. the responses whose think block closed); None when there are none."""
+    if think_tokens.numel() == 0:
+        return None
+    return float((think_tokens.double() - budget).abs().mean() / budget)

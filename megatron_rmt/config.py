@@ -181,6 +181,18 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class ColdStartConfig:
+    """The format cold start (`python -m megatron_rmt.coldstart`, docs/coldstart.md)."""
+
+    coldstart_per_level: int = _f(64, "training positions drawn per difficulty level")
+    coldstart_candidates: int = _f(48, "most probable tokens the think text may list")
+    coldstart_budgets: list[int] = _f([], "B range [low, high] (default: the run's B_T..B_0)")
+    coldstart_free_share: float = _f(0.25, "share of examples without the budget sentence")
+    coldstart_epochs: int = _f(1, "passes over the examples")
+    coldstart_max_documents: int | None = _f(None, "read at most this many training documents")
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -190,6 +202,7 @@ class Config:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    coldstart: ColdStartConfig = field(default_factory=ColdStartConfig)
 
     @property
     def world_size(self) -> int:

@@ -34,6 +34,7 @@ from megatron.core import parallel_state as ps
 from tqdm import tqdm
 
 from megatron_rmt import config, parallel, prompts, selection
+from megatron_rmt.budget import budget_deviation
 from megatron_rmt.evaluation import evalset, forward, ntr, report
 from megatron_rmt.evaluation.documents import read_documents
 from megatron_rmt.jsonl import InputError
@@ -109,7 +110,10 @@ def _tokenizer_and_model(cfg: config.Config):
     return tokenizer, forward.build_eval_model(cfg.model, vocab, cfg.checkpoint.load)
 
 
-def _stats(model, batches: list[dict], vocab_size: int, chunk_tokens: int, with_argmax: bool):
+def stats_in_groups(
+    model, batches: list[dict], vocab_size: int, chunk_tokens: int, with_argmax: bool,
+    top_k: int = 0,
+) -> list[dict]:  # fmt: skip
     """`forward.position_stats` over groups of microbatches, with a progress bar on rank 0."""
     out = []
     group = 32  # microbatches per schedule call: progress without a long pipeline bubble
@@ -117,7 +121,9 @@ def _stats(model, batches: list[dict], vocab_size: int, chunk_tokens: int, with_
     with bar:
         for first in range(0, len(batches), group):
             part = batches[first : first + group]
-            out += forward.position_stats(model, part, vocab_size, chunk_tokens, with_argmax)
+            out += forward.position_stats(
+                model, part, vocab_size, chunk_tokens, with_argmax, top_k
+            )
             bar.update(len(part))
     return out
 
@@ -128,24 +134,54 @@ def build_set(args, cfg: config.Config) -> None:
     if args.per_level < 1:
         raise SystemExit("--per-level must be at least 1")
     tokenizer, model = _tokenizer_and_model(cfg)
-    r = cfg.rmt
     docs = read_documents(args.eval_data, tokenizer, args.text_field, args.max_documents)
+    positions, counts = draw_positions(
+        cfg, tokenizer, model, docs, args.per_level, args.sample_seed, args.eval_micro_batch,
+        args.eval_data,
+    )  # fmt: skip
+    header = {
+        "source": os.path.abspath(args.eval_data),
+        "proxy": cfg.checkpoint.load,
+        "tokenizer": tokenizer.source,
+        "vocab_size": tokenizer.vocab_size,
+        "eod": tokenizer.eod,
+        "seq_length": cfg.model.seq_length,
+        "min_context": cfg.rmt.min_context,
+        "bucket_mode": cfg.rmt.bucket_mode,
+        "per_level": args.per_level,
+        "sample_seed": args.sample_seed,
+        "documents": len(docs),
+        **counts,
+    }
+    if dist.get_rank() == 0:
+        evalset.write_set(args.output, header, positions)
+        print(f"wrote {len(positions)} positions to {args.output}: {_counts(header)}", flush=True)
+
+
+def draw_positions(
+    cfg: config.Config, tokenizer, model: list, docs: list[list[int]], per_level: int, seed: int,
+    micro_batch: int, source: str,
+) -> tuple[list[evalset.EvalPosition], dict]:  # fmt: skip
+    """The model's entropy at every candidate position of `docs` (cut into the trainer's
+    windows), levels by the trainer's rules, and `per_level` positions per level drawn with
+    `seed`. Returns the positions (document order) and the thresholds and counts."""
+    r = cfg.rmt
     windows = evalset.document_windows(docs, cfg.model.seq_length)
     rows = [w for _, _, w in windows]
     masks = [_candidates(w, tokenizer.eod, r.min_context) for w in rows]
     found = [(i, j) for i, m in enumerate(masks) for j, ok in enumerate(m) if ok]
     if not found:
-        raise InputError(f"{args.eval_data}: no candidate positions (min_context {r.min_context})")
+        raise InputError(f"{source}: no candidate positions (min_context {r.min_context})")
     length = max(len(w) - 1 for w in rows)
-    batches = forward.padded_microbatches(rows, masks, length, args.eval_micro_batch, tokenizer.eod)
-    stats = _stats(model, batches, tokenizer.vocab_size, r.entropy_chunk_tokens, False)
+    batches = forward.padded_microbatches(rows, masks, length, micro_batch, tokenizer.eod)
+    stats = stats_in_groups(model, batches, tokenizer.vocab_size, r.entropy_chunk_tokens, False)
     entropy = torch.cat([s["entropy"] for s in stats])  # [m], in the order of `found`
     every = torch.ones_like(entropy, dtype=torch.bool)
     thresholds = tuple(r.entropy_thresholds)
     if r.bucket_mode == "quantile":  # over the whole held-out set at once
         thresholds = selection.quantile_thresholds(entropy, every)
     levels = selection.difficulty_levels(entropy, every, thresholds)
-    keep = evalset.sample_per_level(levels, args.per_level, args.sample_seed).tolist()
+    keep = evalset.sample_per_level(levels, per_level, seed).tolist()
     positions = []
     for k in keep:
         doc, start, window = windows[found[k][0]]
@@ -162,26 +198,13 @@ def build_set(args, cfg: config.Config) -> None:
                 level=int(levels[k]),
             )
         )
-    header = {
-        "source": os.path.abspath(args.eval_data),
-        "proxy": cfg.checkpoint.load,
-        "tokenizer": tokenizer.source,
-        "vocab_size": tokenizer.vocab_size,
-        "eod": tokenizer.eod,
-        "seq_length": cfg.model.seq_length,
-        "min_context": r.min_context,
-        "bucket_mode": r.bucket_mode,
+    counts = {
         "thresholds": list(thresholds),
-        "per_level": args.per_level,
-        "sample_seed": args.sample_seed,
-        "documents": len(docs),
         "candidates": len(found),
         "available": [int((levels == d).sum()) for d in range(len(selection.LEVELS))],
         "sampled": [sum(p.level == d for p in positions) for d in range(len(selection.LEVELS))],
     }
-    if dist.get_rank() == 0:
-        evalset.write_set(args.output, header, positions)
-        print(f"wrote {len(positions)} positions to {args.output}: {_counts(header)}", flush=True)
+    return positions, counts
 
 
 def _candidates(window: list[int], eod: int, min_context: int) -> list[bool]:
@@ -239,6 +262,9 @@ def run(args, cfg: config.Config, engine: RolloutEngine | None = None) -> dict:
         results["ntr"] = report.summarize_ntr(
             levels, rows["match"], rows["think_tokens"], rows["response_tokens"], rows["unparsed"]
         )
+        if args.budget:  # how closely the readable responses' thinking follows B
+            parsed = rows["think_tokens"][~rows["unparsed"]]
+            results["ntr"]["budget_dev"] = budget_deviation(parsed, args.budget)
     if dist.get_rank() == 0:
         with open(args.output, "w") as fh:
             json.dump(results, fh, indent=1)
@@ -255,7 +281,9 @@ def _evaluate(args, cfg, tokenizer, model, all_positions, indices, engine) -> di
     masks = [[False] * (len(p.prefix_ids) - 1) + [True] for p in positions]
     length = max(len(p.prefix_ids) for p in positions)
     batches = forward.padded_microbatches(rows, masks, length, args.eval_micro_batch, tokenizer.eod)
-    stats = _stats(model, batches, tokenizer.vocab_size, cfg.rmt.entropy_chunk_tokens, True)
+    stats = stats_in_groups(
+        model, batches, tokenizer.vocab_size, cfg.rmt.entropy_chunk_tokens, True
+    )
     target = torch.tensor([p.target_id for p in positions])
     out = {
         "ntp_correct": torch.cat([s["argmax"] for s in stats]) == target,

@@ -66,6 +66,11 @@ class TextTokenizer:
     def decode(self, ids: list[int]) -> str:
         return self._backend.decode(list(ids), skip_special_tokens=False)
 
+    def special_ids(self) -> set[int]:
+        """Ids of the special (control) tokens: EOD, chat markers, padding."""
+        added = self._backend.get_added_tokens_decoder()
+        return {i for i, token in added.items() if token.special} | {self.eod}
+
     def token_text(self, token_id: int) -> str:
         """The text one token decodes to on its own (partial UTF-8 bytes decode to U+FFFD)."""
         return self.decode([token_id])

@@ -175,11 +175,13 @@ def train(run: Run, step_fn: Callable[[Run, int], dict]) -> None:
     cfg, log = run.cfg, run.cfg.logging
     is_logger = dist.get_rank() == 0
     writer = MetricsWriter(is_logger, log.metrics_file, log.tensorboard_dir)
-    failures = 0
+    failures, first_reward = 0, None
     for t in range(run.progress.step, cfg.optim.train_iters):
         metrics = step_fn(run, t)
         failures += int(metrics["rollout_failed"])
         metrics["rollout_failures"] = failures
+        if first_reward is None and metrics.get("reward", 0.0) > 0:
+            first_reward = t
         writer.write(t, metrics, console=t % log.log_interval == 0)
         run.progress = checkpoint.Progress(step=t + 1, consumed_samples=run.data.consumed_samples)
         if cfg.checkpoint.save and _should_save(cfg, t + 1):
@@ -188,7 +190,12 @@ def train(run: Run, step_fn: Callable[[Run, int], dict]) -> None:
                 print(f"saved checkpoint {path}", flush=True)
     writer.close()
     if is_logger:
-        print(f"done: {cfg.optim.train_iters} steps; metrics in {log.metrics_file}", flush=True)
+        reward = "never above 0" if first_reward is None else f"> 0 first at step {first_reward}"
+        print(
+            f"done: {cfg.optim.train_iters} steps; reward {reward} (this process); "
+            f"metrics in {log.metrics_file}",
+            flush=True,
+        )
 
 
 def train_step(run: Run, t: int) -> dict:

@@ -36,17 +36,22 @@ def build_eval_model(model_cfg: ModelConfig, vocab_size: int, load: str | None) 
     return frozen(model)
 
 
+def _real_vocab_shard(logits: torch.Tensor, vocab_size: int, tp_group) -> tuple:
+    """(fp32 logits with padding ids at -inf, this shard's first global id, TP size)."""
+    v_local = logits.shape[-1]
+    tp = 1 if tp_group is None else dist.get_world_size(tp_group)
+    offset = 0 if tp == 1 else dist.get_rank(tp_group) * v_local
+    ids = torch.arange(offset, offset + v_local, device=logits.device)  # [v/tp]
+    return logits.float().masked_fill(ids >= vocab_size, float("-inf")), offset, tp
+
+
 def vocab_parallel_argmax(
     logits: torch.Tensor,  # [..., v/tp] this rank's vocabulary shard
     vocab_size: int,
     tp_group: dist.ProcessGroup | None = None,
 ) -> torch.Tensor:
     """`[...]` int64: the global id of the largest logit among ids < `vocab_size`."""
-    v_local = logits.shape[-1]
-    tp = 1 if tp_group is None else dist.get_world_size(tp_group)
-    offset = 0 if tp == 1 else dist.get_rank(tp_group) * v_local
-    ids = torch.arange(offset, offset + v_local, device=logits.device)  # [v/tp]
-    masked = logits.float().masked_fill(ids >= vocab_size, float("-inf"))
+    masked, offset, tp = _real_vocab_shard(logits, vocab_size, tp_group)
     local = masked.argmax(dim=-1)  # [...]
     value = masked.gather(-1, local.unsqueeze(-1)).squeeze(-1)  # [...]
     if tp == 1:
@@ -59,17 +64,39 @@ def vocab_parallel_argmax(
     return torch.stack(indices).gather(0, best).squeeze(0)
 
 
+def vocab_parallel_topk(
+    logits: torch.Tensor,  # [n, v/tp] this rank's vocabulary shard
+    k: int,
+    vocab_size: int,
+    tp_group: dist.ProcessGroup | None = None,
+) -> torch.Tensor:
+    """`[n, k]` int64: global ids of the k largest logits among ids < `vocab_size`, largest
+    first (each shard's own top k, then the top k of those)."""
+    masked, offset, tp = _real_vocab_shard(logits, vocab_size, tp_group)
+    values, local = masked.topk(k, dim=-1)  # [n, k]
+    if tp == 1:
+        return local + offset
+    values_all = [torch.empty_like(values) for _ in range(tp)]
+    ids_all = [torch.empty_like(local) for _ in range(tp)]
+    dist.all_gather(values_all, values, group=tp_group)
+    dist.all_gather(ids_all, local + offset, group=tp_group)
+    best = torch.cat(values_all, dim=-1).topk(k, dim=-1).indices  # [n, k]
+    return torch.cat(ids_all, dim=-1).gather(-1, best)
+
+
 def position_stats(
     model: list,
     microbatches: list[dict],
     vocab_size: int,
     chunk_tokens: int,
     with_argmax: bool,
+    top_k: int = 0,
 ) -> list[dict]:
     """One forward-only pass. Each microbatch holds tokens, labels `[b, s]` int64 and mask
     `[b, s]` bool (the positions to report); all share one shape. Returns, on every rank, per
-    microbatch: loss and entropy `[k]` fp32 and, with `with_argmax`, argmax `[k]` int64 at the
-    k masked positions in row-major order."""
+    microbatch: loss and entropy `[k]` fp32 and, with `with_argmax`, argmax `[k]` int64, and with
+    `top_k`, "top" `[k, top_k]` int64 (most probable first) at the k masked positions in
+    row-major order."""
     tp_group = ps.get_tensor_model_parallel_group()
     if dist.get_world_size(tp_group) == 1:
         tp_group = None
@@ -85,6 +112,9 @@ def position_stats(
             report = {"loss": loss[mask].cpu(), "entropy": entropy[mask].cpu()}
             if with_argmax:
                 report["argmax"] = vocab_parallel_argmax(logits[mask], vocab_size, tp_group).cpu()
+            if top_k:
+                top = vocab_parallel_topk(logits[mask], top_k, vocab_size, tp_group)
+                report["top"] = top.cpu()
             return logits.new_zeros(()), torch.ones((), dtype=torch.int), report
 
         return forward_logits(chunk, tokens, position_ids(tokens)), loss_func

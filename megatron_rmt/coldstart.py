@@ -1,0 +1,290 @@
+"""Format cold start: a short supervised stage that teaches a small model the next-token-reasoning
+format before RMT. Run like the trainer (one process, or torchrun at any TP/PP/DP):
+
+    python -m megatron_rmt.coldstart --config MODEL.yaml configs/coldstart_cpu.yaml \\
+        --load CKPT --data-path TRAIN_PREFIX --save OUT [--tokenizer-model CKPT]
+
+RMT rewards a prediction only when it is readable: reasoning inside `<think></think>`, then
+`\\boxed{token}`. A large reasoning model writes that from the instruction alone; a small one
+does not (SmolLM2-135M: 0 of 48 samples parsed, PLATFORM.md), so every group scores 0 and GRPO
+has no signal. The paper does not describe this stage; small models need it, large ones may
+skip it (the reproduction scripts' COLDSTART=0).
+
+1. Positions: the trainer's candidates (enough context, not EOD) of the *training* shards,
+   cut into the trainer's windows, bucketed by the model's own entropy; `coldstart_per_level`
+   drawn per level (`evaluate.draw_positions`, the evaluation set's sampler).
+2. Targets: the model's own top candidates at each position (one forward, vocab-parallel
+   top-k). The think block lists them, most probable first, cut to exactly B tokens, and the
+   box holds the model's top-1 guess. The true next token is never read, so nothing of any
+   evaluation position can leak (the held-out text is not even opened).
+3. Prompts are the run's template (`--prompt-template`) with a budget B drawn uniformly from
+   `coldstart_budgets` (default the run's own schedule range, B_T .. B_0), or, for a share
+   `coldstart_free_share` of examples, without the budget sentence (the ablations without DTB
+   and RPT start from the same checkpoint). The response ends with EOD, so sampling stops.
+4. Supervised fine-tuning through the trainer's own NTP pass (Megatron schedule, fused CE):
+   the loss mask is 1 on response tokens only, the prompt never trains; one optimizer step per
+   `--global-batch-size` examples, `--lr`, `coldstart_epochs` passes.
+5. OUT gets the weights as a step-0 checkpoint (`--load` it with any run), the tokenizer and HF
+   config files of `--load`, and `examples.jsonl` (every prompt and target, readable).
+
+Deliberate choices:
+- The think text is templated, not sampled: it costs one forward and reads like the
+  instruction asks ("list multiple potential tokens and select the most probable one").
+- Whitespace-only candidates are listed as their escaped text (`"\\n"`); an answer that holds a
+  brace or backslash (which `\\boxed{}` cannot carry unambiguously) drops the position.
+"""
+
+import dataclasses
+import json
+import os
+import random
+import shutil
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from megatron_rmt import budget as budget_mod
+from megatron_rmt import checkpoint, config, parallel, prompts, step
+from megatron_rmt.build import build_trainable
+from megatron_rmt.data import parse_data_path
+from megatron_rmt.evaluate import draw_positions, stats_in_groups
+from megatron_rmt.evaluation import forward
+from megatron_rmt.evaluation.documents import read_documents
+from megatron_rmt.jsonl import InputError
+from megatron_rmt.tokenizer import tokenizer_of
+from megatron_rmt.train import init_distributed, model_vocab
+
+
+@dataclass(frozen=True)
+class Example:
+    prefix_ids: list[int]  # the training text before the position
+    prompt_ids: list[int]
+    response_ids: list[int]  # think tokens, </think>, the boxed guess, EOD
+    budget: int | None  # B in the prompt (None: no budget sentence)
+    think_tokens: int  # tokens of the think block (= B when the candidates fill it)
+
+
+def candidate_text(token_text: str) -> str:
+    """A candidate as the think block lists it: stripped, or escaped when only whitespace."""
+    stripped = token_text.strip()
+    return stripped if stripped else json.dumps(token_text)[1:-1]
+
+
+def think_ids(tokenizer, candidates: list[str], length: int) -> list[int]:
+    """`length` tokens of reasoning (fewer only when every candidate is listed): the most
+    probable candidate first, then the others. `candidates` are token texts, best first."""
+    shown = [candidate_text(c) for c in candidates]
+    text = f'Most probable: "{shown[0]}". Other candidates:'
+    text += "".join(f' "{c}",' for c in shown[1:])
+    return tokenizer.encode(text)[:length]
+
+
+def response_ids(tokenizer, candidates: list[str], think_length: int) -> list[int] | None:
+    """The target response: think tokens, `</think>`, `\\boxed{top-1}`, EOD. None when the
+    top-1 guess cannot be written in a box."""
+    answer = candidates[0].strip()
+    if any(ch in answer for ch in "{}\\"):
+        return None
+    tail = tokenizer.encode(f"\n{prompts.THINK_CLOSE}\n\\boxed{{{answer}}}")
+    return think_ids(tokenizer, candidates, think_length) + tail + [tokenizer.eod]
+
+
+def budget_range(cfg: config.Config) -> tuple[int, int]:
+    """[low, high] of the budgets asked for: `coldstart_budgets`, else the run's B_T .. B_0."""
+    if cfg.coldstart.coldstart_budgets:
+        low, high = cfg.coldstart.coldstart_budgets
+        return low, high
+    r = cfg.rmt
+    T = cfg.optim.train_iters
+    return budget_mod.token_budget(
+        T, T, r.budget_initial, r.budget_min, r.budget_gamma
+    ), r.budget_initial
+
+
+def build_examples(
+    prefixes: list[list[int]],
+    tops: list[list[int]],  # per position: the model's top-k token ids, most probable first
+    tokenizer,
+    template: prompts.PromptTemplate,
+    budgets: tuple[int, int],
+    free_share: float,
+    seed: int,
+) -> list[Example]:
+    """One example per position. Special tokens (EOD, chat markers) are never candidates: a
+    chosen position's true next token never is one. Positions whose guess cannot be boxed are
+    dropped."""
+    rng = random.Random(seed)
+    special = tokenizer.special_ids()
+    out = []
+    for prefix, top in zip(prefixes, tops, strict=True):
+        length = rng.randint(*budgets)
+        budget = None if rng.random() < free_share else length
+        candidates = [tokenizer.token_text(t) for t in top if t not in special]
+        response = response_ids(tokenizer, candidates, length) if candidates else None
+        if response is None:
+            continue
+        prompt = prompts.build_prompt_ids(tokenizer, template, prefix, budget)
+        think = len(think_ids(tokenizer, candidates, length))
+        out.append(Example(prefix, prompt, response, budget, think))
+    return out
+
+
+def sft_microbatch(examples: list[Example], length: int, pad_id: int) -> dict:
+    """Rows of prompt + response right-padded to `length` inputs; the loss mask is 1 exactly on
+    the labels that are response tokens. Keys as the trainer's NTP microbatches."""
+    b = len(examples)
+    tokens = torch.full((b, length + 1), pad_id, dtype=torch.long)  # [b, s+1]
+    mask = torch.zeros(b, length)  # [b, s]
+    for i, ex in enumerate(examples):
+        row = ex.prompt_ids + ex.response_ids
+        tokens[i, : len(row)] = torch.tensor(row)
+        p = len(ex.prompt_ids)
+        mask[i, p - 1 : len(row) - 1] = 1.0  # label i is token i+1: response tokens only
+    inputs = tokens[:, :-1]
+    return {
+        "tokens": inputs,
+        "labels": tokens[:, 1:],
+        "loss_mask": mask,
+        "position_ids": step.position_ids(inputs),
+    }
+
+
+def step_batches(
+    examples: list[Example], global_batch: int, micro_batch: int, dp_rank: int, dp_size: int,
+    pad_id: int,
+) -> list[list[dict]]:  # fmt: skip
+    """Per optimizer step, this replica's microbatches, all padded to the step's longest row
+    (one shape per schedule call). A last partial batch is dropped."""
+    per_rank = global_batch // dp_size
+    out = []
+    for first in range(0, len(examples) - global_batch + 1, global_batch):
+        batch = examples[first : first + global_batch]
+        length = max(len(e.prompt_ids) + len(e.response_ids) for e in batch) - 1
+        mine = batch[dp_rank * per_rank : (dp_rank + 1) * per_rank]
+        out.append(
+            [
+                sft_microbatch(mine[m : m + micro_batch], length, pad_id)
+                for m in range(0, per_rank, micro_batch)
+            ]
+        )
+    return out
+
+
+def training_examples(cfg: config.Config, tokenizer, model: list) -> list[Example]:
+    """Positions of the training shards and the model's own top candidates there."""
+    cs, r = cfg.coldstart, cfg.rmt
+    prefixes, _ = parse_data_path(cfg.data.data_path)
+    docs = [
+        doc
+        for prefix in prefixes
+        for doc in read_documents(prefix, tokenizer, limit=cs.coldstart_max_documents)
+    ]
+    positions, counts = draw_positions(
+        cfg, tokenizer, model, docs, cs.coldstart_per_level, cfg.parallel.seed,
+        cfg.data.micro_batch_size, ",".join(prefixes),
+    )  # fmt: skip
+    rows = [p.prefix_ids + [p.target_id] for p in positions]
+    masks = [[False] * (len(p.prefix_ids) - 1) + [True] for p in positions]
+    length = max(len(p.prefix_ids) for p in positions)
+    batches = forward.padded_microbatches(
+        rows, masks, length, cfg.data.micro_batch_size, tokenizer.eod
+    )
+    stats = stats_in_groups(
+        model, batches, tokenizer.vocab_size, r.entropy_chunk_tokens, False,
+        cs.coldstart_candidates,
+    )  # fmt: skip
+    tops = torch.cat([s["top"] for s in stats]).tolist()
+    template = prompts.load_template(r.prompt_template)
+    if dist.get_rank() == 0:
+        print(f"cold start: {len(positions)} positions, levels {counts['sampled']}", flush=True)
+    return build_examples(
+        [p.prefix_ids for p in positions], tops, tokenizer, template, budget_range(cfg),
+        cs.coldstart_free_share, cfg.parallel.seed,
+    )  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = config.parse(argv)
+    if not cfg.data.data_path or not cfg.checkpoint.load or not cfg.checkpoint.save:
+        raise config.ConfigError("coldstart needs --data-path (training shards), --load and --save")
+    init_distributed(cfg)
+    try:
+        run(cfg)
+    finally:
+        parallel.destroy()
+
+
+def run(cfg: config.Config) -> list[float]:
+    """Build the examples, fine-tune, save; returns the SFT loss of every step."""
+    tokenizer = tokenizer_of(cfg.data)
+    vocab = model_vocab(cfg, tokenizer)
+    model = forward.build_eval_model(cfg.model, vocab, cfg.checkpoint.load)
+    examples = training_examples(cfg, tokenizer, model)
+    del model
+    d = cfg.data
+    order = list(range(len(examples)))
+    epochs = []
+    for epoch in range(cfg.coldstart.coldstart_epochs):
+        random.Random(cfg.parallel.seed + epoch).shuffle(order)
+        epochs += [examples[i] for i in order]
+    dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    steps = step_batches(
+        epochs, d.global_batch_size, d.micro_batch_size, dp_rank, dp_size, tokenizer.eod
+    )
+    if not steps:
+        raise InputError(f"{len(examples)} examples: fewer than one --global-batch-size")
+    cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, train_iters=len(steps)))
+    trainable = build_trainable(cfg, vocab)
+    checkpoint.load(cfg.checkpoint.load, trainable, load_optimizer=False)
+    sft_only = step.Selector(None, (1.0, 0.0, 0.0), 0, None, tokenizer.eod, 0, 0)
+    losses = []
+    for t, microbatches in enumerate(steps):
+        step.zero_grads(trainable)
+        outcome = step.ntp_pass(
+            trainable, microbatches, sft_only, 1.0, cfg.rmt.entropy_chunk_tokens
+        )
+        grad_norm, _ = step.optimizer_step(trainable)
+        n, loss = parallel.all_reduce_sum_dp([outcome.ntp_tokens, outcome.ntp_loss_sum])
+        losses.append(loss / max(n, 1))
+        if dist.get_rank() == 0:
+            print(
+                f"cold start step {t + 1}/{len(steps)} | sft loss {losses[-1]:.4f} | "
+                f"response tokens {n:.0f} | grad norm {grad_norm:.3f}",
+                flush=True,
+            )
+    _save(cfg, trainable, tokenizer, examples, losses)
+    return losses
+
+
+def _save(cfg, trainable, tokenizer, examples: list[Example], losses: list[float]) -> None:
+    out = cfg.checkpoint.save
+    path = checkpoint.save_model(out, trainable.model[0].module, cfg)
+    if dist.get_rank() != 0:
+        return
+    for name in os.listdir(cfg.checkpoint.load):  # tokenizer and HF config travel along
+        src = os.path.join(cfg.checkpoint.load, name)
+        if os.path.isfile(src) and name != checkpoint.TRACKER:
+            shutil.copy(src, os.path.join(out, name))
+    with open(os.path.join(out, "examples.jsonl"), "w", encoding="utf-8") as fh:
+        for ex in examples:
+            record = {
+                "budget": ex.budget,
+                "think_tokens": ex.think_tokens,
+                "prompt": tokenizer.decode(ex.prompt_ids),
+                "response": tokenizer.decode(ex.response_ids),
+            }
+            fh.write(json.dumps(record) + "\n")
+    with open(os.path.join(out, "coldstart.json"), "w") as fh:
+        json.dump({"examples": len(examples), "steps": len(losses), "sft_loss": losses}, fh)
+    print(f"cold start: {len(losses)} steps, checkpoint {path}, examples {out}", flush=True)
+
+
+if __name__ == "__main__":  # dist_checkpointing starts worker processes: keep this guard
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    try:
+        main(sys.argv[1:])
+    except (InputError, config.ConfigError) as e:
+        raise SystemExit(f"error: {e}") from None

@@ -1,0 +1,134 @@
+"""coldstart.py: the think text and its length, the boxed answer (the model's own guess, never
+the true token), the SFT loss mask (response only), the replica split, and one cold start of
+the tiny model end to end whose answers equal a naive forward's argmax."""
+
+import json
+
+import pytest
+import torch
+from conftest import GPT2, ROOT
+from distributed import spawn
+
+from megatron_rmt import checkpoint, coldstart, config, prompts, train
+from megatron_rmt.evaluation import forward
+from megatron_rmt.tokenizer import tokenizer_of
+
+
+@pytest.fixture(scope="module")
+def tok():
+    cfg = config.parse(["--config", f"{ROOT}/configs/tiny_cpu.yaml", *GPT2], world_size=1)
+    return tokenizer_of(cfg.data)
+
+
+def test_think_is_exactly_the_length_asked_most_probable_first(tok):
+    cands = [" the", " a", "\n", " of", " x"] * 4
+    for length in (1, 5, 17):
+        ids = coldstart.think_ids(tok, cands, length)
+        assert len(ids) == length
+        assert (
+            tok.decode(ids)
+            == tok.decode(coldstart.think_ids(tok, cands, 200))[: len(tok.decode(ids))]
+        )
+    full = tok.decode(coldstart.think_ids(tok, cands[:2], 200))
+    assert full == 'Most probable: "the". Other candidates: "a",'  # all listed: shorter than asked
+    assert '"\\n"' in tok.decode(coldstart.think_ids(tok, [" y", "\n"], 50))  # escaped whitespace
+
+
+def test_response_closes_the_think_boxes_the_top_guess_and_ends_with_eod(tok):
+    ids = coldstart.response_ids(tok, [" Paris", " London"], 6)
+    assert ids[-1] == tok.eod
+    text = tok.decode(ids[:-1])
+    assert prompts.extract_prediction(text) == "Paris"
+    assert len(coldstart.think_ids(tok, [" Paris", " London"], 6)) == 6
+    assert text.startswith(tok.decode(coldstart.think_ids(tok, [" Paris", " London"], 6)))
+    assert coldstart.response_ids(tok, [" {", " a"], 4) is None  # cannot be boxed
+
+
+def test_examples_box_the_model_guess_skip_special_tokens_and_draw_budgets(tok):
+    template = prompts.load_template("ntr_base")
+    prefixes = [tok.encode("The capital of France is")] * 40
+    paris, london = tok.encode(" Paris")[0], tok.encode(" London")[0]
+    tops = [[tok.eod, london, paris]] * 40  # the model's guesses; the truth (" Paris") is unused
+    examples = coldstart.build_examples(prefixes, tops, tok, template, (3, 9), 0.25, seed=1)
+    assert len(examples) == 40
+    free = [e for e in examples if e.budget is None]
+    assert 0 < len(free) < 40
+    for ex in examples:
+        response = tok.decode(ex.response_ids[:-1])
+        assert prompts.extract_prediction(response) == "London"  # EOD skipped; top-1 is London
+        assert "Paris" not in response.split("</think>")[1]
+        assert 3 <= ex.think_tokens <= 9
+        if ex.budget is not None:
+            assert ex.think_tokens == ex.budget
+            assert f"exactly {ex.budget} tokens" in tok.decode(ex.prompt_ids)
+    again = coldstart.build_examples(prefixes, tops, tok, template, (3, 9), 0.25, seed=1)
+    assert again == examples
+
+
+def test_sft_loss_mask_is_one_exactly_on_response_labels():
+    examples = [
+        coldstart.Example([1], [5, 6, 7], [8, 9], 2, 1),
+        coldstart.Example([1], [5, 6], [8, 9, 10, 11], 2, 3),
+    ]
+    batch = coldstart.sft_microbatch(examples, length=8, pad_id=0)
+    assert batch["tokens"].shape == batch["loss_mask"].shape == (2, 8)
+    for i, ex in enumerate(examples):
+        row = ex.prompt_ids + ex.response_ids
+        want = [0.0] * 8
+        for j in range(8):  # label j is token j + 1: trained iff that token is a response token
+            want[j] = float(len(ex.prompt_ids) <= j + 1 < len(row))
+        assert batch["loss_mask"][i].tolist() == want
+        assert batch["labels"][i, : len(row) - 1].tolist() == row[1:]
+    assert batch["position_ids"][1].tolist() == list(range(8))
+
+
+def test_step_batches_split_each_global_batch_over_replicas():
+    examples = [coldstart.Example([1], [2] * (i % 3 + 1), [3, 4], None, 1) for i in range(10)]
+    mine = [coldstart.step_batches(examples, 4, 1, r, 2, pad_id=0) for r in range(2)]
+    assert len(mine[0]) == len(mine[1]) == 2  # 10 examples: two full batches of 4
+    for step in range(2):
+        rows = [mb["tokens"][0] for r in range(2) for mb in mine[r][step]]
+        assert len(rows) == 4 and len({row.shape for row in rows}) == 1  # one shape per step
+
+
+def cold_start_tiny(tmp: str, corpus: str):
+    """A random tiny model saved as the base, one cold start from it; the examples it built
+    and each one's naive argmax (full-vocabulary forward, specials excluded)."""
+    flags = [
+        "--config", f"{ROOT}/configs/tiny_cpu.yaml", *GPT2, "--seq-length", "48",
+        "--min-context", "4", "--bucket-mode", "quantile",
+        "--coldstart-per-level", "4", "--coldstart-candidates", "6", "--coldstart-max-documents", "8",
+        "--global-batch-size", "4", "--micro-batch-size", "2", "--lr", "1e-3",
+        "--data-path", corpus, "--save", f"{tmp}/cs",
+    ]  # fmt: skip
+    cfg = config.parse([*flags, "--load", f"{tmp}/base"], world_size=1)
+    tokenizer = tokenizer_of(cfg.data)
+    vocab = train.model_vocab(cfg, tokenizer)
+    model = forward.build_eval_model(cfg.model, vocab, None)
+    checkpoint.save_model(f"{tmp}/base", model[0], cfg)
+    examples = coldstart.training_examples(cfg, tokenizer, model)
+    special = tokenizer.special_ids()
+    naive = []
+    for ex in examples:
+        with torch.no_grad():
+            logits = model[0](
+                torch.tensor([ex.prefix_ids]), torch.arange(len(ex.prefix_ids))[None], None
+            )
+        last = logits[0, -1, : tokenizer.vocab_size].clone()
+        last[list(special)] = float("-inf")
+        naive.append(tokenizer.token_text(int(last.argmax())).strip())
+    losses = coldstart.run(cfg)
+    responses = [tokenizer.decode(ex.response_ids[:-1]) for ex in examples]
+    return list(zip(responses, naive, strict=True)), losses
+
+
+def test_cold_start_of_the_tiny_model_trains_on_its_own_guesses(tmp_path, tiny_corpus):
+    pairs, losses = spawn(cold_start_tiny, 1, args=(str(tmp_path), tiny_corpus))[0]
+    assert len(pairs) >= 4
+    for response, guess in pairs:
+        assert prompts.extract_prediction(response) == guess
+    assert len(losses) >= 1 and all(loss > 0 for loss in losses)
+    assert (tmp_path / "cs" / checkpoint.TRACKER).read_text().strip() == "0"
+    lines = (tmp_path / "cs" / "examples.jsonl").read_text().splitlines()
+    assert len(lines) == len(pairs)
+    assert "</think>" in json.loads(lines[0])["response"]
