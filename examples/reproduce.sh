@@ -101,7 +101,7 @@ fi
 say "rollouts: $ROLLOUT $ROLL"
 
 # 1. The evaluation set, fixed by the base model.
-SET=$OUT/results/set.jsonl
+SET=${SET:-$OUT/results/set.jsonl}                # another run's set compares with its numbers
 if [ ! -f "$SET" ]; then
   say "evaluation set from $EVAL_TEXT"
   python -m megatron_rmt.evaluate build-set --eval-data "$EVAL_TEXT" --text-field "$EVAL_FIELD" \
