@@ -185,12 +185,16 @@ def main(argv: list[str] | None = None) -> None:
     print(f"vLLM rollout server ready: {handle.url} (log {handle.log_path})", flush=True)
 
     def _stop(signum, frame):
-        handle.stop()
-        sys.exit(0)
+        # Only leave the wait below: stopping here, inside the handler, would wait on the
+        # process while the interrupted `wait` still holds Popen's lock (a deadlock).
+        raise SystemExit(0)
 
     signal.signal(signal.SIGINT, _stop)
     signal.signal(signal.SIGTERM, _stop)
-    handle.process.wait()  # the server ending on its own ends the launcher too
+    try:
+        handle.process.wait()  # the server ending on its own ends the launcher too
+    finally:
+        handle.stop()
     sys.exit(handle.process.returncode)
 
 
