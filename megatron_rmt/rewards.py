@@ -11,8 +11,11 @@ Choices the paper leaves open, and why:
 - Composite (Eq. 5): r = (1 - w) r_match + w r_len with w = 0.1 and r_max = 1: a correct answer
   always outranks any length, while groups whose samples all miss still differ in length reward
   and so still carry a GRPO signal towards the format and the budget.
-- A response whose think block never closes earns nothing, length included: it did not follow
-  the format, and its length is the sampling cap, not a choice.
+- A response without a readable prediction (its think block never closes, or no `\\boxed{}`
+  follows) earns nothing, length included. GRPO normalises rewards within a group, so a length
+  reward paid to unreadable answers is a signal of its own that the format does not matter:
+  measured on SmolLM2-135M after the cold start, the unreadable share went from 12% to 100% in
+  five RMT steps when only a closed think block was required.
 - Math answers: last `\\boxed{}` after `</think>`, compared after removing `$`, spacing commands,
   `\\left`/`\\right`, `\\text{}` wrappers, degree marks, percent signs and thousands separators,
   and as exact rationals when both sides are numbers (`0.5`, `1/2`, `\\frac{1}{2}`, `\\dfrac12`).
@@ -89,8 +92,7 @@ def next_token_reward(
     r_match = match_reward(prediction, target_token_text, fold_case)
     if budget is None:
         return RewardParts(r_match, r_match, 0.0, prediction is not None)
-    closed = split_response(response)[1] is not None
-    r_len = length_reward(think_tokens, budget, r_max) if closed else 0.0
+    r_len = length_reward(think_tokens, budget, r_max) if prediction is not None else 0.0
     return RewardParts(composite(r_match, r_len, w), r_match, r_len, prediction is not None)
 
 

@@ -57,7 +57,7 @@ def test_next_token_reward_components():
     unclosed = next_token_reward("<think>" + "x " * 50, " Paris", 10, 10)
     assert unclosed == RewardParts(0.0, 0.0, 0.0, False)  # no format, no length reward
     no_box = next_token_reward("<think>a</think> Paris", " Paris", 10, 10)
-    assert no_box == RewardParts(pytest.approx(0.1), 0.0, 1.0, False)
+    assert no_box == RewardParts(0.0, 0.0, 0.0, False)  # unreadable: no length reward either
     no_budget = next_token_reward(good, " Paris", 10, None)  # the "without DTB" ablation
     assert no_budget == RewardParts(1.0, 1.0, 0.0, True)
 
