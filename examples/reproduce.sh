@@ -152,10 +152,13 @@ rows=("$OUT/results/base.json")
 [ "$COLDSTART" = 1 ] && rows+=("$OUT/results/coldstart.json")
 for v in $VARIANTS; do rows+=("$OUT/results/$v.json"); done
 python -m megatron_rmt.evaluate table "${rows[@]}" --output "$OUT/results/table.md"
-: >"$OUT/results/learning.md"
-for v in $VARIANTS; do
-  { echo "## $v"; python -m megatron_rmt.evaluation.learning "$OUT/metrics/$v.jsonl"; echo; } \
-    >>"$OUT/results/learning.md"
-done
+python - "$OUT/metrics" $VARIANTS >"$OUT/results/learning.md" <<'PY'  # one process for all
+import sys
+from megatron_rmt.evaluation import learning
+for v in sys.argv[2:]:
+    print(f"## {v}")
+    learning.main([f"{sys.argv[1]}/{v}.jsonl"])
+    print()
+PY
 python tools/plot_runs.py --runs "${RUNS[@]}" --output "$OUT/results/plots"
 echo "results: $OUT/results/table.md $OUT/results/learning.md $OUT/results/plots/"

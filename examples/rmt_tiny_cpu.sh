@@ -1,23 +1,72 @@
 #!/usr/bin/env bash
-# The README's main job: a tiny RMT run on CPU in a few minutes.
-# Preprocesses the bundled MATH sample, then trains a tiny Qwen3-shaped model with TP=2 on gloo,
-# rollouts from the embedded engine. Override anything with extra flags, e.g. `--train-iters 10`.
+# The README's main job: RMT learning on CPU in a few minutes (about 4 on 2 idle cores).
+# A tiny Qwen3-shaped model (configs/tiny_cpu.yaml, GPT-2 tokenizer) learns everything here:
+#   1. the bundled MATH sample -> Megatron indexed shards;
+#   2. NTP warm-up from random initialisation: it learns the corpus (loss ~10.8 -> ~4);
+#   3. the format cold start (megatron_rmt.coldstart): SFT on 'think, then \boxed{its own top-1
+#      guess}' responses, so its rollouts become parseable;
+#   4. RMT with the embedded rollout engine: budget B_t 8 -> 6 tokens, G = 4, easy-to-hard
+#      curriculum over per-batch entropy quantiles; reward > 0 from the first steps (length
+#      reward, and match reward whenever the boxed token is the true next token);
+#   5. plots of the run (reward, think length vs B_t, entropy, NTP loss).
+# Each stage is skipped when its output exists (rerun to continue; delete $OUT to start over).
+# STEPS=20 for more RMT steps, TP=2 to run them under torchrun; extra flags go to the RMT stage.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/tiny_cpu}
+STEPS=${STEPS:-12}
+TP=${TP:-1}
+export OMP_NUM_THREADS=1
 TOK="--tokenizer-type GPT2BPETokenizer --vocab-file corpus/gpt2_tokenizer/vocab.json \
   --merge-file corpus/gpt2_tokenizer/merges.txt"
-mkdir -p "$OUT/data"
-if [ ! -f "$OUT/data/sample_text_document.idx" ]; then
+DATA=$OUT/data/sample_text_document
+# Shared by the cold start (its budgets are this run's B_T..B_0) and the RMT run.
+RMT="--budget-initial 8 --budget-min 6 --max-response-tokens 24"
+done_at() { [ "$(cat "$1/latest_checkpointed_iteration.txt" 2>/dev/null)" = "$2" ]; }
+say() { echo "== $* ($(date +%H:%M:%S))"; }
+
+if [ ! -f "$DATA.idx" ]; then
+  say "preprocessing corpus/sample_math.jsonl"
   python tools/preprocess_data.py --input corpus/sample_math.jsonl \
     --output-prefix "$OUT/data/sample" $TOK --append-eod --workers 1
 fi
-export OMP_NUM_THREADS=1
-torchrun --standalone --nproc-per-node 2 -m megatron_rmt.train \
-  --config configs/tiny_cpu.yaml \
-  --tensor-model-parallel-size 2 \
-  --data-path "$OUT/data/sample_text_document" \
-  --save "$OUT/checkpoints" --save-interval 1000 \
-  --metrics-file "$OUT/metrics.jsonl" --tensorboard-dir "$OUT/tensorboard" \
-  "$@"
+if ! done_at "$OUT/warmup" 100; then
+  say "NTP warm-up from random init, 100 steps"
+  python -m megatron_rmt.train --config configs/tiny_cpu.yaml --rmt-variant ntp \
+    --data-path "$DATA" --train-iters 100 --global-batch-size 8 --micro-batch-size 8 \
+    --lr 3e-3 --log-interval 20 --save "$OUT/warmup"
+fi
+if ! done_at "$OUT/coldstart" 0; then
+  say "format cold start"
+  python -m megatron_rmt.coldstart --config configs/tiny_cpu.yaml configs/coldstart_tiny.yaml $RMT \
+    --load "$OUT/warmup" --data-path "$DATA" --save "$OUT/coldstart"
+fi
+# RMT from the cold start; redone when its flags change (the flags are kept beside it).
+if ! done_at "$OUT/checkpoints" "$STEPS" || [ "$(cat "$OUT/checkpoints/flags" 2>/dev/null)" != "$*" ]; then
+  say "RMT, $STEPS steps, TP=$TP"
+  rm -rf "$OUT/checkpoints" "$OUT/metrics.jsonl" "$OUT/tensorboard"
+  LAUNCH=python
+  [ "$TP" -gt 1 ] && LAUNCH="torchrun --standalone --nproc-per-node $TP"
+  $LAUNCH -m megatron_rmt.train --config configs/tiny_cpu.yaml $RMT --tensor-model-parallel-size "$TP" \
+    --bucket-mode quantile --lr 3e-4 --train-iters "$STEPS" \
+    --data-path "$DATA" --load "$OUT/coldstart" --no-load-optim \
+    --save "$OUT/checkpoints" --save-interval 1000 \
+    --metrics-file "$OUT/metrics.jsonl" --tensorboard-dir "$OUT/tensorboard" "$@"
+  echo "$*" >"$OUT/checkpoints/flags"
+fi
+python tools/plot_runs.py --runs rmt="$OUT/metrics.jsonl" --output "$OUT/plots"
 echo "metrics: $OUT/metrics.jsonl  tensorboard: $OUT/tensorboard  checkpoint: $OUT/checkpoints"
+# The verdict, read back from the metrics file.
+python - "$OUT/metrics.jsonl" "$OUT/plots" <<'PY'
+import json, sys
+rows = {r["step"]: r for r in map(json.loads, open(sys.argv[1]))}
+steps = [rows[s] for s in sorted(rows)]
+hit = [r["step"] for r in steps if r["reward"] > 0]
+acc = [r["step"] for r in steps if r["match_acc"] > 0]
+rl = sum(r["rl_loss"] != 0 for r in steps)
+for key in ("reward", "match_acc", "rl_loss"):
+    print(f"{key:>9} per step: " + " ".join(f"{r[key]:+.3f}" for r in steps))
+first = f"reached, first at step {hit[0]}" if hit else "never reached"
+print(f"RMT: reward > 0 {first} ({len(hit)}/{len(steps)} steps); match acc > 0 on "
+      f"{len(acc)} steps {acc}; RL loss nonzero on {rl} steps; plots: {sys.argv[2]}/")
+PY
