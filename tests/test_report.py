@@ -268,3 +268,22 @@ def test_bad_metrics_file_names_file_and_line(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"step": 0}\n{"reward": 1}\n')
     with pytest.raises(learning.InputError, match=f"^{path}:2: no numeric 'step'"):
         learning.read_metrics(path)
+
+
+def test_paired_difference_over_common_steps_against_a_naive_t_interval(tmp_path):
+    a = [{"step": s, "ntp_loss": 2.0 + 0.1 * s, "ntp_tokens": 10} for s in range(6)]
+    b = [{"step": s, "ntp_loss": 2.0 + 0.1 * s + d, "ntp_tokens": 10}
+         for s, d in zip(range(1, 8), [0.3, -0.1, 0.2, 0.0, 0.4, 0.1, 9.0], strict=True)]  # fmt: skip
+    out = learning.paired(a, b, "ntp_loss")
+    diffs = [-0.3, 0.1, -0.2, 0.0, -0.4]  # steps 1..5 only: step 0 and 6 are in one run each
+    m, sd = statistics.mean(diffs), statistics.stdev(diffs)
+    half = 2.7764451051977987 * sd / math.sqrt(5)  # t quantile 0.975, 4 degrees of freedom
+    assert out["steps"] == 5
+    assert out["diff"] == pytest.approx(m)
+    assert out["ci"] == pytest.approx([m - half, m + half])
+    assert learning.paired(a[:1], b, "ntp_loss") is None
+    path_a, path_b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    path_a.write_text("".join(json.dumps(r) + "\n" for r in a))
+    path_b.write_text("".join(json.dumps(r) + "\n" for r in b))
+    stats = learning.main([str(path_a), "--against", str(path_b)])
+    assert stats["ntp_loss_vs"]["diff"] == pytest.approx(m)

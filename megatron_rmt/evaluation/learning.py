@@ -137,6 +137,22 @@ def welch(a: list[float], b: list[float], level: float = 0.95) -> dict | None:
     return {"diff": diff, "ci": [diff - half, diff + half], "df": df, "se": se}
 
 
+def paired(rows: list[dict], other: list[dict], key: str, level: float = 0.95) -> dict | None:
+    """mean over the steps both runs logged of (this run's `key` - the other's), with a t
+    interval over those per-step differences: runs that read the same windows in the same order
+    (same seed and data) compare step by step, e.g. RMT's NTP loss against an NTP-only run's.
+    {"diff", "ci", "steps"}; None with fewer than 2 common steps."""
+    mine = dict(zip(*series(rows, key), strict=True))
+    theirs = dict(zip(*series(other, key), strict=True))
+    diffs = [mine[s] - theirs[s] for s in sorted(mine.keys() & theirs.keys())]
+    var = variance(diffs)
+    if var is None:
+        return None
+    half = t_quantile(0.5 + level / 2, len(diffs) - 1) * math.sqrt(var / len(diffs))
+    d = mean(diffs)
+    return {"diff": d, "ci": [d - half, d + half], "steps": len(diffs)}
+
+
 def t_quantile(p: float, df: float) -> float:
     """The p-quantile (0.5 < p < 1) of Student's t with df > 0 (not necessarily whole) degrees
     of freedom, by bisection on the CDF."""
@@ -287,6 +303,9 @@ def main(argv: list[str] | None = None) -> dict:
         default=",".join(DEFAULT_KEYS),
         help=f"comma-separated metric names (default: {','.join(DEFAULT_KEYS)})",
     )
+    parser.add_argument(
+        "--against", default=None, help="another run's metrics: paired NTP-loss difference"
+    )
     args = parser.parse_args(argv)
     rows = read_metrics(args.metrics)
     if not rows:
@@ -294,6 +313,15 @@ def main(argv: list[str] | None = None) -> dict:
     stats = learning_stats(rows, [k for k in args.keys.split(",") if k])
     stats["file"] = args.metrics
     print(render(stats, args.metrics), flush=True)
+    if args.against:
+        stats["ntp_loss_vs"] = paired(rows, read_metrics(args.against), "ntp_loss")
+        d = stats["ntp_loss_vs"]
+        if d is not None:
+            print(
+                f"\nntp_loss minus {args.against}'s over the same {d['steps']} steps: "
+                f"{_fmt(d['diff'], sign=True)} [{_fmt(d['ci'][0])}, {_fmt(d['ci'][1])}]",
+                flush=True,
+            )
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump(stats, fh, indent=1)
