@@ -30,6 +30,10 @@ skip it (the reproduction scripts' COLDSTART=0).
 Deliberate choices:
 - The think text is templated, not sampled: it costs one forward and reads like the
   instruction asks ("list multiple potential tokens and select the most probable one").
+- It first restates the text's last `coldstart_restate_tokens` tokens and continues them with
+  the guess (`The text ends " is $10"`): the guess then follows its context directly, as in
+  plain next-token prediction, instead of across the instruction and the think opening, which
+  a small model finds much harder (docs/coldstart.md has the measurement).
 - Whitespace-only candidates are listed as their escaped text (`"\\n"`); an answer that holds a
   brace or backslash (which `\\boxed{}` cannot carry unambiguously) drops the position.
 """
@@ -73,23 +77,27 @@ def candidate_text(token_text: str) -> str:
     return stripped if stripped else json.dumps(token_text)[1:-1]
 
 
-def think_ids(tokenizer, candidates: list[str], length: int) -> list[int]:
-    """`length` tokens of reasoning (fewer only when every candidate is listed): the most
-    probable candidate first, then the others. `candidates` are token texts, best first."""
+def think_ids(tokenizer, candidates: list[str], length: int, ending: str = "") -> list[int]:
+    """`length` tokens of reasoning (fewer only when every candidate is listed): the text's
+    `ending` restated and continued by the most probable candidate (when given), that candidate,
+    then the others. `candidates` are token texts, best first."""
     shown = [candidate_text(c) for c in candidates]
-    text = f'Most probable: "{shown[0]}". Other candidates:'
+    text = f'The text ends "{ending}{candidates[0]}". ' if ending else ""
+    text += f'Most probable: "{shown[0]}". Other candidates:'
     text += "".join(f' "{c}",' for c in shown[1:])
     return tokenizer.encode(text)[:length]
 
 
-def response_ids(tokenizer, candidates: list[str], think_length: int) -> list[int] | None:
+def response_ids(
+    tokenizer, candidates: list[str], think_length: int, ending: str = ""
+) -> list[int] | None:
     """The target response: think tokens, `</think>`, `\\boxed{top-1}`, EOD. None when the
     top-1 guess cannot be written in a box."""
     answer = candidates[0].strip()
     if any(ch in answer for ch in "{}\\"):
         return None
     tail = tokenizer.encode(f"\n{prompts.THINK_CLOSE}\n\\boxed{{{answer}}}")
-    return think_ids(tokenizer, candidates, think_length) + tail + [tokenizer.eod]
+    return think_ids(tokenizer, candidates, think_length, ending) + tail + [tokenizer.eod]
 
 
 def budget_range(cfg: config.Config) -> tuple[int, int]:
@@ -112,6 +120,7 @@ def build_examples(
     budgets: tuple[int, int],
     free_share: float,
     seed: int,
+    restate: int = 0,
 ) -> list[Example]:
     """One example per position. Special tokens (EOD, chat markers) are never candidates: a
     chosen position's true next token never is one. Positions whose guess cannot be boxed are
@@ -123,11 +132,12 @@ def build_examples(
         length = rng.randint(*budgets)
         budget = None if rng.random() < free_share else length
         candidates = [tokenizer.token_text(t) for t in top if t not in special]
-        response = response_ids(tokenizer, candidates, length) if candidates else None
+        ending = tokenizer.decode(prefix[-restate:]) if restate else ""
+        response = response_ids(tokenizer, candidates, length, ending) if candidates else None
         if response is None:
             continue
         prompt = prompts.build_prompt_ids(tokenizer, template, prefix, budget)
-        think = len(think_ids(tokenizer, candidates, length))
+        think = len(think_ids(tokenizer, candidates, length, ending))
         out.append(Example(prefix, prompt, response, budget, think))
     return out
 
@@ -202,7 +212,7 @@ def training_examples(cfg: config.Config, tokenizer, model: list) -> list[Exampl
         print(f"cold start: {len(positions)} positions, levels {counts['sampled']}", flush=True)
     return build_examples(
         [p.prefix_ids for p in positions], tops, tokenizer, template, budget_range(cfg),
-        cs.coldstart_free_share, cfg.parallel.seed,
+        cs.coldstart_free_share, cfg.parallel.seed, cs.coldstart_restate_tokens,
     )  # fmt: skip
 
 
