@@ -132,3 +132,14 @@ def test_cold_start_of_the_tiny_model_trains_on_its_own_guesses(tmp_path, tiny_c
     lines = (tmp_path / "cs" / "examples.jsonl").read_text().splitlines()
     assert len(lines) == len(pairs)
     assert "</think>" in json.loads(lines[0])["response"]
+
+
+def test_think_restates_the_ending_and_continues_it_with_the_guess(tok):
+    template = prompts.load_template("ntr_base")
+    prefix = tok.encode("The capital of France is")
+    examples = coldstart.build_examples(
+        [prefix], [[tok.encode(" Paris")[0]]], tok, template, (40, 40), 0.0, seed=1, restate=2
+    )
+    response = tok.decode(examples[0].response_ids[:-1])
+    assert response.startswith('The text ends " France is Paris". Most probable: "Paris".')
+    assert prompts.extract_prediction(response) == "Paris"
