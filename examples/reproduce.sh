@@ -16,8 +16,8 @@
 #
 # Defaults: SmolLM2-135M-Instruct on the 2-core CPU machine (configs/reproduce_cpu.yaml; about
 # 75 minutes with the vLLM server, see README). Qwen3 / Qwen2 on GPUs, e.g.:
-#   BASE=/models/Qwen3-1.7B MODEL_CONFIG=configs/qwen3_1p7b.yaml SCALE=configs/qwen3_14b.yaml \
-#   LAUNCH="torchrun --nproc-per-node 8" PARALLEL="--tensor-model-parallel-size 8" STEPS=320 \
+#   BASE=/models/Qwen3-14B MODEL_CONFIG=configs/qwen3_14b.yaml SCALE=configs/reproduce_paper.yaml \
+#   COLDSTART=0 EVAL_BUDGET=160 LAUNCH="torchrun --nproc-per-node 8" STEPS=320 \
 #   bash examples/reproduce.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
