@@ -143,3 +143,23 @@ def test_think_restates_the_ending_and_continues_it_with_the_guess(tok):
     response = tok.decode(examples[0].response_ids[:-1])
     assert response.startswith('The text ends " France is Paris". Most probable: "Paris".')
     assert prompts.extract_prediction(response) == "Paris"
+
+
+def topk_at_tp2():
+    """Both ranks' vocab_parallel_topk / argmax of one [5, 16] logits matrix split over TP=2,
+    with the last 3 ids as padding."""
+    from megatron.core import parallel_state as ps
+
+    logits = torch.randn(5, 16, generator=torch.Generator().manual_seed(3))
+    rank = ps.get_tensor_model_parallel_rank()
+    shard = logits[:, rank * 8 : (rank + 1) * 8]
+    group = ps.get_tensor_model_parallel_group()
+    top = forward.vocab_parallel_topk(shard, 4, 13, group)
+    return logits, top, forward.vocab_parallel_argmax(shard, 13, group)
+
+
+def test_vocab_parallel_topk_at_tp2_equals_a_full_vocabulary_topk():
+    for logits, top, argmax in spawn(topk_at_tp2, 2, tp=2):
+        want = logits[:, :13].topk(4, dim=-1).indices  # padding ids 13..15 excluded
+        assert torch.equal(top, want)
+        assert torch.equal(argmax, want[:, 0])

@@ -56,12 +56,18 @@ def vocab_parallel_argmax(
     value = masked.gather(-1, local.unsqueeze(-1)).squeeze(-1)  # [...]
     if tp == 1:
         return local + offset
-    values = [torch.empty_like(value) for _ in range(tp)]
-    indices = [torch.empty_like(local) for _ in range(tp)]
-    dist.all_gather(values, value, group=tp_group)
-    dist.all_gather(indices, local + offset, group=tp_group)
-    best = torch.stack(values).argmax(dim=0, keepdim=True)  # [1, ...] first (lowest-id) rank wins
-    return torch.stack(indices).gather(0, best).squeeze(0)
+    values, indices = _gather_shards(value, local + offset, tp, tp_group)  # [tp, ...] each
+    best = values.argmax(dim=0, keepdim=True)  # [1, ...] first (lowest-id) rank wins
+    return indices.gather(0, best).squeeze(0)
+
+
+def _gather_shards(values: torch.Tensor, ids: torch.Tensor, tp: int, tp_group) -> tuple:
+    """Every TP rank's (values, global ids) of its own best logits, stacked: `[tp, ...]` each."""
+    all_values = [torch.empty_like(values) for _ in range(tp)]
+    all_ids = [torch.empty_like(ids) for _ in range(tp)]
+    dist.all_gather(all_values, values, group=tp_group)
+    dist.all_gather(all_ids, ids, group=tp_group)
+    return torch.stack(all_values), torch.stack(all_ids)
 
 
 def vocab_parallel_topk(
@@ -76,12 +82,11 @@ def vocab_parallel_topk(
     values, local = masked.topk(k, dim=-1)  # [n, k]
     if tp == 1:
         return local + offset
-    values_all = [torch.empty_like(values) for _ in range(tp)]
-    ids_all = [torch.empty_like(local) for _ in range(tp)]
-    dist.all_gather(values_all, values, group=tp_group)
-    dist.all_gather(ids_all, local + offset, group=tp_group)
-    best = torch.cat(values_all, dim=-1).topk(k, dim=-1).indices  # [n, k]
-    return torch.cat(ids_all, dim=-1).gather(-1, best)
+    all_values, all_ids = _gather_shards(values, local + offset, tp, tp_group)  # [tp, n, k]
+    n = values.shape[0]
+    all_values = all_values.movedim(0, 1).reshape(n, tp * k)  # [n, tp*k]
+    best = all_values.topk(k, dim=-1).indices  # [n, k]
+    return all_ids.movedim(0, 1).reshape(n, tp * k).gather(-1, best)
 
 
 def position_stats(
