@@ -35,7 +35,7 @@ EVAL_SAMPLES=${EVAL_SAMPLES:-4}                   # NTR samples per position (pa
 EVAL_BUDGET=${EVAL_BUDGET:-8}                     # B in the evaluation prompt of DTB variants
 STEPS=${STEPS:-20}
 WARMUP_STEPS=${WARMUP_STEPS:-60}
-VARIANTS=${VARIANTS:-ntp rpt rmt no_dtb no_cas no_ntp}
+VARIANTS=${VARIANTS-ntp rpt rmt no_dtb no_cas no_ntp}  # VARIANTS="" trains none
 COLDSTART=${COLDSTART:-1}
 COLDSTART_CONFIG=${COLDSTART_CONFIG:-configs/coldstart_cpu.yaml}
 ROLLOUT=${ROLLOUT:-auto}                          # vllm | embedded | auto

@@ -30,10 +30,9 @@ skip it (the reproduction scripts' COLDSTART=0).
 Deliberate choices:
 - The think text is templated, not sampled: it costs one forward and reads like the
   instruction asks ("list multiple potential tokens and select the most probable one").
-- It first restates the text's last `coldstart_restate_tokens` tokens and continues them with
-  the guess (`The text ends " is $10"`): the guess then follows its context directly, as in
-  plain next-token prediction, instead of across the instruction and the think opening, which
-  a small model finds much harder (docs/coldstart.md has the measurement).
+- `coldstart_restate_tokens` > 0 first restates the text's last tokens and continues them with
+  the guess (`The text ends " is $10"`), so the guess follows its context as in plain NTP. It
+  did not help SmolLM2-135M (docs/coldstart.md), so it is off by default.
 - Whitespace-only candidates are listed as their escaped text (`"\\n"`); an answer that holds a
   brace or backslash (which `\\boxed{}` cannot carry unambiguously) drops the position.
 """

@@ -188,7 +188,7 @@ class ColdStartConfig:
     coldstart_candidates: int = _f(48, "most probable tokens the think text may list")
     coldstart_budgets: list[int] = _f([], "B range [low, high] (default: the run's B_T..B_0)")
     coldstart_free_share: float = _f(0.25, "share of examples without the budget sentence")
-    coldstart_restate_tokens: int = _f(4, "text tokens the think restates before the guess")
+    coldstart_restate_tokens: int = _f(0, "text tokens the think restates before the guess")
     coldstart_epochs: int = _f(1, "passes over the examples")
     coldstart_max_documents: int | None = _f(None, "read at most this many training documents")
 
