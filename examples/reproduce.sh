@@ -14,8 +14,9 @@
 # Every stage is skipped when its output exists, and a killed variant resumes from its last
 # checkpoint: rerun the same command to continue.
 #
-# Defaults: SmolLM2-135M-Instruct on the 2-core CPU machine (configs/reproduce_cpu.yaml; about
-# 75 minutes with the vLLM server, see README). Qwen3 / Qwen2 on GPUs, e.g.:
+# Defaults: SmolLM2-135M-Instruct on the 2-core CPU machine (configs/reproduce_cpu.yaml, 10 steps
+# per variant; 88 minutes with the vLLM server while other runs shared the cores, see
+# docs/results_smollm2.md). Qwen3 / Qwen2 on GPUs, e.g.:
 #   BASE=/models/Qwen3-14B MODEL_CONFIG=configs/qwen3_14b.yaml SCALE=configs/reproduce_paper.yaml \
 #   COLDSTART=0 EVAL_BUDGET=160 LAUNCH="torchrun --nproc-per-node 8" STEPS=320 \
 #   bash examples/reproduce.sh
@@ -33,7 +34,7 @@ EVAL_DOCS=${EVAL_DOCS:-100}                       # held-out documents read
 EVAL_PER_LEVEL=${EVAL_PER_LEVEL:-20}              # positions per level
 EVAL_SAMPLES=${EVAL_SAMPLES:-4}                   # NTR samples per position (pass@1 over them)
 EVAL_BUDGET=${EVAL_BUDGET:-8}                     # B in the evaluation prompt of DTB variants
-STEPS=${STEPS:-20}
+STEPS=${STEPS:-10}
 WARMUP_STEPS=${WARMUP_STEPS:-60}
 VARIANTS=${VARIANTS-ntp rpt rmt no_dtb no_cas no_ntp}  # VARIANTS="" trains none
 COLDSTART=${COLDSTART:-1}
