@@ -11,7 +11,7 @@ setup(
     version="0.1.0",
     description="Reinforcement Mid-Training (RMT) on Megatron-Core",
     packages=find_packages(include=["megatron_rmt", "megatron_rmt.*"]),
-    package_data={"megatron_rmt": ["templates/*.yaml"]},
+    package_data={"megatron_rmt": ["templates/*.yaml", "rollout/in_server/*.py"]},
     python_requires=">=3.11",
     install_requires=[
         "torch>=2.6",  # CPU 2.13.0 tested here; any CUDA build on GPU machines

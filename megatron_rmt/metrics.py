@@ -5,6 +5,7 @@ formats and writes them, so a crash never loses more than the current line (JSON
 """
 
 import json
+import math
 import os
 import time
 
@@ -74,11 +75,16 @@ def step_metrics(
     grad_norm,
     lr,
     failed,
+    invalid,
     rollout_latency,
     step_time,
     window_tokens,
 ) -> dict[str, float]:
     """The step's metrics, summed over data-parallel replicas, then turned into means.
+
+    `failed`: the rollouts failed, the step trained NTP only; `invalid`: rollout replies rejected
+    this step (`dispatch.StepRollouts.invalid`); a non-finite `grad_norm` means the optimizer
+    step was skipped (`step.optimizer_step`).
 
     Every rank calls this (it all-reduces); only the logging rank writes the result."""
     from megatron_rmt import parallel
@@ -105,6 +111,7 @@ def step_metrics(
         "ent_chosen": sum(p.entropy for p in ntp.problems),
         "chosen": len(ntp.problems),
         "failed": float(failed),
+        "invalid": float(invalid),
         "win_tok": window_tokens,
         "latency": rollout_latency,
         "step_s": step_time,
@@ -142,10 +149,12 @@ def step_metrics(
         "logprob_gap": mean(g["gap_sum"], g["rl_tok"]),
         "rollout_latency": g["latency"] / dp,  # the wait for rollouts after the NTP pass
         "rollout_failed": g["failed"],
+        "rollout_invalid": g["invalid"],  # replies rejected (NaN, foreign ids, too long, ...)
         "tokens_per_s": mean(g["win_tok"] + g["rl_tok"], g["step_s"] / dp),
         "step_time": g["step_s"] / dp,
         "ntp_pass_time": g["ntp_s"] / dp,
         "grad_norm": grad_norm,
+        "skipped_step": float(not math.isfinite(grad_norm)),  # no update: non-finite gradients
         "lr": lr,
     } | _mfu(flops_per_token * g["win_tok"], g["ntp_s"] / dp)
 

@@ -94,6 +94,7 @@ def posttrain_step(run: train.Run, t: int) -> dict:
         grad_norm=grad_norm,
         lr=lr,
         failed=failed,
+        invalid=rollouts.invalid,
         rollout_latency=rollout_latency,
         step_time=time.perf_counter() - start,
         window_tokens=0,

@@ -14,6 +14,7 @@ the same DDP gradient buffers, so L = L_RL + lambda * L_NTP, each term normalise
 global count. Gradients are finalised (DP all-reduce, tied-embedding sync) once, after both.
 """
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -267,9 +268,30 @@ def zero_grads(trainable: Trainable) -> None:
 
 def optimizer_step(trainable: Trainable) -> tuple[float, float]:
     """Finalise gradients once (DP reduce, embedding sync), step, advance the LR schedule.
-    Returns (grad norm, learning rate used)."""
+    Returns (grad norm, learning rate used).
+
+    A NaN or inf in any rank's gradients skips the update: the gradients are zeroed, the LR
+    schedule does not advance (as Megatron-LM does when its optimizer reports an overflow, which
+    is honoured the same way) and the norm returned is NaN, which the metrics count as
+    `skipped_step`. Megatron checks for overflow only with a loss scaler (fp16), so fp32 and
+    bf16 training would otherwise step into NaN weights."""
     finalize_model_grads(trainable.model, num_tokens=None)
-    _, grad_norm, _ = trainable.optimizer.step()
-    lr = trainable.optimizer.param_groups[0]["lr"]
-    trainable.scheduler.step(increment=1)
-    return float(grad_norm or 0.0), float(lr)
+    lr = float(trainable.optimizer.param_groups[0]["lr"])
+    if _gradients_finite(trainable.model):
+        updated, grad_norm, _ = trainable.optimizer.step()
+        if updated:
+            trainable.scheduler.step(increment=1)
+            return float(grad_norm or 0.0), lr
+    zero_grads(trainable)
+    return math.nan, lr
+
+
+def _gradients_finite(model: list) -> bool:
+    """Collective over all ranks: whether every rank's gradient buffers are finite. Checked on
+    their sums (no buffer-sized temporary), in which any NaN or inf survives."""
+    total = torch.zeros((), dtype=torch.float64, device=platform.device())
+    for chunk in model:
+        for buffer in chunk.buffers + chunk.expert_parallel_buffers:
+            total += buffer.grad_data.sum(dtype=torch.float64)
+    torch.distributed.all_reduce(total)
+    return bool(torch.isfinite(total))

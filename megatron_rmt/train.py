@@ -257,6 +257,7 @@ def train_step(run: Run, t: int) -> dict:
         grad_norm=grad_norm,
         lr=lr,
         failed=failed,
+        invalid=rollouts.invalid,
         rollout_latency=rollout_latency,
         step_time=time.perf_counter() - start,
         window_tokens=sum(mb["tokens"].numel() for mb in microbatches),

@@ -9,9 +9,14 @@ Deliberate choices:
 - Standard library only (urllib + a thread pool): the trainer never imports vLLM and needs no
   HTTP package. At most `max_concurrency` requests are in flight; request i goes to server
   i mod N (load spread), and each retry moves to the next server after an exponential backoff.
-  A response is validated (n samples, one log-prob per token) before it is used, so a server that
-  returns garbage counts as failed. After `retries` retries `generate` raises `RolloutError`; the
-  dispatcher then makes the step NTP-only and the trainer counts it.
+- No reply is trusted (`parse_completion`): it must be JSON with exactly n choices indexed
+  0..n-1, each of 1..max_tokens token ids within the served vocabulary and as many finite
+  log-probs <= 0. Anything else is an invalid reply: the attempt fails like a connection error
+  (and is counted in `invalid_replies`), so NaN, positive log-probs or foreign ids never reach the
+  loss. After `retries` retries `generate` raises `RolloutError`; the dispatcher then makes the
+  step NTP-only and the trainer counts it.
+- A control route (`/health`, `/pause`, `/collective_rpc`, `/resume`) answering an HTTP error,
+  garbage or no valid HTTP at all is a failure of that server, never of the run.
 - Weights: with a `DiskWeightSync`, `sync_weights` writes the trainer's weights on every rank and
   global rank 0 reloads every server (pause -> reload_weights -> resume).
   The client remembers which weight version each server holds. A server that failed a reload, or
@@ -22,9 +27,11 @@ Deliberate choices:
   the trainer last announced.
 """
 
+import http.client
 import itertools
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -45,6 +52,17 @@ class RolloutError(RuntimeError):
     """The rollout service could not serve a request after all retries."""
 
 
+class InvalidReply(ValueError):
+    """A reply that must not be trained on: malformed, or values no sampler produces."""
+
+
+LOGPROB_SLACK = 1e-4  # a sampled token's log-prob may round a little above 0, never more
+
+# What `_call` fails with: OSError (transport, timeout, HTTP error status, broken HTTP) or
+# InvalidReply (a body that is not JSON).
+SERVER_ERRORS = (OSError, InvalidReply)
+
+
 class VLLMEngine:
     collective = False
 
@@ -59,6 +77,7 @@ class VLLMEngine:
         api_key: str | None = None,
         backoff_s: float = 0.5,
         weights: DiskWeightSync | None = None,
+        vocab_size: int | None = None,
     ):
         if not urls:
             raise ValueError("VLLMEngine needs at least one server URL")
@@ -70,6 +89,9 @@ class VLLMEngine:
         self.api_key = api_key
         self.backoff_s = backoff_s
         self.weights = weights
+        self.vocab_size = vocab_size  # the served vocabulary; None: ids are only checked >= 0
+        self.invalid_replies = 0  # rejected /v1/completions replies, ever (see parse_completion)
+        self._counting = threading.Lock()
         self.version = 0
         self.weights_path: str | None = None  # directory of the latest synced weights
         self.loaded: dict[str, int | None] = dict.fromkeys(self.urls, None)
@@ -84,7 +106,7 @@ class VLLMEngine:
         for url in self.urls:
             try:
                 self._call(url, "/health", None, method="GET", timeout=min(self.timeout, 10.0))
-            except OSError as e:
+            except SERVER_ERRORS as e:
                 down.append(f"{url} ({e})")
         if down:
             raise RolloutError("rollout servers unreachable: " + ", ".join(down))
@@ -120,21 +142,21 @@ class VLLMEngine:
         """Load `path` into one server; the version it now holds, or None if that failed."""
         return self._load_and_resume(url, path, version, self._pause(url))
 
-    def _pause_all(self) -> dict[str, OSError | None]:
+    def _pause_all(self) -> dict[str, Exception | None]:
         return {url: self._pause(url) for url in self.urls}
 
-    def _pause(self, url: str) -> OSError | None:
+    def _pause(self, url: str) -> Exception | None:
         """Drain the server's requests (new ones queue until resume), then clear its KV and
         prefix caches (vLLM's default `clear_cache=true`), so no block computed with the old
         weights outlives the pause. The error, if it failed."""
         try:
             self._call(url, "/pause?mode=wait", {})
-        except OSError as e:
+        except SERVER_ERRORS as e:
             return e
         return None
 
     def _load_and_resume(
-        self, url: str, path: str | None, version: int, error: OSError | None
+        self, url: str, path: str | None, version: int, error: Exception | None
     ) -> int | None:
         """After `_pause` gave `error`: load `path` if the pause worked (None: load nothing),
         then resume in any case. The version the server now holds, or None."""
@@ -142,11 +164,11 @@ class VLLMEngine:
             try:
                 self._call(url, "/collective_rpc", {
                     "method": "reload_weights", "kwargs": {"weights_path": path}})  # fmt: skip
-            except OSError as e:
+            except SERVER_ERRORS as e:
                 error = e
         try:
             self._call(url, "/resume", {})  # never leave a server paused
-        except OSError as e:
+        except SERVER_ERRORS as e:
             error = error or e
         if error is not None:
             log.warning("weight reload of %s failed, it is not used until reloaded: %s", url, error)
@@ -181,15 +203,20 @@ class VLLMEngine:
                 time.sleep(self.backoff_s * 2 ** (attempt - 1))
             url = servers[(start + attempt) % len(servers)]
             try:
+                reply = self._call(url, "/v1/completions", body)
                 responses, logprobs = parse_completion(
-                    self._call(url, "/v1/completions", body), req.n
+                    reply, req.n, req.max_tokens, self.vocab_size
                 )
                 return RolloutResult(responses, logprobs, self.version)
-            except (OSError, ValueError, KeyError, TypeError) as e:
+            except OSError as e:
                 error = e
-                if self.weights is not None and isinstance(e, OSError):
+                if self.weights is not None:
                     self.loaded[url] = None  # it may come back restarted, with other weights
-                log.warning("rollout attempt %d on %s failed: %s", attempt + 1, url, e)
+            except InvalidReply as e:
+                error = e
+                with self._counting:
+                    self.invalid_replies += 1
+            log.warning("rollout attempt %d on %s failed: %s", attempt + 1, url, error)
         raise RolloutError(f"rollout failed after {self.retries + 1} attempts: {error}")
 
     def _call(self, url: str, path: str, body: dict | None, method: str = "POST", timeout=None):
@@ -203,7 +230,12 @@ class VLLMEngine:
                 raw = response.read()
         except urllib.error.HTTPError as e:  # keep the server's explanation
             raise OSError(f"HTTP {e.code} from {url}{path}: {e.read()[:500]!r}") from e
-        return json.loads(raw) if raw.strip() else None
+        except http.client.HTTPException as e:  # not HTTP at all, or cut short
+            raise OSError(f"broken HTTP reply from {url}{path}: {e!r}") from e
+        try:
+            return json.loads(raw) if raw.strip() else None
+        except ValueError as e:
+            raise InvalidReply(f"reply of {url}{path} is not JSON: {raw[:200]!r}") from e
 
 
 def completion_body(req: RolloutRequest, eos_id: int) -> dict:
@@ -221,21 +253,43 @@ def completion_body(req: RolloutRequest, eos_id: int) -> dict:
     }
 
 
-def parse_completion(reply: dict, n: int) -> tuple[list[list[int]], list[list[float]]]:
-    """(token ids, log-probs) of the n choices in index order; ValueError on a malformed reply."""
-    choices = sorted(reply["choices"], key=lambda c: c["index"])
-    if len(choices) != n:
-        raise ValueError(f"asked for {n} samples, got {len(choices)}")
-    responses, logprobs = [], []
-    for c in choices:
-        ids, lps = c["token_ids"], c["logprobs"]["token_logprobs"]
-        if not ids or len(ids) != len(lps) or not all(isinstance(x, int) for x in ids):
-            raise ValueError(
-                f"malformed choice: {len(ids or [])} tokens, {len(lps or [])} log-probs"
-            )
-        responses.append(list(ids))
-        logprobs.append([float(x) for x in lps])
-    return responses, logprobs
+def parse_completion(
+    reply, n: int, max_tokens: int, vocab_size: int | None
+) -> tuple[list[list[int]], list[list[float]]]:
+    """(token ids, log-probs) of the n choices in index order. InvalidReply unless the reply has
+    exactly n choices indexed 0..n-1, each with 1..max_tokens ids in [0, vocab_size) (vocab_size
+    None: no upper bound) and as many finite log-probs <= 0 (up to LOGPROB_SLACK)."""
+    choices = reply.get("choices") if isinstance(reply, dict) else None
+    if not isinstance(choices, list) or len(choices) != n:
+        got = len(choices) if isinstance(choices, list) else "no list of choices"
+        raise InvalidReply(f"asked for {n} samples, got {got}")
+    by_index = dict(_parse_choice(c, max_tokens, vocab_size) for c in choices)
+    if sorted(by_index) != list(range(n)):
+        raise InvalidReply(f"choice indices {sorted(by_index)} are not 0..{n - 1}")
+    ordered = [by_index[i] for i in range(n)]
+    return [ids for ids, _ in ordered], [lps for _, lps in ordered]
+
+
+def _parse_choice(c, max_tokens: int, vocab_size: int | None):
+    """(index, (ids, log-probs)) of one choice; InvalidReply if it cannot be trained on."""
+    try:
+        index, ids, lps = c["index"], c["token_ids"], c["logprobs"]["token_logprobs"]
+    except (KeyError, TypeError, IndexError) as e:
+        raise InvalidReply(f"malformed choice: {e!r}") from e
+    if type(index) is not int or not isinstance(ids, list) or not isinstance(lps, list):
+        raise InvalidReply("malformed choice: index, token_ids or token_logprobs of wrong type")
+    if not 1 <= len(ids) <= max_tokens or len(lps) != len(ids):
+        raise InvalidReply(
+            f"malformed choice: {len(ids)} tokens (1..{max_tokens} allowed), {len(lps)} log-probs"
+        )
+    top = math.inf if vocab_size is None else vocab_size
+    bad_ids = [t for t in ids if type(t) is not int or not 0 <= t < top]
+    if bad_ids:
+        raise InvalidReply(f"token id outside [0, {top}): {bad_ids[0]!r}")
+    bad_lps = [x for x in lps if type(x) not in (int, float) or not -math.inf < x <= LOGPROB_SLACK]
+    if bad_lps:  # NaN fails every comparison
+        raise InvalidReply(f"log-prob not finite and <= 0: {bad_lps[0]!r}")
+    return index, (list(ids), [float(x) for x in lps])
 
 
 def build_engine(cfg, trainable, tokenizer, vocab_size: int) -> VLLMEngine:
@@ -257,6 +311,7 @@ def build_engine(cfg, trainable, tokenizer, vocab_size: int) -> VLLMEngine:
         max_concurrency=r.rollout_max_concurrency,
         api_key=os.environ.get("MEGATRON_RMT_VLLM_API_KEY"),
         weights=weights,
+        vocab_size=vocab_size,
     )
     if dist.get_rank(ps.get_model_parallel_group()) == 0:  # the ranks that will call it
         engine.check_reachable()

@@ -11,6 +11,8 @@
   the same function and per-problem seeds, so they are exactly the ones the talker sent.
 - A service failure after the client's own retries gives None: the step proceeds NTP-only, and
   the trainer counts it. The run never waits on requests it no longer needs.
+- `invalid` is how many replies the engine rejected during the step (an engine that counts
+  them, `invalid_replies`, as the vLLM client does), the same on every rank of the replica.
 """
 
 import logging
@@ -43,6 +45,8 @@ class StepRollouts:
         self.pool = ThreadPoolExecutor(concurrency) if self.streaming else None
         self.futures: list[Future] = []
         self.submitted = 0
+        self._invalid_before = self._invalid_so_far()
+        self.invalid = 0  # replies rejected this step, known after `results`
 
     def submit(self, problems: list[Problem]) -> None:
         """Last stage, after each microbatch's selection: the talker sends its requests now."""
@@ -64,4 +68,11 @@ class StepRollouts:
             except Exception as e:  # the run must outlive the rollout service
                 log.warning("rollouts failed, this step trains NTP only: %s", e)
                 self.pool.shutdown(wait=False, cancel_futures=True)
-        return parallel.broadcast_object_in_replica(results, self.talker)
+        invalid = self._invalid_so_far() - self._invalid_before
+        results, self.invalid = parallel.broadcast_object_in_replica(
+            (results, invalid), self.talker
+        )
+        return results
+
+    def _invalid_so_far(self) -> int:
+        return getattr(self.engine, "invalid_replies", 0)  # engines that validate nothing: 0

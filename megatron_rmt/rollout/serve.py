@@ -3,8 +3,9 @@
     python -m megatron_rmt.rollout.serve --model HF_DIR [--host 127.0.0.1] [--port N]
         [--api-key K] [--python PY] [--device auto|cpu|gpu] [-- extra vLLM flags]
 
-Prints the URL to pass as `--rollout-url`, then runs until SIGINT/SIGTERM and stops the server.
-Tests and benchmarks use `start_server(...)`, which returns a handle with `.url` and `.stop()`.
+Prints the URL to pass as `--rollout-url`, then runs until SIGINT/SIGTERM and stops the server;
+if the server ends on its own, the launcher ends too (with its exit status). Tests and
+benchmarks use `start_server(...)`, which returns a handle with `.url` and `.stop()`.
 
 Deliberate choices:
 - The server runs in its own interpreter (`--python`, default `$MEGATRON_RMT_VLLM_PYTHON`, else
@@ -20,12 +21,22 @@ Deliberate choices:
   its engine ("CPU Generator does not use offset") when a seeded request's prompt is split
   across scheduler steps, and every rollout request carries a seed. The GPU keeps vLLM's own
   defaults.
-- Bound to 127.0.0.1 unless told otherwise; with `--api-key` every request needs the key.
-- The server is a new process group and its output goes to a log file: stopping it ends every
-  process it started, and a chatty server can never block on a full pipe.
+- Bound to 127.0.0.1 unless told otherwise. With an API key (`--api-key`, default
+  $MEGATRON_RMT_VLLM_API_KEY, the variable the trainer reads) every request on every route needs
+  it: vLLM's own check guards only `/v1/...`, so the server also loads
+  `in_server/rmt_key_guard.py` as middleware (that folder goes on its PYTHONPATH: the server's
+  environment need not have this package). The key reaches the server as $VLLM_API_KEY, never
+  on its command line (which every local user can read).
+- The server leads a new session (so a new process group) and its output goes to a log file:
+  `stop()` ends the whole group, also when the server itself has already died and left a child
+  behind (vLLM's EngineCore on GPU, ~1 GB): SIGTERM, then SIGKILL after a grace period; a
+  chatty server can never block on a full pipe. Started from a main thread on Linux, the server
+  also gets SIGTERM when the process that started it dies, even by SIGKILL (PR_SET_PDEATHSIG;
+  the kernel sends it when the starting *thread* ends, hence main threads only).
 """
 
 import argparse
+import ctypes
 import os
 import shutil
 import signal
@@ -33,8 +44,12 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
+
+KEY_GUARD_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "in_server")
+KEY_ENV = "MEGATRON_RMT_VLLM_API_KEY"  # the trainer's client reads the same variable
 
 CPU_ARGS = [
     "--enforce-eager",
@@ -53,26 +68,61 @@ CPU_ENV = {
 
 
 class ServerHandle:
-    """A running server: its `url`, its process and log file; `stop()` ends it."""
+    """A running server: its `url`, its process (leader of its own process group) and log file,
+    the key it wants (or None); `stop()` ends it and every process it started."""
 
-    def __init__(self, url: str, process: subprocess.Popen, log_path: str):
+    def __init__(self, url: str, process: subprocess.Popen, log_path: str, api_key=None):
         self.url = url
         self.process = process
         self.log_path = log_path
+        self.api_key = api_key
 
     def stop(self, grace_s: float = 30.0) -> None:
-        if self.process.poll() is not None:
+        """SIGTERM to the whole group, SIGKILL to what is left after `grace_s`; returns once no
+        process of the group is left (the leader may already have exited: its children not)."""
+        group = self.process.pid
+        if not _signal_group(group, signal.SIGTERM):
+            self.process.poll()
             return
-        os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(grace_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline:
+            self.process.poll()  # reap the leader, or it would count as alive
+            if not _group_alive(group):
+                return
+            time.sleep(0.1)
+        _signal_group(group, signal.SIGKILL)
+        self.process.wait()
+        while _group_alive(group):  # SIGKILL cannot be refused: this ends promptly
+            time.sleep(0.05)
 
     def log_tail(self, chars: int = 4000) -> str:
         with open(self.log_path, errors="replace") as fh:
             return fh.read()[-chars:]
+
+
+def _signal_group(group: int, sig: int) -> bool:
+    """Send `sig` to the process group; False if no process of it is left."""
+    try:
+        os.killpg(group, sig)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _group_alive(group: int) -> bool:
+    """Whether a process of the group is left, zombies aside (they hold no memory and wait only
+    for their parent). Without /proc: whether the group can still be signalled."""
+    if not os.path.isdir("/proc/self"):
+        return _signal_group(group, 0)
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()  # after "pid (comm)"
+        except OSError:  # it ended while we looked
+            continue
+        if int(fields[2]) == group and fields[0] != "Z":
+            return True
+    return False
 
 
 def default_python() -> str:
@@ -92,16 +142,38 @@ def server_command(
     cmd += ["--host", host, "--port", str(port), "--logprobs-mode", "processed_logprobs"]
     if not gpu:
         cmd += CPU_ARGS
-    if api_key:
-        cmd += ["--api-key", api_key]
+    if api_key:  # the key itself goes by environment (server_env)
+        cmd += ["--middleware", "rmt_key_guard.KeyGuard"]
     return cmd + list(extra)
 
 
-def server_env(gpu: bool, base: dict) -> dict:
+def server_env(gpu: bool, base: dict, api_key: str | None = None) -> dict:
     env = dict(base, VLLM_SERVER_DEV_MODE="1")
     if not gpu:
         env.update(CPU_ENV)
+    if api_key:  # read by vLLM's /v1 check and by rmt_key_guard, which guards the rest
+        env["VLLM_API_KEY"] = api_key
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [KEY_GUARD_DIR, base.get("PYTHONPATH")]))
     return env
+
+
+def _die_with_this_thread():
+    """A preexec_fn (Linux) making the child receive SIGTERM when the calling thread ends; None
+    elsewhere. libc is loaded here, before the fork: the child only calls into it."""
+    if (
+        not sys.platform.startswith("linux")
+        or threading.current_thread() is not threading.main_thread()
+    ):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    parent = os.getpid()
+
+    def arm():
+        prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before the signal was armed
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return arm
 
 
 def start_server(
@@ -119,6 +191,7 @@ def start_server(
     """Launch the server and return once /health answers; raises with the log tail if it dies
     or does not become healthy within `startup_timeout` seconds."""
     gpu = on_gpu(device)
+    api_key = api_key or None
     port = port or _free_port(host)
     if log_path is None:
         fd, log_path = tempfile.mkstemp(prefix="vllm-server-", suffix=".log")
@@ -129,11 +202,12 @@ def start_server(
             cmd,
             stdout=log,
             stderr=subprocess.STDOUT,
-            env=server_env(gpu, os.environ),
+            env=server_env(gpu, os.environ, api_key),
             start_new_session=True,
+            preexec_fn=_die_with_this_thread(),
         )
     url = f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}"
-    handle = ServerHandle(url, process, log_path)
+    handle = ServerHandle(url, process, log_path, api_key)
     try:
         _wait_healthy(handle, startup_timeout)
     except BaseException:
@@ -149,8 +223,11 @@ def _wait_healthy(handle: ServerHandle, timeout: float) -> None:
             raise RuntimeError(
                 f"vLLM server exited with {handle.process.returncode}:\n{handle.log_tail()}"
             )
+        request = urllib.request.Request(handle.url + "/health")
+        if handle.api_key:
+            request.add_header("Authorization", f"Bearer {handle.api_key}")
         try:
-            with urllib.request.urlopen(handle.url + "/health", timeout=5) as r:
+            with urllib.request.urlopen(request, timeout=5) as r:
                 if r.status == 200:
                     return
         except OSError:  # not listening yet
@@ -170,7 +247,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", required=True, help="Hugging Face model directory")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, help="default: a free port")
-    p.add_argument("--api-key", help="require this bearer key on every request")
+    p.add_argument(
+        "--api-key", default=os.environ.get(KEY_ENV),
+        help=f"require this bearer key on every route (default ${KEY_ENV})",
+    )  # fmt: skip
     p.add_argument("--python", help="interpreter with vLLM (default $MEGATRON_RMT_VLLM_PYTHON)")
     p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
     p.add_argument("--startup-timeout", type=float, default=300.0)
