@@ -1,19 +1,29 @@
-"""rollout/serve.py's launcher: SIGTERM or SIGINT stops it and its server promptly (it used to
-deadlock in its signal handler and leave the server running). A stand-in `python` serves
-`/health` with the standard library, so this runs without vLLM."""
+"""rollout/serve.py's launcher never leaves a server or its children behind: SIGTERM or SIGINT
+stops it and the server's whole process group promptly; a server that dies on its own takes the
+children it left (vLLM's EngineCore) with it; a `kill -9` of the launcher stops the server.
 
+A stand-in `python` serves `/health` with the standard library and starts a child standing in
+for vLLM's EngineCore, so this runs without vLLM."""
+
+import os
 import signal
 import subprocess
 import sys
 import time
 import urllib.request
 
+import psutil
 import pytest
 
 FAKE_PYTHON = """#!/usr/bin/env bash
-# Stands in for vLLM's interpreter: serves /health (a file) on the --port it is given.
+# Stands in for vLLM's interpreter: serves /health (a file) on the --port it is given, beside a
+# child standing in for vLLM's EngineCore; SIGTERM stops both, as it stops vLLM's server.
 while [ $# -gt 0 ]; do [ "$1" = --port ] && port=$2; shift; done
-cd "$(dirname "$0")/root" && exec {python} -m http.server "$port" --bind 127.0.0.1
+sleep 600 & engine=$!
+cd "$(dirname "$0")/root"
+{python} -m http.server "$port" --bind 127.0.0.1 & web=$!
+trap 'kill $engine $web; exit 0' TERM
+wait
 """
 
 
@@ -25,29 +35,77 @@ def _listening(url: str) -> bool:
         return False
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_launcher_stops_itself_and_the_server_on_a_signal(tmp_path, sig):
+def group_members(group: int) -> list[psutil.Process]:
+    """The live processes of a process group (zombies are not alive)."""
+    members = []
+    for p in psutil.process_iter():
+        try:
+            if os.getpgid(p.pid) == group and p.status() != psutil.STATUS_ZOMBIE:
+                members.append(p)
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            pass
+    return members
+
+
+def wait_group_gone(group: int, within_s: float) -> list[psutil.Process]:
+    """What is left of the group after at most `within_s` seconds (empty: all gone)."""
+    deadline = time.monotonic() + within_s
+    while (left := group_members(group)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left
+
+
+@pytest.fixture
+def launcher(tmp_path):
+    """The launcher on the stand-in server: (its process, the server URL, the server's group)."""
     (tmp_path / "root").mkdir()
     (tmp_path / "root" / "health").write_text("ok")
     fake = tmp_path / "python"
     fake.write_text(FAKE_PYTHON.format(python=sys.executable))
     fake.chmod(0o755)
-    launcher = subprocess.Popen(
+    proc = subprocess.Popen(
         [sys.executable, "-m", "megatron_rmt.rollout.serve", "--model", "unused",
          "--python", str(fake), "--startup-timeout", "30"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
+    group = None
     try:
-        line = launcher.stdout.readline()
+        line = proc.stdout.readline()
         assert "server ready" in line, line
         url = line.split("ready: ")[1].split()[0]
         assert _listening(url)
-        launcher.send_signal(sig)
-        assert launcher.wait(timeout=20) == 0
-        deadline = time.monotonic() + 10
-        while _listening(url) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not _listening(url), "the server outlived its launcher"
+        (server,) = psutil.Process(proc.pid).children()
+        group = os.getpgid(server.pid)
+        assert group == server.pid != os.getpgid(proc.pid)  # the server leads its own group
+        assert len(group_members(group)) == 3  # bash, the engine stand-in, the web server
+        yield proc, url, group
     finally:
-        if launcher.poll() is None:
-            launcher.kill()
+        if proc.poll() is None:
+            proc.kill()
+        if group is not None:  # whatever the test's outcome, leave nothing behind
+            for p in group_members(group):
+                p.kill()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_launcher_stops_itself_and_the_server_on_a_signal(launcher, sig):
+    proc, url, group = launcher
+    proc.send_signal(sig)
+    assert proc.wait(timeout=20) == 0
+    assert wait_group_gone(group, 10) == [], "a process of the server outlived its launcher"
+    assert not _listening(url)
+
+
+def test_a_dead_server_takes_its_children_with_it(launcher):
+    proc, url, group = launcher
+    os.kill(group, signal.SIGKILL)  # the server dies on its own: its children are orphaned
+    assert proc.wait(timeout=20) != 0  # the launcher ends with it
+    assert wait_group_gone(group, 10) == [], "the server's children outlived it"
+
+
+def test_a_killed_launcher_takes_the_server_with_it(launcher):
+    proc, url, group = launcher
+    proc.kill()  # SIGKILL: the launcher can clean up nothing
+    proc.wait(timeout=10)
+    assert wait_group_gone(group, 20) == [], "the server outlived its killed launcher"
+    assert not _listening(url)
