@@ -14,10 +14,7 @@
 import http.server
 import json
 import math
-import os
 import signal
-import subprocess
-import sys
 import threading
 import urllib.error
 import urllib.request
@@ -26,7 +23,7 @@ import psutil
 import pytest
 import torch
 from distributed import spawn
-from test_serve import group_members, wait_group_gone
+from test_serve import launched, wait_group_gone
 from test_train import ScriptedEngine, _flags
 from test_vllm import _vllm_python, build_hf_model
 
@@ -59,7 +56,7 @@ class FakeServer:
                 pass
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True).start()
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
 
     def close(self):
@@ -127,6 +124,7 @@ def one_step_per_reply(argv, kinds):
     return out
 
 
+@pytest.mark.slow
 def test_invalid_replies_leave_the_weights_of_an_ntp_only_step(tiny_corpus):
     argv = _flags(tiny_corpus, extra=["--clip-eps", "0.2"])  # NaN old log-probs reach the loss
     kinds = ["unavailable", "valid", *BAD_REPLIES]
@@ -227,6 +225,7 @@ def step_with_a_poisoned_gradient(argv):
     return skipped, clean, unchanged, grads_zero, lr_steps, finite and moved
 
 
+@pytest.mark.slow
 def test_a_non_finite_gradient_skips_the_step_on_every_rank(tiny_corpus):
     argv = _flags(tiny_corpus, tp=2)
     for skipped, clean, unchanged, grads_zero, lr_steps, trained in spawn(
@@ -268,18 +267,9 @@ def test_api_key_guards_every_route_of_a_real_server(tmp_path):
         pytest.skip(reason)
     model_dir, key = str(tmp_path / "tiny_hf"), "test-key-0123"
     build_hf_model(model_dir, SERVED_VOCAB)
-    launcher = subprocess.Popen(
-        [sys.executable, "-m", "megatron_rmt.rollout.serve", "--model", model_dir,
-         "--python", python, "--api-key", key, "--startup-timeout", "300"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    group = None
-    try:
-        line = launcher.stdout.readline()
-        assert "server ready" in line, line
-        url = line.split("ready: ")[1].split()[0]
-        (server,) = psutil.Process(launcher.pid).children()
-        group = os.getpgid(server.pid)
+    args = ["--model", model_dir, "--python", python, "--api-key", key, "--startup-timeout", "300"]
+    with launched(*args) as (launcher, url, group):
+        server = psutil.Process(group)  # the group's leader
         assert key not in " ".join(server.cmdline())  # not readable by every local user
         for method, path in ROUTES:
             assert _status(url, method, path, None) == 401, path
@@ -298,9 +288,3 @@ def test_api_key_guards_every_route_of_a_real_server(tmp_path):
         launcher.send_signal(signal.SIGTERM)
         assert launcher.wait(timeout=60) == 0
         assert wait_group_gone(group, 30) == [], "a process of the server outlived its launcher"
-    finally:
-        if launcher.poll() is None:
-            launcher.kill()
-        if group is not None:
-            for p in group_members(group):
-                p.kill()

@@ -5,6 +5,7 @@ children it left (vLLM's EngineCore) with it; a `kill -9` of the launcher stops 
 A stand-in `python` serves `/health` with the standard library and starts a child standing in
 for vLLM's EngineCore, so this runs without vLLM."""
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -55,6 +56,30 @@ def wait_group_gone(group: int, within_s: float) -> list[psutil.Process]:
     return left
 
 
+@contextlib.contextmanager
+def launched(*args: str):
+    """`python -m megatron_rmt.rollout.serve ARGS` until it prints its URL; yields (the launcher,
+    the URL, the server's process group). Afterwards no process of either is left."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "megatron_rmt.rollout.serve", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    group = None
+    try:
+        line = proc.stdout.readline()
+        assert "server ready" in line, line
+        (server,) = psutil.Process(proc.pid).children()
+        group = os.getpgid(server.pid)
+        assert group == server.pid != os.getpgid(proc.pid)  # the server leads its own group
+        yield proc, line.split("ready: ")[1].split()[0], group
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if group is not None:  # whatever the test's outcome, leave nothing behind
+            for p in group_members(group):
+                p.kill()
+
+
 @pytest.fixture
 def launcher(tmp_path):
     """The launcher on the stand-in server: (its process, the server URL, the server's group)."""
@@ -63,28 +88,11 @@ def launcher(tmp_path):
     fake = tmp_path / "python"
     fake.write_text(FAKE_PYTHON.format(python=sys.executable))
     fake.chmod(0o755)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "megatron_rmt.rollout.serve", "--model", "unused",
-         "--python", str(fake), "--startup-timeout", "30"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    group = None
-    try:
-        line = proc.stdout.readline()
-        assert "server ready" in line, line
-        url = line.split("ready: ")[1].split()[0]
+    with launched("--model", "unused", "--python", str(fake), "--startup-timeout", "30") as run:
+        _, url, group = run
         assert _listening(url)
-        (server,) = psutil.Process(proc.pid).children()
-        group = os.getpgid(server.pid)
-        assert group == server.pid != os.getpgid(proc.pid)  # the server leads its own group
         assert len(group_members(group)) == 3  # bash, the engine stand-in, the web server
-        yield proc, url, group
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        if group is not None:  # whatever the test's outcome, leave nothing behind
-            for p in group_members(group):
-                p.kill()
+        yield run
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
