@@ -76,15 +76,17 @@ def step_metrics(
     lr,
     failed,
     invalid,
+    dropped,
     rollout_latency,
     step_time,
     window_tokens,
 ) -> dict[str, float]:
     """The step's metrics, summed over data-parallel replicas, then turned into means.
 
-    `failed`: the rollouts failed, the step trained NTP only; `invalid`: rollout replies rejected
-    this step (`dispatch.StepRollouts.invalid`); a non-finite `grad_norm` means the optimizer
-    step was skipped (`step.optimizer_step`).
+    `failed`: every rollout request failed, the step trained NTP only; `dropped`: requests that
+    failed (the step trained without them); `invalid`: rollout replies rejected (both from
+    `dispatch.StepRollouts`); a non-finite `grad_norm` means the optimizer step was skipped
+    (`step.optimizer_step`).
 
     Every rank calls this (it all-reduces); only the logging rank writes the result."""
     from megatron_rmt import parallel
@@ -112,6 +114,7 @@ def step_metrics(
         "chosen": len(ntp.problems),
         "failed": float(failed),
         "invalid": float(invalid),
+        "dropped": float(dropped),
         "win_tok": window_tokens,
         "latency": rollout_latency,
         "step_s": step_time,
@@ -149,6 +152,7 @@ def step_metrics(
         "logprob_gap": mean(g["gap_sum"], g["rl_tok"]),
         "rollout_latency": g["latency"] / dp,  # the wait for rollouts after the NTP pass
         "rollout_failed": g["failed"],
+        "rollout_dropped": g["dropped"],  # requests the step trained without
         "rollout_invalid": g["invalid"],  # replies rejected (NaN, foreign ids, too long, ...)
         "tokens_per_s": mean(g["win_tok"] + g["rl_tok"], g["step_s"] / dp),
         "step_time": g["step_s"] / dp,

@@ -25,7 +25,7 @@ from megatron_rmt import config, grpo, parallel, problems, prompts, rewards, ste
 from megatron_rmt.math_data import MathProblem, ProblemStream, read_problems
 from megatron_rmt.metrics import step_metrics
 from megatron_rmt.rollout.contract import RolloutEngine, RolloutRequest
-from megatron_rmt.rollout.dispatch import StepRollouts
+from megatron_rmt.rollout.dispatch import StepRollouts, served
 
 
 def main(argv: list[str] | None = None, engine: RolloutEngine | None = None) -> None:
@@ -64,8 +64,7 @@ def posttrain_step(run: train.Run, t: int) -> dict:
     results = rollouts.results(requests)
     rollout_latency = time.perf_counter() - start
     failed = results is None  # the service failed: nothing to learn from this step
-    if failed:
-        batch, requests, results = [], [], []
+    batch, requests, results = served(batch, requests, results)
 
     # 3. Rewards: the final boxed answer against the gold one; group advantages.
     def reward(i: int, text: str, think: int) -> rewards.RewardParts:
@@ -95,6 +94,7 @@ def posttrain_step(run: train.Run, t: int) -> dict:
         lr=lr,
         failed=failed,
         invalid=rollouts.invalid,
+        dropped=rollouts.dropped,
         rollout_latency=rollout_latency,
         step_time=time.perf_counter() - start,
         window_tokens=0,

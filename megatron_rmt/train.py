@@ -41,7 +41,7 @@ from megatron_rmt.model import padded_vocab_size
 from megatron_rmt.reference import build_reference
 from megatron_rmt.rollout.client import build_engine
 from megatron_rmt.rollout.contract import RolloutEngine
-from megatron_rmt.rollout.dispatch import MakeRequests, StepRollouts
+from megatron_rmt.rollout.dispatch import MakeRequests, StepRollouts, served
 from megatron_rmt.rollout.embedded import EmbeddedEngine
 from megatron_rmt.tokenizer import TextTokenizer, tokenizer_of
 from megatron_rmt.variants import VARIANTS, ntp_weight
@@ -226,8 +226,7 @@ def train_step(run: Run, t: int) -> dict:
     results = rollouts.results(requests)  # the time the step waits for them after the pass
     rollout_latency = time.perf_counter() - rollout_start
     failed = results is None  # the service failed: this step trains NTP only
-    if failed:
-        ntp.problems, requests, results = [], [], []
+    ntp.problems, requests, results = served(ntp.problems, requests, results)
     _check_versions(results, t, cfg.rollout.weight_sync_interval)
 
     # 3. Rewards and group-normalised advantages.
@@ -258,6 +257,7 @@ def train_step(run: Run, t: int) -> dict:
         lr=lr,
         failed=failed,
         invalid=rollouts.invalid,
+        dropped=rollouts.dropped,
         rollout_latency=rollout_latency,
         step_time=time.perf_counter() - start,
         window_tokens=sum(mb["tokens"].numel() for mb in microbatches),

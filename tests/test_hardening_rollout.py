@@ -3,7 +3,8 @@
 - A fake vLLM-like server on loopback (http.server in a thread) answers real training steps with
   NaN, +inf or positive log-probs, ids outside the served vocabulary, negative ids, responses
   longer than max_tokens, the wrong number of choices and non-JSON bodies: each step must end
-  with exactly the weights of an NTP-only step from the same state, and count the replies.
+  with exactly the weights of an NTP-only step from the same state, and count the replies. One
+  invalid reply among valid ones costs only its own request.
 - Control routes (/health, /pause, /collective_rpc, /resume) answering HTTP errors, non-JSON or
   no HTTP at all are failures of that server, never of the run.
 - A non-finite gradient on one rank skips the optimizer step on every rank, counted.
@@ -12,6 +13,7 @@
 """
 
 import http.server
+import itertools
 import json
 import math
 import signal
@@ -103,16 +105,23 @@ def completion_answer(kind: str, body: dict, tokenizer) -> tuple[int, bytes]:
 
 def one_step_per_reply(argv, kinds):
     """From the same initial state, one training step against the fake server for each kind of
-    reply: that step's metrics and resulting parameters."""
+    reply ("one_nan": only the first request the server sees gets "nan_logprob"): that step's
+    metrics and resulting parameters."""
     cfg = config.parse(argv)
     out, current = {}, {}
-    tokenizer = None
-    server = FakeServer(lambda path, body: completion_answer(current["kind"], body, tokenizer))
+
+    def answer(path, body):
+        kind = current["kind"]
+        if kind == "one_nan":
+            kind = "nan_logprob" if next(current["calls"]) == 0 else "valid"
+        return completion_answer(kind, body, current["tokenizer"])
+
+    server = FakeServer(answer)
     try:
         for kind in kinds:
             parallel.seed_everything(cfg.parallel.seed, parallel.layout_of_this_rank())
             run = train.setup(cfg)
-            tokenizer, current["kind"] = run.tokenizer, kind
+            current.update(kind=kind, calls=itertools.count(), tokenizer=run.tokenizer)
             run.engine = client.VLLMEngine(
                 [server.url], run.tokenizer.eod, retries=0, vocab_size=SERVED_VOCAB
             )
@@ -127,22 +136,30 @@ def one_step_per_reply(argv, kinds):
 @pytest.mark.slow
 def test_invalid_replies_leave_the_weights_of_an_ntp_only_step(tiny_corpus):
     argv = _flags(tiny_corpus, extra=["--clip-eps", "0.2"])  # NaN old log-probs reach the loss
-    kinds = ["unavailable", "valid", *BAD_REPLIES]
+    kinds = ["unavailable", "valid", "one_nan", *BAD_REPLIES]
     out = spawn(one_step_per_reply, 1, args=(argv, kinds))[0]
     ntp_metrics, ntp_params = out["unavailable"]  # the server failed: an NTP-only step
     assert ntp_metrics["rollout_failed"] == 1 and ntp_metrics["rollout_invalid"] == 0
     valid_metrics, valid_params = out["valid"]  # the test can tell: valid replies do train
-    assert valid_metrics["rollout_failed"] == 0 and valid_metrics["rollout_invalid"] == 0
-    assert valid_metrics["rl_tokens_trained"] > 0
+    assert valid_metrics["rollout_failed"] == valid_metrics["rollout_invalid"] == 0
+    assert valid_metrics["rollout_dropped"] == 0 and valid_metrics["rl_tokens_trained"] > 0
     requests = valid_metrics["rl_positions"]  # one request per chosen position
+    assert ntp_metrics["rollout_dropped"] == requests > 1
     assert not all(torch.equal(a, b) for a, b in zip(valid_params, ntp_params, strict=True))
     for kind in BAD_REPLIES:
         metrics, params = out[kind]
         assert metrics["rollout_failed"] == 1, kind
-        assert metrics["rollout_invalid"] == requests, kind  # every request's one reply
+        assert metrics["rollout_invalid"] == metrics["rollout_dropped"] == requests, kind
         assert metrics["rl_tokens"] == 0 and math.isfinite(metrics["grad_norm"]), kind
         for a, b in zip(params, ntp_params, strict=True):
             assert torch.isfinite(a).all() and torch.equal(a, b), kind
+    # One invalid reply: the step trains on the other requests' samples, without that one.
+    metrics, params = out["one_nan"]
+    assert metrics["rollout_failed"] == 0 and metrics["rl_tokens_trained"] > 0
+    assert metrics["rollout_invalid"] == metrics["rollout_dropped"] == 1
+    assert metrics["rl_positions"] == requests - 1
+    assert all(bool(torch.isfinite(p).all()) for p in params)
+    assert not all(torch.equal(a, b) for a, b in zip(params, ntp_params, strict=True))
 
 
 class _NoModelSync:

@@ -9,10 +9,12 @@
   after the NTP pass, when the model is free.
 - Every rank builds the step's requests again after the pass from the broadcast problems, with
   the same function and per-problem seeds, so they are exactly the ones the talker sent.
-- A service failure after the client's own retries gives None: the step proceeds NTP-only, and
-  the trainer counts it. The run never waits on requests it no longer needs.
-- `invalid` is how many replies the engine rejected during the step (an engine that counts
-  them, `invalid_replies`, as the vLLM client does), the same on every rank of the replica.
+- A request the service failed after the client's own retries (unreachable, or only invalid
+  replies) has no result: the step trains without it (`served`). If every request failed the
+  step proceeds NTP-only, and the trainer counts it.
+- `dropped` (requests without a result) and `invalid` (replies the engine rejected, for an
+  engine that counts them in `invalid_replies` as the vLLM client does) are the same on every
+  rank of the replica after `results`.
 """
 
 import logging
@@ -47,6 +49,7 @@ class StepRollouts:
         self.submitted = 0
         self._invalid_before = self._invalid_so_far()
         self.invalid = 0  # replies rejected this step, known after `results`
+        self.dropped = 0  # requests that failed this step, known after `results`
 
     def submit(self, problems: list[Problem]) -> None:
         """Last stage, after each microbatch's selection: the talker sends its requests now."""
@@ -56,23 +59,39 @@ class StepRollouts:
             self.futures.append(self.pool.submit(self.engine.generate, [request]))
         self.submitted += len(problems)
 
-    def results(self, requests: list[RolloutRequest]) -> list[RolloutResult] | None:
-        """Every rank of the replica: the results of all the step's `requests`, or None."""
+    def results(self, requests: list[RolloutRequest]) -> list[RolloutResult | None] | None:
+        """Every rank of the replica: the result of each of the step's `requests` (None for a
+        request that failed), or None if all of them failed."""
         if self.engine.collective:
             return self.engine.generate(requests) if requests else []
         results = None
         if self.streaming:
-            try:
-                results = [future.result()[0] for future in self.futures]
-                self.pool.shutdown()
-            except Exception as e:  # the run must outlive the rollout service
-                log.warning("rollouts failed, this step trains NTP only: %s", e)
-                self.pool.shutdown(wait=False, cancel_futures=True)
-        invalid = self._invalid_so_far() - self._invalid_before
-        results, self.invalid = parallel.broadcast_object_in_replica(
-            (results, invalid), self.talker
+            results = [_result_or_none(future) for future in self.futures]
+            self.pool.shutdown()
+            if results and all(r is None for r in results):
+                log.warning("every rollout request failed, this step trains NTP only")
+                results = None
+        counts = (self._invalid_so_far() - self._invalid_before, len(self.futures))
+        results, (self.invalid, sent) = parallel.broadcast_object_in_replica(
+            (results, counts), self.talker
         )
+        self.dropped = sent if results is None else sum(r is None for r in results)
         return results
 
     def _invalid_so_far(self) -> int:
         return getattr(self.engine, "invalid_replies", 0)  # engines that validate nothing: 0
+
+
+def _result_or_none(future: Future) -> RolloutResult | None:
+    try:
+        return future.result()[0]
+    except Exception as e:  # the run must outlive the rollout service
+        log.warning("a rollout request failed, this step trains without it: %s", e)
+        return None
+
+
+def served(problems: list, requests: list, results: list | None) -> tuple[list, list, list]:
+    """The problems, requests and results of the requests that have a result (`results` as
+    `StepRollouts.results` gives them; None: none has)."""
+    kept = [i for i, r in enumerate(results or []) if r is not None]
+    return [problems[i] for i in kept], [requests[i] for i in kept], [results[i] for i in kept]
