@@ -13,8 +13,8 @@ Deliberate choices:
   0..n-1, each of 1..max_tokens token ids within the served vocabulary and as many finite
   log-probs <= 0. Anything else is an invalid reply: the attempt fails like a connection error
   (and is counted in `invalid_replies`), so NaN, positive log-probs or foreign ids never reach the
-  loss. After `retries` retries `generate` raises `RolloutError`; the dispatcher then makes the
-  step NTP-only and the trainer counts it.
+  loss. After `retries` retries `generate` raises `RolloutError`; the dispatcher then trains the
+  step without that request (NTP-only if none is left) and the trainer counts it.
 - A control route (`/health`, `/pause`, `/collective_rpc`, `/resume`) answering an HTTP error,
   garbage or no valid HTTP at all is a failure of that server, never of the run.
 - Weights: with a `DiskWeightSync`, `sync_weights` writes the trainer's weights on every rank and
