@@ -121,9 +121,7 @@ def stats_in_groups(
     with bar:
         for first in range(0, len(batches), group):
             part = batches[first : first + group]
-            out += forward.position_stats(
-                model, part, vocab_size, chunk_tokens, with_argmax, top_k
-            )
+            out += forward.position_stats(model, part, vocab_size, chunk_tokens, with_argmax, top_k)
             bar.update(len(part))
     return out
 
@@ -364,7 +362,4 @@ def read_results(path: str) -> dict:
 
 if __name__ == "__main__":  # dist_checkpointing may start worker processes: keep this guard
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    try:
-        main(sys.argv[1:])
-    except (InputError, config.ConfigError) as e:
-        raise SystemExit(f"error: {e}") from None
+    config.run_cli(main, sys.argv[1:])
