@@ -214,9 +214,13 @@ def _restore_rng(saved: dict) -> None:
     if list(saved["layout"]) != _layout():
         return  # another TP/PP/DP layout: the per-rank streams do not correspond
     py, npy = saved["python"], saved["numpy"]
-    random.setstate((py["version"], tuple(py["keys"].tolist()), py["gauss"]))
-    keys = npy["keys"].numpy().astype(np.uint32)
-    np.random.set_state((npy["kind"], keys, npy["pos"], npy["has_gauss"], npy["gauss"]))
+    if isinstance(py, tuple):  # an earlier release's file: the states as Python gives them
+        random.setstate(py)
+        np.random.set_state(npy)
+    else:
+        random.setstate((py["version"], tuple(py["keys"].tolist()), py["gauss"]))
+        keys = npy["keys"].numpy().astype(np.uint32)
+        np.random.set_state((npy["kind"], keys, npy["pos"], npy["has_gauss"], npy["gauss"]))
     torch.set_rng_state(saved["torch"])
     get_cuda_rng_tracker().set_states(saved["tracker"])
     if "cuda" in saved and torch.cuda.is_available():
@@ -225,8 +229,8 @@ def _restore_rng(saved: dict) -> None:
 
 def read_rng_file(path: str) -> dict | None:
     """An RNG file (None if there is none), read without running code: anything beyond tensors
-    and plain containers (a crafted pickle, or a file of a release that pickled the states) is
-    refused."""
+    and plain containers is refused. Files of earlier releases (tuples and NumPy arrays) pass
+    where torch's weights-only reader accepts NumPy arrays (it does in torch 2.13)."""
     if not os.path.exists(path):
         return None
     try:
@@ -236,8 +240,8 @@ def read_rng_file(path: str) -> dict | None:
         why = next((line for line in lines if "Unsupported" in line), lines[0] if lines else "")
         raise CheckpointError(
             f"{path}: refused: not a tensors-only file, loading it could run code ({why}); "
-            f"if it comes from an older megatron_rmt and you trust its source, delete the "
-            f"checkpoint's rng_rank*.pt files to resume without them (docs/checkpoints.md)"
+            f"if you trust its source, delete the checkpoint's rng_rank*.pt files to resume "
+            f"without them (docs/checkpoints.md)"
         ) from None
 
 
