@@ -5,10 +5,9 @@ any TP/PP/DP), and a common part written once: scheduler, step (which drives B_t
 position (consumed samples) and the resolved config. Each rank's RNG states sit beside it and are
 restored when the layout is unchanged (all randomness of the method is also seeded by step).
 
-Nothing this module reads runs code: the RNG files hold tensors and plain values only and load
-with `weights_only=True`; a file that needs more (a crafted pickle, or an RNG file of a release
-before this rule) is refused with its name. What torch's own reader still unpickles, and how to
-treat checkpoints from others: docs/checkpoints.md.
+Loading runs no code from the checkpoint: the RNG files hold tensors and plain values only, and
+every file is checked before megatron-core reads it (checkpoint_safety.py); a crafted file is
+refused with its name. How to treat checkpoints from others: docs/checkpoints.md.
 
 Writes are atomic: everything goes to `iter_N.tmp/`, which is renamed once every rank finished,
 and only then does `latest_checkpointed_iteration.txt` (Megatron-LM's tracker name) move to it,
@@ -17,7 +16,6 @@ itself replaced atomically. A crash mid-save leaves the previous checkpoint as "
 
 import contextlib
 import os
-import pickle
 import random
 import shutil
 from dataclasses import dataclass, field
@@ -30,6 +28,7 @@ from megatron.core import parallel_state as ps
 
 from megatron_rmt import config as config_mod
 from megatron_rmt.build import Trainable
+from megatron_rmt.checkpoint_safety import CheckpointError, check_checkpoint_files, read_rng_file
 
 TRACKER = "latest_checkpointed_iteration.txt"
 _OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_sharded_model_space"}
@@ -42,10 +41,6 @@ class Progress:
     step: int = 0
     consumed_samples: int = 0
     totals: dict[str, int] = field(default_factory=dict)  # cumulative metrics (train.TOTALS)
-
-
-class CheckpointError(config_mod.UserError):
-    """A checkpoint file this module refuses to read (its message names the file)."""
 
 
 @contextlib.contextmanager
@@ -110,7 +105,9 @@ def save_model(root: str, model, cfg) -> str:
 
 def load_model(root: str, model) -> None:
     """Load only the weights of the latest checkpoint under `root` into a bare model stage."""
-    loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, _latest_dir(root))
+    path = _latest_dir(root)
+    _agree(check_checkpoint_files, path)
+    loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, path)
     model.load_state_dict(loaded["model"])
 
 
@@ -148,6 +145,7 @@ def _latest_dir(root: str) -> str:
 def load(root: str, trainable: Trainable, load_optimizer: bool = True) -> Progress:
     """Load the latest checkpoint under `root` into `trainable`; returns where to continue."""
     path = _latest_dir(root)
+    _agree(check_checkpoint_files, path)
     common = dist_checkpointing.load_common_state_dict(path)
     with_optimizer = load_optimizer and common.get("has_optimizer", False)
     loaded = dist_checkpointing.load(_sharded_state(trainable, True, with_optimizer), path)
@@ -225,24 +223,6 @@ def _restore_rng(saved: dict) -> None:
     get_cuda_rng_tracker().set_states(saved["tracker"])
     if "cuda" in saved and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(saved["cuda"])
-
-
-def read_rng_file(path: str) -> dict | None:
-    """An RNG file (None if there is none), read without running code: anything beyond tensors
-    and plain containers is refused. Files of earlier releases (tuples and NumPy arrays) pass
-    where torch's weights-only reader accepts NumPy arrays (it does in torch 2.13)."""
-    if not os.path.exists(path):
-        return None
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
-        lines = [line.strip() for line in str(e).splitlines()]
-        why = next((line for line in lines if "Unsupported" in line), lines[0] if lines else "")
-        raise CheckpointError(
-            f"{path}: refused: not a tensors-only file, loading it could run code ({why}); "
-            f"if you trust its source, delete the checkpoint's rng_rank*.pt files to resume "
-            f"without them (docs/checkpoints.md)"
-        ) from None
 
 
 def _agree(read, path: str):

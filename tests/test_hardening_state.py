@@ -8,6 +8,7 @@ missing): what is left on stderr is exactly what the run itself printed.
 
 import json
 import os
+import pickle
 import random
 import re
 import signal
@@ -113,12 +114,61 @@ def rng_files_hold_tensors_only(argv, root, marker):
     checkpoint.load(root, run.trainable)  # torch 2.13 reads these weights-only: still restored
     legacy_restored = _draws() == before_legacy
     os.remove(rng_file)  # without RNG files a checkpoint loads too (the way on, if refused)
-    return restored, crafted, legacy_restored, checkpoint.load(root, run.trainable).step
+    step = checkpoint.load(root, run.trainable).step
+    return restored, crafted, legacy_restored, step, crafted_dcp_files(root, run, marker)
 
 
-def test_rng_state_round_trips_and_a_crafted_pickle_is_refused(tiny_corpus, tmp_path):
+def _craft_metadata(path, marker):
+    with open(os.path.join(path, ".metadata"), "wb") as fh:
+        pickle.dump(Payload(marker), fh)
+    return ".metadata"
+
+
+def _craft_bytes_item(path, marker):
+    """Well-formed metadata whose first bytes item (an _extra_state) points at a pickle."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    with open(os.path.join(path, ".metadata"), "rb") as fh:
+        metadata = pickle.load(fh)  # this test's own checkpoint: trusted
+    key = next(
+        k for k, v in metadata.state_dict_metadata.items() if isinstance(v, BytesStorageMetadata)
+    )
+    index = next(i for i in metadata.storage_data if i.fqn == key)
+    evil = pickle.dumps(Payload(marker))
+    with open(os.path.join(path, "evil.distcp"), "wb") as fh:
+        fh.write(evil)
+    metadata.storage_data[index] = _StorageInfo("evil.distcp", 0, len(evil))
+    with open(os.path.join(path, ".metadata"), "wb") as fh:
+        pickle.dump(metadata, fh)
+    return "evil.distcp"
+
+
+def _craft_common(path, marker):
+    torch.save({"progress": Payload(marker)}, os.path.join(path, "common.pt"))
+    return "common.pt"
+
+
+def crafted_dcp_files(root, run, marker) -> dict:
+    """Each file megatron-core would unpickle, crafted in turn: (the file, the refusal)."""
+    path = checkpoint.iteration_dir(root, 1)
+    originals = {}
+    for name in (".metadata", "common.pt"):
+        with open(os.path.join(path, name), "rb") as fh:
+            originals[name] = fh.read()
+    out = {}
+    for craft in (_craft_metadata, _craft_bytes_item, _craft_common):
+        named = craft(path, marker)
+        out[craft.__name__] = named, _refusal(root, run.trainable)
+        for name, content in originals.items():
+            with open(os.path.join(path, name), "wb") as fh:
+                fh.write(content)
+    return out
+
+
+def test_rng_state_round_trips_and_crafted_pickles_are_refused(tiny_corpus, tmp_path):
     root, marker = str(tmp_path / "ckpt"), str(tmp_path / "ran")
-    restored, crafted, legacy_restored, step = spawn(
+    restored, crafted, legacy_restored, step, dcp = spawn(
         rng_files_hold_tensors_only, 1, args=(_flags(tiny_corpus), root, marker)
     )[0]
     assert restored  # python, numpy, torch and the TP tracker streams continue as saved
@@ -128,6 +178,10 @@ def test_rng_state_round_trips_and_a_crafted_pickle_is_refused(tiny_corpus, tmp_
     assert "delete the checkpoint's rng_rank*.pt" in crafted[0]
     assert legacy_restored
     assert step == 1
+    for craft, (named, refusal) in dcp.items():  # what torch's DCP reader would unpickle
+        assert refusal is not None and refusal[1], (craft, refusal)
+        assert named in refusal[0] and "refused" in refusal[0], (craft, refusal)
+    assert not os.path.exists(marker)
 
 
 # -- 5. one writer per --save ---------------------------------------------------------------
