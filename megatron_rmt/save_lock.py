@@ -1,6 +1,6 @@
 """One writer per checkpoint directory: a run holds `{--save}/writer.lock` while it trains.
 
-The lock is an exclusive `flock` on that file, which names its holder (host, pid, start time).
+The lock is an exclusive `flock` on that file, which names its holder (host, pid, since when).
 The kernel drops a flock when its process ends, however it ends, so a run killed with `kill -9`
 leaves a file whose lock is free: the next run on that host takes it over. A holder that is still
 alive (e.g. torchrun's workers, which outlive a killed launcher in their own process groups) keeps
