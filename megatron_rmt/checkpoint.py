@@ -248,7 +248,8 @@ def _writer_queue_dies_with_us() -> None:
     """megatron-core's filesystem writer hands its results through a queue served by a
     multiprocessing manager, a process it starts on the first save that would outlive a
     `kill -9` of the trainer. Serve that queue from a manager of ours, which the kernel kills
-    with this process (PR_SET_PDEATHSIG). Nothing to do on releases without that queue."""
+    with this process (PR_SET_PDEATHSIG). Nothing to do on releases without that queue.
+    Call it from the main thread: the kernel sends that signal when the creating thread ends."""
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     if getattr(filesystem_async, "_results_queue", True) is not None:

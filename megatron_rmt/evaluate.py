@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from megatron_rmt import config, parallel, prompts, selection
 from megatron_rmt.budget import budget_deviation
+from megatron_rmt.data import check_shard
 from megatron_rmt.evaluation import evalset, forward, ntr, report
 from megatron_rmt.evaluation.documents import read_documents
 from megatron_rmt.jsonl import InputError
@@ -95,6 +96,8 @@ def main(argv: list[str] | None = None) -> None:
             with open(args.output, "w") as fh:
                 fh.write(text + "\n")
         return
+    if args.command == "build-set" and not os.path.isfile(args.eval_data):
+        check_shard(args.eval_data)  # a bad shard stops here, before the model is built
     init_distributed(cfg)
     try:
         (build_set if args.command == "build-set" else run)(args, cfg)

@@ -25,7 +25,7 @@ from conftest import GPT2, ROOT
 from distributed import spawn
 from test_train import ScriptedEngine, _flags, _read
 
-from megatron_rmt import checkpoint, config, train
+from megatron_rmt import checkpoint, coldstart, config, posttrain, train
 from megatron_rmt.save_lock import LOCK_NAME, SaveDirLocked, acquire, release, save_lock
 from megatron_rmt.tokenizer import tokenizer_of
 
@@ -278,23 +278,45 @@ def test_truncated_bin_stops_at_set_up_before_the_model(tiny_corpus, tmp_path, m
         train.setup(config.parse(_flags(prefix)))
 
 
+def _args(args, tiny_corpus, tmp_path):
+    swap = {"PREFIX_NOWHERE": str(tmp_path / "nothing"), "CORPUS": tiny_corpus}
+    return [swap.get(a, a) for a in args] + ["--config", "configs/tiny_cpu.yaml", *GPT2]
+
+
 @pytest.mark.parametrize(
     "module,args,expected",
     [
         ("megatron_rmt.train", [], "--data-path is required"),
         ("megatron_rmt.train", ["--data-path", "PREFIX_NOWHERE"], "no indexed dataset there"),
-        ("megatron_rmt.train", ["--data-path", "CORPUS", "--group-size", "1"], "group_size"),
-        ("megatron_rmt.posttrain", [], "--prompt-data is required"),
-        ("megatron_rmt.coldstart", [], "coldstart needs --data-path"),
+        (
+            "megatron_rmt.evaluate",
+            ["build-set", "--eval-data", "PREFIX_NOWHERE", "--output", "set.jsonl"],
+            "no indexed dataset there",
+        ),
     ],
 )
 def test_user_errors_are_one_line_and_exit_2(tiny_corpus, tmp_path, module, args, expected):
-    args = [
-        str(tmp_path / "nothing") if a == "PREFIX_NOWHERE" else tiny_corpus if a == "CORPUS" else a
-        for a in args
-    ]
-    result = run_entry(module, "--config", "configs/tiny_cpu.yaml", *GPT2, *args)
+    result = run_entry(module, *_args(args, tiny_corpus, tmp_path))
     assert expected in one_error_line(result)
+
+
+@pytest.mark.parametrize(
+    "main,args,expected",
+    [
+        (train.main, ["--data-path", "CORPUS", "--group-size", "1"], "group_size"),
+        (posttrain.main, [], "--prompt-data is required"),
+        (coldstart.main, [], "coldstart needs --data-path"),
+    ],
+)
+def test_every_entry_point_reports_user_errors_the_same_way(
+    tiny_corpus, tmp_path, capsys, monkeypatch, main, args, expected
+):
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(SystemExit) as exit_:
+        config.run_cli(main, _args(args, tiny_corpus, tmp_path))
+    assert exit_.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], lines
 
 
 # -- 8. metrics after a resume --------------------------------------------------------------
