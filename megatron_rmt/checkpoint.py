@@ -18,6 +18,7 @@ import contextlib
 import os
 import random
 import shutil
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -241,17 +242,20 @@ def _agree(read, path: str):
     return value
 
 
-_WRITER_QUEUE = []  # keeps the results queue's manager alive while this process lives
+_MANAGERS = []  # keeps the results queue's manager alive while this process lives
 
 
 def _writer_queue_dies_with_us() -> None:
     """megatron-core's filesystem writer hands its results through a queue served by a
     multiprocessing manager, a process it starts on the first save that would outlive a
     `kill -9` of the trainer. Serve that queue from a manager of ours, which the kernel kills
-    with this process (PR_SET_PDEATHSIG). Nothing to do on releases without that queue.
-    Call it from the main thread: the kernel sends that signal when the creating thread ends."""
+    with this process (PR_SET_PDEATHSIG, Linux only). Nothing to do on releases without that
+    queue. Call it from the main thread: the kernel sends that signal when the creating thread
+    ends."""
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
+    if not sys.platform.startswith("linux"):
+        return
     if getattr(filesystem_async, "_results_queue", True) is not None:
         return
     from multiprocessing.managers import SyncManager
@@ -260,12 +264,12 @@ def _writer_queue_dies_with_us() -> None:
 
     manager = SyncManager(ctx=mp.get_context("spawn"))
     manager.start(initializer=die_with_parent, initargs=(os.getpid(),))
-    _WRITER_QUEUE.append(manager)
+    _MANAGERS.append(manager)
     filesystem_async._results_queue = manager.Queue()
 
 
 def die_with_parent(parent_pid: int) -> None:
-    """In a child process (Linux): SIGKILL it when its parent exits, however the parent ends."""
+    """In a child process: SIGKILL it when its parent exits, however the parent ends."""
     import ctypes
     import signal
 
