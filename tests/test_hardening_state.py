@@ -238,26 +238,31 @@ def test_lock_naming_another_host_is_refused_with_what_to_do(tmp_path):
 
 
 def ranks_take_the_lock(root):
+    """First against a lock naming another host (refused), then against none (taken)."""
+    lock_file = os.path.join(root, LOCK_NAME)
     try:
         with save_lock(root):
-            held = os.path.exists(os.path.join(root, LOCK_NAME))
-            torch.distributed.barrier()  # rank 0 releases it on leaving
-            return held
+            refused = None
     except SaveDirLocked as e:
-        return str(e)
+        refused = str(e)
+    torch.distributed.barrier()
+    if torch.distributed.get_rank() == 0:
+        os.remove(lock_file)  # as the message says to, once that run has ended
+    torch.distributed.barrier()
+    with save_lock(root):
+        held = os.path.exists(lock_file)
+        torch.distributed.barrier()  # rank 0 releases it on leaving
+    return refused, held
 
 
 def test_every_rank_learns_the_outcome(tmp_path):
-    root = str(tmp_path / "ckpt")
-    assert spawn(ranks_take_the_lock, 2, args=(root,)) == [True, True]
-    assert not os.path.exists(os.path.join(root, LOCK_NAME))  # released at the end
-    holder = hold_lock(root)
-    try:
-        refused = spawn(ranks_take_the_lock, 2, args=(root,))
-    finally:
-        holder.kill()
-        holder.wait()
-    assert refused[0] == refused[1] and f"pid {holder.pid}" in refused[0]
+    root = tmp_path / "ckpt"
+    root.mkdir()
+    (root / LOCK_NAME).write_text(json.dumps({"host": "node-elsewhere", "pid": 4242}))
+    (refused0, held0), (refused1, held1) = spawn(ranks_take_the_lock, 2, args=(str(root),))
+    assert refused0 == refused1 and "node-elsewhere, pid 4242" in refused0
+    assert held0 and held1
+    assert not (root / LOCK_NAME).exists()  # released at the end
 
 
 # -- 6 and 9. bad data and other user errors: one line, before the model ------------------
