@@ -17,6 +17,9 @@ Deliberate choices:
   document ends with the id of the other choice (e.g. Megatron-LM's `<|im_end|>` for Qwen3) is
   refused with the flag to set, since one run has one EOD id (its boundaries, candidate masks,
   loss mask). Shards built with different EODs cannot be blended: rebuild one.
+- Every shard is checked when `--data-path` is parsed, from its header and file sizes alone
+  (`check_shard`): a missing file, an empty, truncated or foreign `.idx`, and a `.bin` shorter
+  than its index says stop the run at set-up with the file's name (DataError, a UserError).
 - `loss_mask` is GPTDataset's with `eod_mask_loss`: 0 where the input token is EOD (its label is
   the next document's first token, which no context predicts) and where the label is padding.
 - Every rank builds the dataset (each replica rank reads its own windows); the builder lets
