@@ -5,6 +5,10 @@ any TP/PP/DP), and a common part written once: scheduler, step (which drives B_t
 position (consumed samples) and the resolved config. Each rank's RNG states sit beside it and are
 restored when the layout is unchanged (all randomness of the method is also seeded by step).
 
+Loading runs no code from the checkpoint: the RNG files hold tensors and plain values only, and
+every file is checked before megatron-core reads it (checkpoint_safety.py); a crafted file is
+refused with its name. How to treat checkpoints from others: docs/checkpoints.md.
+
 Writes are atomic: everything goes to `iter_N.tmp/`, which is renamed once every rank finished,
 and only then does `latest_checkpointed_iteration.txt` (Megatron-LM's tracker name) move to it,
 itself replaced atomically. A crash mid-save leaves the previous checkpoint as "latest".
@@ -14,7 +18,8 @@ import contextlib
 import os
 import random
 import shutil
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -24,6 +29,7 @@ from megatron.core import parallel_state as ps
 
 from megatron_rmt import config as config_mod
 from megatron_rmt.build import Trainable
+from megatron_rmt.checkpoint_safety import CheckpointError, check_checkpoint_files, read_rng_file
 
 TRACKER = "latest_checkpointed_iteration.txt"
 _OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_sharded_model_space"}
@@ -35,6 +41,7 @@ class Progress:
 
     step: int = 0
     consumed_samples: int = 0
+    totals: dict[str, int] = field(default_factory=dict)  # cumulative metrics (train.TOTALS)
 
 
 @contextlib.contextmanager
@@ -99,7 +106,9 @@ def save_model(root: str, model, cfg) -> str:
 
 def load_model(root: str, model) -> None:
     """Load only the weights of the latest checkpoint under `root` into a bare model stage."""
-    loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, _latest_dir(root))
+    path = _latest_dir(root)
+    _agree(check_checkpoint_files, path)
+    loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, path)
     model.load_state_dict(loaded["model"])
 
 
@@ -112,6 +121,7 @@ def _write(root: str, step: int, state: dict, cfg, with_rng: bool) -> str:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     dist.barrier()
+    _writer_queue_dies_with_us()
     dist_checkpointing.save({**state, "config": config_mod.to_yaml(cfg)}, tmp)
     if with_rng:
         torch.save(_rng_state(), os.path.join(tmp, f"rng_rank{rank:05d}.pt"))
@@ -136,6 +146,7 @@ def _latest_dir(root: str) -> str:
 def load(root: str, trainable: Trainable, load_optimizer: bool = True) -> Progress:
     """Load the latest checkpoint under `root` into `trainable`; returns where to continue."""
     path = _latest_dir(root)
+    _agree(check_checkpoint_files, path)
     common = dist_checkpointing.load_common_state_dict(path)
     with_optimizer = load_optimizer and common.get("has_optimizer", False)
     loaded = dist_checkpointing.load(_sharded_state(trainable, True, with_optimizer), path)
@@ -146,8 +157,9 @@ def load(root: str, trainable: Trainable, load_optimizer: bool = True) -> Progre
     trainable.optimizer.load_state_dict(loaded["optimizer"])
     trainable.scheduler.load_state_dict(common["scheduler"])
     rng_file = os.path.join(path, f"rng_rank{dist.get_rank():05d}.pt")
-    if os.path.exists(rng_file):
-        _restore_rng(torch.load(rng_file, weights_only=False))
+    saved_rng = _agree(read_rng_file, rng_file)
+    if saved_rng is not None:  # checkpoints without RNG files (converted ones) keep the seed's
+        _restore_rng(saved_rng)
     return Progress(**common["progress"])
 
 
@@ -161,36 +173,111 @@ def _sharded_state(trainable: Trainable, is_loading: bool, with_optimizer: bool)
     return {"model": model_sd, "optimizer": optim_sd}
 
 
+def _layout() -> list[int]:
+    return [
+        ps.get_tensor_model_parallel_world_size(),
+        ps.get_pipeline_model_parallel_world_size(),
+        dist.get_world_size(),
+    ]
+
+
 def _rng_state() -> dict:
+    """This rank's random streams as tensors and plain values, so that the file loads with
+    `weights_only=True`: Python's and NumPy's Mersenne Twister keys as int64 tensors, torch's
+    generator states as the uint8 tensors torch gives."""
     from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
-    return {
-        "layout": (
-            ps.get_tensor_model_parallel_world_size(),
-            ps.get_pipeline_model_parallel_world_size(),
-            dist.get_world_size(),
-        ),
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+    version, keys, gauss = random.getstate()
+    kind, np_keys, pos, has_gauss, np_gauss = np.random.get_state()
+    state = {
+        "layout": _layout(),
+        "python": {"version": version, "keys": torch.tensor(keys), "gauss": gauss},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(np_keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(np_gauss),
+        },
         "torch": torch.get_rng_state(),
         "tracker": get_cuda_rng_tracker().get_states(),
     }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def _restore_rng(saved: dict) -> None:
     from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
-    layout = (
-        ps.get_tensor_model_parallel_world_size(),
-        ps.get_pipeline_model_parallel_world_size(),
-        dist.get_world_size(),
-    )
-    if saved["layout"] != layout:
+    if list(saved["layout"]) != _layout():
         return  # another TP/PP/DP layout: the per-rank streams do not correspond
-    random.setstate(saved["python"])
-    np.random.set_state(saved["numpy"])
+    py, npy = saved["python"], saved["numpy"]
+    if isinstance(py, tuple):  # an earlier release's file: the states as Python gives them
+        random.setstate(py)
+        np.random.set_state(npy)
+    else:
+        random.setstate((py["version"], tuple(py["keys"].tolist()), py["gauss"]))
+        keys = npy["keys"].numpy().astype(np.uint32)
+        np.random.set_state((npy["kind"], keys, npy["pos"], npy["has_gauss"], npy["gauss"]))
     torch.set_rng_state(saved["torch"])
     get_cuda_rng_tracker().set_states(saved["tracker"])
+    if "cuda" in saved and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(saved["cuda"])
+
+
+def _agree(read, path: str):
+    """`read(path)` on every rank; if any rank raises a UserError, every rank raises the
+    first one, so that all of them stop instead of waiting on the failed one."""
+    value, error = None, None
+    try:
+        value = read(path)
+    except config_mod.UserError as e:
+        error = str(e)
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    first = next((e for e in errors if e is not None), None)
+    if first is not None:
+        raise CheckpointError(first)
+    return value
+
+
+_MANAGERS = []  # keeps the results queue's manager alive while this process lives
+
+
+def _writer_queue_dies_with_us() -> None:
+    """megatron-core's filesystem writer hands its results through a queue served by a
+    multiprocessing manager, a process it starts on the first save that would outlive a
+    `kill -9` of the trainer. Serve that queue from a manager of ours, which the kernel kills
+    with this process (PR_SET_PDEATHSIG, Linux only). Nothing to do on releases without that
+    queue. Call it from the main thread: the kernel sends that signal when the creating thread
+    ends."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if not sys.platform.startswith("linux"):
+        return
+    if getattr(filesystem_async, "_results_queue", True) is not None:
+        return
+    from multiprocessing.managers import SyncManager
+
+    from torch import multiprocessing as mp
+
+    manager = SyncManager(ctx=mp.get_context("spawn"))
+    manager.start(initializer=die_with_parent, initargs=(os.getpid(),))
+    _MANAGERS.append(manager)
+    filesystem_async._results_queue = manager.Queue()
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """In a child process: SIGKILL it when its parent exits, however the parent ends."""
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent_pid:  # the parent died before the call above
+        os._exit(1)
 
 
 def _write_tracker(root: str, step: int) -> None:

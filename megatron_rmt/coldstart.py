@@ -57,6 +57,7 @@ from megatron_rmt.evaluate import draw_positions, stats_in_groups
 from megatron_rmt.evaluation import forward
 from megatron_rmt.evaluation.documents import read_documents
 from megatron_rmt.jsonl import InputError
+from megatron_rmt.save_lock import save_lock
 from megatron_rmt.tokenizer import tokenizer_of
 from megatron_rmt.train import init_distributed, model_vocab
 
@@ -219,9 +220,11 @@ def main(argv: list[str] | None = None) -> None:
     cfg = config.parse(argv)
     if not cfg.data.data_path or not cfg.checkpoint.load or not cfg.checkpoint.save:
         raise config.ConfigError("coldstart needs --data-path (training shards), --load and --save")
+    parse_data_path(cfg.data.data_path)  # bad shards stop here, before the model is built
     init_distributed(cfg)
     try:
-        run(cfg)
+        with save_lock(cfg.checkpoint.save):
+            run(cfg)
     finally:
         parallel.destroy()
 
@@ -293,7 +296,4 @@ def _save(cfg, trainable, tokenizer, examples: list[Example], losses: list[float
 
 if __name__ == "__main__":  # dist_checkpointing starts worker processes: keep this guard
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    try:
-        main(sys.argv[1:])
-    except (InputError, config.ConfigError) as e:
-        raise SystemExit(f"error: {e}") from None
+    config.run_cli(main, sys.argv[1:])

@@ -10,6 +10,7 @@ key in which file was wrong and what was expected.
 import argparse
 import dataclasses
 import os
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,8 +20,23 @@ import yaml
 VARIANTS = ("rmt", "no_dtb", "no_cas", "no_ntp", "rpt", "ntp")
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """A problem with what the user gave (flags, config, data, directories), not a bug: the
+    entry points print its one-line message and exit 2, without a traceback (`run_cli`)."""
+
+
+class ConfigError(UserError, ValueError):
     """A configuration problem, explained for the person who wrote the config."""
+
+
+def run_cli(main, argv: list[str]) -> None:
+    """An entry point's `__main__`: `main(argv)`; a UserError becomes `error: ...` on stderr
+    and exit status 2. Any other exception is a bug and keeps its traceback."""
+    try:
+        main(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 def _f(default, help: str, choices=None):
@@ -366,7 +382,7 @@ def validate(cfg: Config, world_size: int) -> None:
     if d.tokenizer_type == "HuggingFaceTokenizer" and d.data_path and not d.tokenizer_model:
         problems.append("tokenizer_type HuggingFaceTokenizer needs --tokenizer-model DIR")
     if problems:
-        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+        raise ConfigError("invalid configuration: " + "; ".join(problems))
 
 
 def _validate_rmt(r: RMTConfig) -> list[str]:

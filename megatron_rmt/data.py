@@ -17,6 +17,9 @@ Deliberate choices:
   document ends with the id of the other choice (e.g. Megatron-LM's `<|im_end|>` for Qwen3) is
   refused with the flag to set, since one run has one EOD id (its boundaries, candidate masks,
   loss mask). Shards built with different EODs cannot be blended: rebuild one.
+- Every shard is checked when `--data-path` is parsed, from its header and file sizes alone
+  (`check_shard`): a missing file, an empty, truncated or foreign `.idx`, and a `.bin` shorter
+  than its index says stop the run at set-up with the file's name (DataError, a UserError).
 - `loss_mask` is GPTDataset's with `eod_mask_loss`: 0 where the input token is EOD (its label is
   the next document's first token, which no context predicts) and where the label is padding.
 - Every rank builds the dataset (each replica rank reads its own windows); the builder lets
@@ -30,26 +33,87 @@ Deliberate choices:
 
 import contextlib
 import os
+import struct
 
 import torch
 import torch.distributed as dist
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
-from megatron.core.datasets.indexed_dataset import IndexedDataset
+from megatron.core.datasets.indexed_dataset import DType, IndexedDataset
 from megatron.core.datasets.utils import get_blend_from_list
+
+from megatron_rmt.config import UserError
+
+
+class DataError(UserError, ValueError):
+    """A `--data-path` that names no usable shard; the message names the file."""
 
 
 def parse_data_path(data_path: list[str]) -> tuple[list[str], list[float] | None]:
-    """`["pathA", "pathB"]` or `["0.7", "pathA", "0.3", "pathB"]` -> (prefixes, weights)."""
+    """`["pathA", "pathB"]` or `["0.7", "pathA", "0.3", "pathB"]` -> (prefixes, weights), every
+    shard checked by `check_shard` (cheap: headers and sizes), so that a bad file stops the run
+    at set-up, by name, instead of inside a step."""
     if not data_path:
-        raise ValueError("data_path is empty: give at least one .bin/.idx prefix")
-    prefixes, weights = get_blend_from_list(list(data_path))
-    missing = [p for p in prefixes if not IndexedDataset.exists(p)]
-    if missing:
-        raise FileNotFoundError(
-            f"no indexed dataset (.bin + .idx) at {missing}; build one with tools/preprocess_data.py"
-        )
+        raise DataError("data_path is empty: give at least one .bin/.idx prefix")
+    try:
+        prefixes, weights = get_blend_from_list(list(data_path))
+    except (AssertionError, ValueError):
+        raise DataError(
+            f"data_path {' '.join(data_path)}: expected prefixes, or weight-prefix pairs "
+            f"(W1 P1 W2 P2 ...)"
+        ) from None
+    for prefix in prefixes:
+        check_shard(prefix)
     return prefixes, weights
+
+
+_MAGIC = b"MMIDIDX\x00\x00"  # an index's first bytes (megatron.core.datasets.indexed_dataset)
+_HEADER_BYTES = 34  # magic (9), version (8), dtype code (1), sequence count (8), document count
+
+
+def check_shard(prefix: str) -> None:
+    """Refuse, naming the file, a prefix without both files, an `.idx` that is empty, truncated
+    or not an index, and a `.bin` shorter than its index says: what megatron-core would
+    otherwise report without the file's name (`cannot mmap an empty file`) or only inside a step
+    when it reads past the end."""
+    idx, bin_ = prefix + ".idx", prefix + ".bin"
+    have = [os.path.isfile(p) for p in (idx, bin_)]
+    if not any(have):
+        hint = " (give the prefix, without .bin/.idx)" if prefix.endswith((".bin", ".idx")) else ""
+        raise DataError(
+            f"{prefix}: no indexed dataset there (no {prefix}.bin/.idx){hint}; build one "
+            f"with tools/preprocess_data.py"
+        )
+    if not all(have):
+        raise DataError(
+            f"{idx if not have[0] else bin_}: missing (the other file of the pair exists)"
+        )
+    size = os.path.getsize(idx)
+    with open(idx, "rb") as fh:
+        head = fh.read(_HEADER_BYTES)
+        if len(head) < _HEADER_BYTES:
+            raise DataError(f"{idx}: empty or truncated ({size} bytes, the header alone is 34)")
+        magic, version, code, sequences, documents = struct.unpack("<9sQBQQ", head)
+        if magic != _MAGIC or version != 1 or code not in {d.value for d in DType}:
+            raise DataError(f"{idx}: not a Megatron indexed-dataset index (bad header)")
+        needed = _HEADER_BYTES + sequences * (4 + 8) + documents * 8
+        if size < needed:
+            raise DataError(
+                f"{idx}: truncated: {size} bytes, its header promises {needed} "
+                f"({sequences} sequences, {documents - 1} documents)"
+            )
+        if sequences == 0:
+            raise DataError(f"{idx}: holds no documents")
+        fh.seek(_HEADER_BYTES + (sequences - 1) * 4)
+        (last_length,) = struct.unpack("<i", fh.read(4))
+        fh.seek(_HEADER_BYTES + sequences * 4 + (sequences - 1) * 8)
+        (last_pointer,) = struct.unpack("<q", fh.read(8))
+    data_bytes = last_pointer + last_length * DType.size(code)
+    if os.path.getsize(bin_) < data_bytes:
+        raise DataError(
+            f"{bin_}: truncated: {os.path.getsize(bin_)} bytes, its index {idx} refers to "
+            f"{data_bytes}; rebuild the pair with tools/preprocess_data.py"
+        )
 
 
 def default_cache_dir(prefixes: list[str]) -> str:
@@ -74,7 +138,7 @@ def build_train_dataset(
     """The training split of the (blended) corpus: at least `num_samples` windows of
     `seq_length` tokens (+1 for the shifted labels). `tokenizer` needs `eod` and `vocab_size`."""
     prefixes, weights = parse_data_path(data_path)
-    check_eod(prefixes, tokenizer)
+    check_eod(prefixes, tokenizer, checked=True)
     config = GPTDatasetConfig(
         random_seed=seed,
         sequence_length=seq_length,
@@ -101,19 +165,22 @@ def build_train_dataset(
     return train
 
 
-def check_eod(prefixes: list[str], tokenizer) -> None:
+def check_eod(prefixes: list[str], tokenizer, checked: bool = False) -> None:
     """Refuse shards whose first document ends with another `eod_token` choice's id than the
-    tokenizer's EOD (`tokenizer.eod_choices`); shards without EODs are not checked here."""
+    tokenizer's EOD (`tokenizer.eod_choices`); shards without EODs are not checked here.
+    Each shard is first checked with `check_shard` unless the caller did (`checked`)."""
     others = {i: name for name, i in getattr(tokenizer, "eod_choices", {}).items()}
     others.pop(tokenizer.eod, None)
     for prefix in prefixes:
+        if not checked:
+            check_shard(prefix)
         shard = IndexedDataset(prefix)
         if len(shard.document_indices) < 2 or len(shard) == 0:
             continue
         tail = shard[int(shard.document_indices[1]) - 1]  # document 0's last sequence
         last = int(tail[-1]) if len(tail) else None
         if last in others:
-            raise ValueError(
+            raise DataError(
                 f"{prefix}: documents end with id {last}, the EOD of --eod-token "
                 f"{others[last]}, but this run's EOD is {tokenizer.eod}: train with "
                 f"--eod-token {others[last]} or rebuild the shard (docs/data.md)"

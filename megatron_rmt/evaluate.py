@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from megatron_rmt import config, parallel, prompts, selection
 from megatron_rmt.budget import budget_deviation
+from megatron_rmt.data import check_shard
 from megatron_rmt.evaluation import evalset, forward, ntr, report
 from megatron_rmt.evaluation.documents import read_documents
 from megatron_rmt.jsonl import InputError
@@ -95,6 +96,8 @@ def main(argv: list[str] | None = None) -> None:
             with open(args.output, "w") as fh:
                 fh.write(text + "\n")
         return
+    if args.command == "build-set" and not os.path.isfile(args.eval_data):
+        check_shard(args.eval_data)  # a bad shard stops here, before the model is built
     init_distributed(cfg)
     try:
         (build_set if args.command == "build-set" else run)(args, cfg)
@@ -121,9 +124,7 @@ def stats_in_groups(
     with bar:
         for first in range(0, len(batches), group):
             part = batches[first : first + group]
-            out += forward.position_stats(
-                model, part, vocab_size, chunk_tokens, with_argmax, top_k
-            )
+            out += forward.position_stats(model, part, vocab_size, chunk_tokens, with_argmax, top_k)
             bar.update(len(part))
     return out
 
@@ -364,7 +365,4 @@ def read_results(path: str) -> dict:
 
 if __name__ == "__main__":  # dist_checkpointing may start worker processes: keep this guard
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    try:
-        main(sys.argv[1:])
-    except (InputError, config.ConfigError) as e:
-        raise SystemExit(f"error: {e}") from None
+    config.run_cli(main, sys.argv[1:])

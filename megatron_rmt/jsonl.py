@@ -4,8 +4,10 @@ JSONL files (math problems, held-out documents, evaluation sets)."""
 import json
 from collections.abc import Iterator
 
+from megatron_rmt.config import UserError
 
-class InputError(ValueError):
+
+class InputError(UserError, ValueError):
     """A bad input file; the message starts with `FILE[:LINE]:` and says what was expected."""
 
 

@@ -24,7 +24,18 @@ CONSOLE_KEYS = (
 
 
 class MetricsWriter:
-    def __init__(self, enabled: bool, jsonl_path: str | None, tensorboard_dir: str | None):
+    """Writes from the logging rank. A run resumed at step `start_step` first drops the rows of
+    steps >= `start_step` that the killed run had written after its checkpoint (it replays
+    them): the JSONL file is rewritten atomically and TensorBoard purges them, so each step has
+    exactly one row (a run from step 0 starts the file afresh)."""
+
+    def __init__(
+        self,
+        enabled: bool,
+        jsonl_path: str | None,
+        tensorboard_dir: str | None,
+        start_step: int = 0,
+    ):
         self.enabled = enabled
         self._jsonl = None
         self._tb = None
@@ -32,11 +43,12 @@ class MetricsWriter:
             return
         if jsonl_path:
             os.makedirs(os.path.dirname(os.path.abspath(jsonl_path)), exist_ok=True)
+            drop_rows_from(jsonl_path, start_step)
             self._jsonl = open(jsonl_path, "a", encoding="utf-8")
         if tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(tensorboard_dir)
+            self._tb = SummaryWriter(tensorboard_dir, purge_step=start_step or None)
 
     def write(self, step: int, metrics: dict[str, float], console: bool = True) -> None:
         if not self.enabled:
@@ -58,6 +70,33 @@ class MetricsWriter:
             self._jsonl.close()
         if self._tb:
             self._tb.close()
+
+
+def drop_rows_from(path: str, step: int) -> None:
+    """Rewrite the JSONL metrics file `path` without its rows of steps >= `step` (and without a
+    line a crash cut short), atomically; nothing happens when there is nothing to drop."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            lines = fh.readlines()
+    except FileNotFoundError:
+        return
+    kept = [line for line in lines if (s := _step_of(line)) is not None and s < step]
+    if len(kept) == len(lines):
+        return
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.writelines(kept)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _step_of(line: str) -> int | None:
+    try:
+        step = json.loads(line).get("step")
+    except (json.JSONDecodeError, AttributeError):
+        return None
+    return step if isinstance(step, int) else None
 
 
 def step_metrics(

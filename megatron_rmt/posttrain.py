@@ -26,6 +26,7 @@ from megatron_rmt.math_data import MathProblem, ProblemStream, read_problems
 from megatron_rmt.metrics import step_metrics
 from megatron_rmt.rollout.contract import RolloutEngine, RolloutRequest
 from megatron_rmt.rollout.dispatch import StepRollouts, served
+from megatron_rmt.save_lock import save_lock
 
 
 def main(argv: list[str] | None = None, engine: RolloutEngine | None = None) -> None:
@@ -35,17 +36,20 @@ def main(argv: list[str] | None = None, engine: RolloutEngine | None = None) -> 
         raise config.ConfigError("--prompt-data is required: a JSONL of math problems")
     math_problems = read_problems(cfg.data.prompt_data)  # a bad file fails before any work
     train.init_distributed(cfg)
-    run = train.setup(cfg, engine)
-    run.data = ProblemStream(
-        math_problems,
-        cfg.data.global_batch_size,
-        run.layout.dp_rank,
-        run.layout.dp_size,
-        cfg.parallel.seed,
-        run.progress.consumed_samples,
-    )
-    train.train(run, posttrain_step)
-    parallel.destroy()
+    try:
+        with save_lock(cfg.checkpoint.save):
+            run = train.setup(cfg, engine)
+            run.data = ProblemStream(
+                math_problems,
+                cfg.data.global_batch_size,
+                run.layout.dp_rank,
+                run.layout.dp_size,
+                cfg.parallel.seed,
+                run.progress.consumed_samples,
+            )
+            train.train(run, posttrain_step)
+    finally:
+        parallel.destroy()
 
 
 def posttrain_step(run: train.Run, t: int) -> dict:
@@ -115,4 +119,4 @@ def _request_maker(run: train.Run, t: int):
 
 if __name__ == "__main__":  # dist_checkpointing starts worker processes: keep this guard
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    main(sys.argv[1:])
+    config.run_cli(main, sys.argv[1:])

@@ -35,7 +35,7 @@ from megatron_rmt import (
     step,
 )
 from megatron_rmt.build import Trainable, build_trainable
-from megatron_rmt.data import MicrobatchIterator, build_train_dataset
+from megatron_rmt.data import MicrobatchIterator, build_train_dataset, parse_data_path
 from megatron_rmt.metrics import MetricsWriter, step_metrics, train_flops_per_token
 from megatron_rmt.model import padded_vocab_size
 from megatron_rmt.reference import build_reference
@@ -43,6 +43,7 @@ from megatron_rmt.rollout.client import build_engine
 from megatron_rmt.rollout.contract import RolloutEngine
 from megatron_rmt.rollout.dispatch import MakeRequests, StepRollouts, served
 from megatron_rmt.rollout.embedded import EmbeddedEngine
+from megatron_rmt.save_lock import save_lock
 from megatron_rmt.tokenizer import TextTokenizer, tokenizer_of
 from megatron_rmt.variants import VARIANTS, ntp_weight
 
@@ -70,9 +71,11 @@ def main(argv: list[str] | None = None, engine: RolloutEngine | None = None) -> 
     if not cfg.data.data_path:
         raise config.ConfigError("--data-path is required: the pretraining windows to train on")
     init_distributed(cfg)
-    run = setup(cfg, engine)
-    train(run, train_step)
-    parallel.destroy()
+    try:
+        with save_lock(cfg.checkpoint.save):
+            train(setup(cfg, engine), train_step)
+    finally:
+        parallel.destroy()
 
 
 def init_distributed(cfg: config.Config) -> None:
@@ -91,6 +94,7 @@ def init_distributed(cfg: config.Config) -> None:
 def setup(cfg: config.Config, engine: RolloutEngine | None = None) -> Run:
     """Model, optimizer, checkpoint, data streams (when --data-path is set), rollout engine."""
     d = cfg.data
+    check_data(cfg)
     tokenizer = tokenizer_of(d)
     vocab = model_vocab(cfg, tokenizer)
     trainable = build_trainable(cfg, vocab)
@@ -123,6 +127,14 @@ def setup(cfg: config.Config, engine: RolloutEngine | None = None) -> Run:
         cfg, layout, tokenizer, template, trainable, data, engine, progress, decay_data,
         talker, reference,
     )  # fmt: skip
+
+
+def check_data(cfg: config.Config) -> None:
+    """Every shard of --data-path and --decay-data-path, before anything is built: a missing,
+    empty or truncated file stops the run here, by name (data.DataError)."""
+    for data_path in (cfg.data.data_path, cfg.data.decay_data_path):
+        if data_path:
+            parse_data_path(data_path)
 
 
 def model_vocab(cfg: config.Config, tokenizer) -> int:
@@ -170,20 +182,29 @@ def data_for_step(run: Run, t: int) -> MicrobatchIterator:
     return run.decay_data if start is not None and t >= start else run.data
 
 
+# Run-long counts in the metrics: total -> the per-step metric it sums. Checkpoints keep them
+# (Progress.totals), so a resumed run continues them.
+TOTALS = {"rollout_failures": "rollout_failed"}
+
+
 def train(run: Run, step_fn: Callable[[Run, int], dict]) -> None:
     """`step_fn(run, t)` from where the run stands to T, with metrics and checkpoints."""
     cfg, log = run.cfg, run.cfg.logging
     is_logger = dist.get_rank() == 0
-    writer = MetricsWriter(is_logger, log.metrics_file, log.tensorboard_dir)
-    failures, first_reward = 0, None
-    for t in range(run.progress.step, cfg.optim.train_iters):
+    start = run.progress.step
+    writer = MetricsWriter(is_logger, log.metrics_file, log.tensorboard_dir, start_step=start)
+    totals, first_reward = dict(run.progress.totals), None
+    for t in range(start, cfg.optim.train_iters):
         metrics = step_fn(run, t)
-        failures += int(metrics["rollout_failed"])
-        metrics["rollout_failures"] = failures
+        for total, per_step in TOTALS.items():
+            totals[total] = totals.get(total, 0) + int(metrics[per_step])
+            metrics[total] = totals[total]
         if first_reward is None and metrics.get("reward", 0.0) > 0:
             first_reward = t
         writer.write(t, metrics, console=t % log.log_interval == 0)
-        run.progress = checkpoint.Progress(step=t + 1, consumed_samples=run.data.consumed_samples)
+        run.progress = checkpoint.Progress(
+            step=t + 1, consumed_samples=run.data.consumed_samples, totals=dict(totals)
+        )
         if cfg.checkpoint.save and _should_save(cfg, t + 1):
             path = checkpoint.save(cfg.checkpoint.save, run.trainable, run.progress, cfg)
             if is_logger:
@@ -356,4 +377,4 @@ def _should_save(cfg, steps_done: int) -> bool:
 
 if __name__ == "__main__":  # dist_checkpointing starts worker processes: keep this guard
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    main(sys.argv[1:])
+    config.run_cli(main, sys.argv[1:])

@@ -134,8 +134,57 @@ def test_blend_follows_weights(shards):
 
 
 def test_parse_data_path_reports_missing_prefix(tmp_path):
-    with pytest.raises(FileNotFoundError, match="preprocess_data"):
+    with pytest.raises(data.DataError, match="preprocess_data"):
         data.parse_data_path([str(tmp_path / "nothing")])
+
+
+def _damaged(shards, tmp_path, case: str) -> tuple[str, str]:
+    """A copy of shard `a` damaged as `case` says; returns (its prefix, the file to be named)."""
+    prefix = str(tmp_path / "d_text_document")
+    with open(shards[0] + ".bin", "rb") as fh:
+        bin_bytes = fh.read()
+    with open(shards[0] + ".idx", "rb") as fh:
+        idx_bytes = fh.read()
+    files = {
+        "empty idx": (bin_bytes, b""),
+        "idx cut in its header": (bin_bytes, idx_bytes[:20]),
+        "idx cut in its arrays": (bin_bytes, idx_bytes[:-16]),
+        "not an idx": (bin_bytes, b"x" * len(idx_bytes)),
+        "truncated bin": (bin_bytes[:-2], idx_bytes),
+        "missing bin": (None, idx_bytes),
+    }[case]
+    for suffix, content in zip((".bin", ".idx"), files, strict=True):
+        if content is not None:
+            with open(prefix + suffix, "wb") as fh:
+                fh.write(content)
+    named = prefix + (".bin" if case in ("truncated bin", "missing bin") else ".idx")
+    return prefix, named
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "empty idx",
+        "idx cut in its header",
+        "idx cut in its arrays",
+        "not an idx",
+        "truncated bin",
+        "missing bin",
+    ],
+)
+def test_damaged_shard_is_named_at_parse_time(shards, tmp_path, case):
+    prefix, named = _damaged(shards, tmp_path, case)
+    with pytest.raises(data.DataError, match=f"^{named}: "):
+        data.parse_data_path(["0.5", shards[1], "0.5", prefix])
+
+
+def test_prefix_given_with_its_suffix_says_so(shards):
+    with pytest.raises(data.DataError, match="without .bin/.idx"):
+        data.parse_data_path([shards[0] + ".bin"])
+
+
+def test_intact_shard_passes_the_checks(shards):
+    assert data.parse_data_path(list(shards)) == (list(shards), None)
 
 
 def test_read_only_data_dir_caches_in_user_dir(tmp_path, monkeypatch):

@@ -111,4 +111,8 @@ def test_grpo_steps_on_math_problems(sevens, tmp_path):
             assert a[key] == pytest.approx(b[key], rel=1e-4), key
     # The checkpoint holds the data position: a resumed run would start at problem 8.
     state = torch.load(f"{ckpt}/iter_0000002/common.pt", weights_only=False)
-    assert state["progress"] == {"step": 2, "consumed_samples": 8}
+    assert state["progress"] == {
+        "step": 2,
+        "consumed_samples": 8,
+        "totals": {"rollout_failures": 0},
+    }

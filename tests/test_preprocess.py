@@ -28,6 +28,7 @@ QWEN3 = os.path.join(ASSETS, "tokenizers", "qwen3")
 GPT2 = os.path.join(ASSETS, "tokenizers", "gpt2")
 MATH_TRAIN = os.path.join(ASSETS, "math", "math_train.jsonl")
 SCRIPT = os.path.join(REPO, "tools", "preprocess_data.py")
+GPT2_BUNDLED = os.path.join(REPO, "corpus", "gpt2_tokenizer")
 needs_assets = pytest.mark.skipif(
     not os.path.isdir(QWEN3), reason="needs ../shared/assets (tokenizers, MATH)"
 )
@@ -281,3 +282,32 @@ def test_eod_token_ours_or_megatron_lms_and_the_trainer_must_agree(tmp_path):
     check_eod([str(tmp_path / "mlm_text_document")], eos)
     window = torch.tensor([np.concatenate([mlm[0], mlm[1]]).tolist()])
     assert context_lengths(window, eos.eod)[0, len(mlm[0])] == 1  # doc 2 starts after the EOD
+
+
+def _gpt2_argv(path, out):
+    argv = ["--input", str(path), "--output-prefix", str(out / "corpus"), "--skip-bad-lines"]
+    argv += ["--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", f"{GPT2_BUNDLED}/vocab.json"]
+    return argv + ["--merge-file", f"{GPT2_BUNDLED}/merges.txt", "--append-eod"]
+
+
+@pytest.mark.parametrize(
+    "lines", [[], [b"", b"   "], [b'{"text": "  "}']], ids=["empty", "blank", "bad"]
+)
+def test_input_without_documents_is_an_error_and_writes_nothing(tmp_path, lines):
+    path = write_lines(tmp_path / "in.jsonl", lines)
+    with pytest.raises(preprocess_data.BadInputError, match=f"^{path}: no documents"):
+        preprocess_data.main(_gpt2_argv(path, tmp_path / "out"))
+    assert os.listdir(tmp_path / "out") == []
+
+
+def test_input_without_documents_exits_with_one_line(tmp_path):
+    path = write_lines(tmp_path / "in.jsonl", [b""])
+    result = subprocess.run(
+        [sys.executable, SCRIPT, *_gpt2_argv(path, tmp_path / "out")],
+        capture_output=True, text=True, timeout=120,
+        env=dict(os.environ, PYTHONWARNINGS="ignore", PYTHONPATH=REPO),
+    )  # fmt: skip
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]  # after the progress bar
+    why = "no documents in the input (its lines: all blank)"
+    assert last == f"error: {path}: {why}; no output written"

@@ -12,7 +12,8 @@ Deliberate choices:
 - Every line is checked: malformed JSON, a missing key, a non-string value, invalid UTF-8 and an
   empty (blank) document each stop the run with `FILE:LINE: problem`; --skip-bad-lines skips
   them instead (the whole line, so all keys' outputs stay aligned) and reports them at the end.
-  Blank lines are not documents and are passed over silently.
+  Blank lines are not documents and are passed over silently; an input without a single
+  document is an error (an empty .bin/.idx pair would only fail later, in training).
 - Output is written under temporary names and renamed into place only after every input line
   was handled, the .bin before the .idx (an old .idx is removed first): an error, Ctrl-C or a
   crash never leaves a .bin/.idx pair that looks valid but is not.
@@ -292,6 +293,9 @@ def preprocess(args: argparse.Namespace) -> Stats:
         gz = any(p.endswith(".gz") for p in paths)  # compressed sizes say nothing of progress
         total = None if gz else sum(map(os.path.getsize, paths))
         stats = _write_all(results, writer, total, args.skip_bad_lines, args.log_interval)
+        if stats.documents == 0:
+            why = f"all {stats.bad_lines} bad and skipped" if stats.bad_lines else "all blank"
+            raise BadInputError(f"{args.input}: no documents in the input (its lines: {why})")
         stats.outputs = writer.commit()
     except BaseException:
         writer.abort()
@@ -361,6 +365,6 @@ if __name__ == "__main__":
     try:
         main()
     except BadInputError as e:
-        sys.exit(f"error: {e}\nno output written")
+        sys.exit(f"error: {e}; no output written")
     except KeyboardInterrupt:
         sys.exit("interrupted: no output written")
