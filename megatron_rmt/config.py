@@ -52,6 +52,13 @@ class ModelConfig:
     transformer_impl: str = _f(
         "auto", "layer implementation", ("auto", "local", "transformer_engine")
     )
+    # issue 14: how the RL pass lays out a group (model/shared_prefix.py)
+    rl_layout: str = _f(
+        "rows",
+        "RL pass layout: rows (prompt + response per row) or shared_prefix (one row per group, "
+        "the prompt once; the layer spec's core attention then applies an explicit mask)",
+        ("rows", "shared_prefix"),
+    )
 
     @property
     def qk_layernorm(self) -> bool:

@@ -6,7 +6,8 @@ entropy, the curriculum sampler picks C, and the NTP loss is masked on C. Its lo
 `(lambda * sum CE, count, report)` and the schedule runs with `calculate_per_token_loss`, so
 gradients accumulate un-normalised; afterwards they are scaled by 1 / (NTP tokens over all DP).
 
-RL pass (one microbatch per group of G responses): loss_func returns the policy-loss sum (plus
+RL pass (one microbatch per group of G responses: G rows of prompt + response, or with
+`rl_layout: shared_prefix` one row holding the prompt once, see model/shared_prefix.py): loss_func returns the policy-loss sum (plus
 beta times the KL sum) divided by the RL token (or sequence) count over all DP, known before the
 pass. With beta > 0 a forward-only pass of the frozen reference model over the same microbatches
 first gives log pi_ref of every response token on the last stage (`reference_logprobs`). Both passes write into
@@ -21,11 +22,13 @@ import torch
 from megatron.core import parallel_state as ps
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.utils import unwrap_model
 
 from megatron_rmt import losses, parallel, platform, selection
 from megatron_rmt.build import Trainable
 from megatron_rmt.entropy import vocab_parallel_ce_entropy
 from megatron_rmt.model.logits import forward_logits
+from megatron_rmt.model.shared_prefix import block_mask, rope_at
 from megatron_rmt.problems import Problem, problems_from_selection
 
 
@@ -181,6 +184,22 @@ def position_ids(tokens: torch.Tensor) -> torch.Tensor:  # [g, s] -> [g, s]
     return torch.arange(s, device=tokens.device).expand(g, s)
 
 
+def rl_logits(model, batch: dict) -> torch.Tensor:
+    """The RL pass's forward of one microbatch: on the last stage the logits `[G, L, v/tp]`
+    that predict `batch["labels"]`, else the hidden states. Rows layout: every position of
+    every row. Shared-prefix layout (a batch with "segments", see problems.py): the group's row
+    under its block mask and RoPE positions, with logits only where a response label is."""
+    tokens = batch["tokens"]
+    if "segments" not in batch:
+        return forward_logits(model, tokens, position_ids(tokens))
+    mask = block_mask(batch["segments"])
+    with rope_at(model, batch["position_ids"]):
+        out = forward_logits(model, tokens, batch["position_ids"], mask, rows=batch["rows"])
+    if not unwrap_model(model).post_process:
+        return out
+    return out.reshape(*batch["labels"].shape, out.shape[-1])  # [1, G * L, v] -> [G, L, v]
+
+
 def reference_logprobs(
     reference: list, microbatches: list[dict], temperature: float, chunk_tokens: int
 ) -> list[torch.Tensor | None]:
@@ -202,7 +221,7 @@ def reference_logprobs(
             zero = torch.zeros((), device=logits.device)
             return zero, torch.ones((), dtype=torch.int), {"ref_logp": -token_loss}
 
-        return forward_logits(model, batch["tokens"], position_ids(batch["tokens"])), loss_func
+        return rl_logits(model, batch), loss_func
 
     with torch.no_grad():
         reports = run_schedule(reference, forward_step, microbatches, forward_only=True)
@@ -232,8 +251,7 @@ def rl_pass(
 
     def forward_step(data_iterator, model):
         batch = _on_device(next(data_iterator))
-        logits = forward_logits(model, batch["tokens"], position_ids(batch["tokens"]))
-        return logits, losses.make_rl_loss_func(
+        return rl_logits(model, batch), losses.make_rl_loss_func(
             batch["labels"],
             batch["old_logp"],
             batch["advantages"],
