@@ -159,6 +159,12 @@ class RMTConfig:
     rpt_entropy_threshold: float = _f(0.5, "RPT: train on every candidate with entropy >= this")
     rpt_max_positions: int = _f(0, "RPT: at most this many positions per position_unit (0: all)")
     entropy_chunk_tokens: int = _f(1024, "tokens per chunk of the fused CE+entropy")
+    # issue 14: the output projection fused into the NTP pass's CE + entropy (fused_linear.py)
+    fused_linear_chunk_tokens: int = _f(
+        0,
+        "NTP pass: project, CE and entropy this many tokens at a time, never holding the whole "
+        "logits (0: off, the output layer's logits and the fused CE + entropy)",
+    )
 
 
 @dataclass(frozen=True)
@@ -397,6 +403,8 @@ def _validate_rmt(r: RMTConfig) -> list[str]:
         problems.append("positions_per_sequence must be at least 1")
     if r.rpt_max_positions < 0:
         problems.append("rpt_max_positions must be >= 0 (0: every position RPT's filter keeps)")
+    if r.fused_linear_chunk_tokens < 0:
+        problems.append("fused_linear_chunk_tokens must be >= 0 (0: off)")
     return problems
 
 

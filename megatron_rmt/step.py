@@ -27,7 +27,8 @@ from megatron.core.utils import unwrap_model
 from megatron_rmt import losses, parallel, platform, selection
 from megatron_rmt.build import Trainable
 from megatron_rmt.entropy import vocab_parallel_ce_entropy
-from megatron_rmt.model.logits import forward_logits
+from megatron_rmt.fused_linear import linear_ce_entropy
+from megatron_rmt.model.logits import forward_hidden, forward_logits
 from megatron_rmt.model.shared_prefix import block_mask, rope_at
 from megatron_rmt.problems import Problem, problems_from_selection
 
@@ -91,16 +92,29 @@ def ntp_pass(
     ntp_weight: float,
     chunk_tokens: int,
     on_chosen: Callable[[list[Problem]], None] | None = None,
+    fused_linear_chunk: int = 0,
 ) -> NTPOutcome:
     """Forward (and backward unless ntp_weight is 0) over the step's microbatches; returns, on
     every stage, the chosen problems and the NTP statistics (broadcast from the last stage).
-    `on_chosen` sees each microbatch's problems on the last stage as soon as they are chosen."""
+    `on_chosen` sees each microbatch's problems on the last stage as soon as they are chosen.
+    `fused_linear_chunk` > 0: the output projection is fused into the CE + entropy, that many
+    tokens at a time (fused_linear.py), so the logits never all exist."""
     outcome = NTPOutcome()
     forward_only = ntp_weight == 0.0
 
     def forward_step(data_iterator, model):
         batch = _on_device(next(data_iterator))
-        logits = forward_logits(model, batch["tokens"], batch["position_ids"])  # [b, s, v/tp]
+        ce_entropy = None
+        if fused_linear_chunk:
+            output, weight = forward_hidden(model, batch["tokens"], batch["position_ids"])
+
+            def ce_entropy(hidden):  # [b, s, h] -> CE, entropy [b, s]
+                return linear_ce_entropy(
+                    hidden, weight, batch["labels"], tp_group=_tp_group(),
+                    chunk_tokens=fused_linear_chunk,
+                )  # fmt: skip
+        else:
+            output = forward_logits(model, batch["tokens"], batch["position_ids"])  # [b, s, v/tp]
 
         def select(entropy):  # [b, s] -> C as a [b, s] bool mask; keeps C for the rollouts
             chosen, levels = _choose(batch, entropy, selector)
@@ -113,13 +127,14 @@ def ntp_pass(
             outcome.entropy_count += int(valid.sum())
             return chosen
 
-        return logits, losses.make_ntp_loss_func(
+        return output, losses.make_ntp_loss_func(
             batch["labels"],
             batch["loss_mask"],
             select,
             ntp_weight,
             tp_group=_tp_group(),
             chunk_tokens=chunk_tokens,
+            ce_entropy=ce_entropy,
         )
 
     reports = run_schedule(trainable.model, forward_step, microbatches, forward_only)

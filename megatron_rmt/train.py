@@ -218,8 +218,9 @@ def train_step(run: Run, t: int) -> dict:
     ntp_start = time.perf_counter()
     weight = ntp_weight(variant, r.ntp_weight)
     ntp = step.ntp_pass(
-        run.trainable, microbatches, selector, weight, r.entropy_chunk_tokens, rollouts.submit
-    )
+        run.trainable, microbatches, selector, weight, r.entropy_chunk_tokens, rollouts.submit,
+        fused_linear_chunk=r.fused_linear_chunk_tokens,
+    )  # fmt: skip
     ntp_time = time.perf_counter() - ntp_start
     requests = make_requests(ntp.problems, 0)
     rollout_start = time.perf_counter()

@@ -73,3 +73,35 @@ def _transposed_output(module, args, output):
     """Output layer's `(logits [s, b, v/tp], bias)` -> `(logits viewed as [b, s, v/tp], bias)`."""
     logits, bias = output
     return logits.transpose(0, 1), bias
+
+
+def forward_hidden(
+    model: torch.nn.Module,
+    tokens: torch.Tensor,  # [b, s]
+    position_ids: torch.Tensor,  # [b, s]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`model`'s forward without the output projection: on the last stage the output layer's
+    input `[b, s, h]` (a view of `[s, b, h]` memory) and the weight it would have used (its own,
+    or the tied embedding's), for a caller that projects them itself (fused_linear.py); on other
+    stages (hidden states, None).
+
+    For one call the output layer's forward is shadowed by one that passes its input through
+    (transposed, as `_transposed_output` does, so GPTModel's `transpose(0, 1).contiguous()` does
+    not copy) and records the weight; no logits are computed."""
+    gpt = unwrap_model(model)
+    if not gpt.post_process:
+        return model(tokens, position_ids, None), None
+    if getattr(gpt.config, "mtp_num_layers", None) or gpt.config.sequence_parallel:
+        raise ValueError("forward_hidden supports neither multi-token prediction nor SP")
+    layer, used = gpt.output_layer, []
+
+    def passthrough(hidden, weight=None, runtime_gather_output=None):  # hidden [s, b, h]
+        used.append(layer.weight if weight is None else weight)
+        return hidden.transpose(0, 1), None
+
+    layer.forward = passthrough
+    try:
+        hidden = model(tokens, position_ids, None)  # [s, b, h]
+    finally:
+        del layer.forward
+    return hidden.transpose(0, 1), used[0]

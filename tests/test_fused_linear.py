@@ -1,0 +1,110 @@
+"""Fused output projection + CE + entropy: the logits path's values and gradients, TP1 and TP2."""
+
+import pytest
+import torch
+from distributed import spawn
+from megatron.core import parallel_state as ps
+
+from megatron_rmt import step
+from megatron_rmt.build import build_trainable
+from megatron_rmt.config import Config, ModelConfig
+from megatron_rmt.fused_linear import linear_ce_entropy
+
+VOCAB, HIDDEN = 96, 16
+
+
+def _inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(7, 3, HIDDEN, generator=g).transpose(0, 1)  # [3, 7, h] view of [s, b, h]
+    weight = torch.randn(VOCAB, HIDDEN, generator=g) / 2
+    labels = torch.randint(0, VOCAB, (3, 7), generator=g)
+    upstream = torch.rand(3, 7, generator=g)
+    return hidden, weight, labels, upstream
+
+
+def _naive(hidden, weight, labels, upstream, temperature):
+    """Full logits, fp32 log-softmax: CE, entropy, and the gradients of sum(upstream * CE)."""
+    hidden = hidden.detach().clone().requires_grad_()
+    weight = weight.detach().clone().requires_grad_()
+    logp = torch.log_softmax(hidden @ weight.t() / temperature, dim=-1)
+    loss = -logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    (loss * upstream).sum().backward()
+    return loss.detach(), entropy.detach(), hidden.grad, weight.grad
+
+
+def _fused(hidden, weight, labels, upstream, temperature, chunk, tp_group=None):
+    hidden = hidden.detach().clone().requires_grad_()
+    weight = weight.detach().clone().requires_grad_()
+    loss, entropy = linear_ce_entropy(
+        hidden, weight, labels, tp_group=tp_group, temperature=temperature, chunk_tokens=chunk
+    )
+    assert not entropy.requires_grad
+    (loss * upstream).sum().backward()
+    return loss.detach(), entropy, hidden.grad, weight.grad
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 64])
+def test_matches_full_logits(chunk):
+    hidden, weight, labels, upstream = _inputs()
+    want = _naive(hidden, weight, labels, upstream, 0.7)
+    got = _fused(hidden, weight, labels, upstream, 0.7, chunk)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def vocab_parallel_worker():
+    """Each rank holds half the vocabulary rows; hidden states are replicated."""
+    hidden, weight, labels, upstream = _inputs(1)
+    want = _naive(hidden, weight, labels, upstream, 1.0)
+    rank, shard = ps.get_tensor_model_parallel_rank(), VOCAB // 2
+    mine = weight[rank * shard : (rank + 1) * shard]
+    got = _fused(hidden, mine, labels, upstream, 1.0, 4, ps.get_tensor_model_parallel_group())
+    loss_ok = torch.allclose(got[0], want[0], rtol=1e-5, atol=1e-6)
+    entropy_ok = torch.allclose(got[1], want[1], rtol=1e-5, atol=1e-6)
+    hidden_ok = torch.allclose(got[2], want[2], rtol=1e-5, atol=1e-6)
+    weight_ok = torch.allclose(got[3], want[3][rank * shard : (rank + 1) * shard], atol=1e-6)
+    return loss_ok, entropy_ok, hidden_ok, weight_ok
+
+
+def test_vocab_parallel_tp2():
+    for oks in spawn(vocab_parallel_worker, 2, tp=2):
+        assert all(oks), oks
+
+
+def ntp_both_ways(tied: bool):
+    """The NTP pass (no selection) through the logits and through the fused projection."""
+    model = ModelConfig(num_layers=2, untie_embeddings_and_output_weights=not tied)
+    torch.manual_seed(0)
+    trainable = build_trainable(Config(model=model), 256)
+    g = torch.Generator().manual_seed(3)
+    windows = torch.randint(0, 256, (2, 2, 17), generator=g)
+    mbs = [
+        {
+            "tokens": w[:, :-1],
+            "labels": w[:, 1:],
+            "loss_mask": (torch.rand(2, 16, generator=g) > 0.2).float(),
+            "position_ids": torch.arange(16).expand(2, 16),
+            "context_len": torch.arange(1, 17).expand(2, 16),
+            "sample_ids": torch.tensor([0, 1]),
+        }
+        for w in windows
+    ]
+    sel = step.Selector(None, (1.0, 0.0, 0.0), 1, None, 0, 1, 0)
+    out = []
+    for chunk in (0, 5):
+        step.zero_grads(trainable)
+        outcome = step.ntp_pass(trainable, mbs, sel, 0.3, 1024, fused_linear_chunk=chunk)
+        grads = [p.main_grad.clone() for p in trainable.model[0].module.parameters()]
+        out.append((outcome.ntp_loss_sum, outcome.entropy_sum, outcome.ntp_tokens, grads))
+    return out
+
+
+@pytest.mark.parametrize("tp,tied", [(1, False), (2, True)], ids=["tp1", "tp2-tied"])
+def test_ntp_pass_same_as_logits_path(tp, tied):
+    for plain, fused in spawn(ntp_both_ways, tp, tp=tp, args=(tied,)):
+        assert fused[2] == plain[2] > 0
+        assert fused[0] == pytest.approx(plain[0], rel=1e-5)
+        assert fused[1] == pytest.approx(plain[1], rel=1e-5)
+        for a, b in zip(fused[3], plain[3], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
