@@ -10,10 +10,13 @@ instead, and each chunk of `chunk_tokens` positions is projected, reduced and dr
   logit, all-reduced over TP; `_shifted_stats`), giving CE, entropy and the log-sum-exp. Saved:
   the hidden states, the weight, the labels and the fp32 log-sum-exp `[N]`.
 - Backward: per chunk, the logits are recomputed, the softmax rebuilt from the saved
-  log-sum-exp, g = (softmax - onehot) * upstream / T, then grad_hidden = g @ W and
-  grad_W += g^T @ hidden (accumulated in fp32). grad_hidden is all-reduced over TP, as the
-  vocabulary-parallel output layer's input gradient is (Megatron's copy-to-TP-region).
-- Live memory: O(chunk x v/tp) work buffers plus the `[v/tp, h]` fp32 weight gradient, which the
+  log-sum-exp, g = (softmax - onehot) * upstream / T (fp32, then the weight's dtype, as the
+  plain path's logits gradient is), grad_hidden = g @ W and grad_W += g^T @ hidden. grad_W
+  accumulates in the weight's dtype, as the plain path's single matmul returns it: with bf16
+  weights it is rounded once per chunk instead of once (matmuls accumulate in fp32 inside).
+  grad_hidden is all-reduced over TP, as the vocabulary-parallel output layer's input gradient
+  is (Megatron's copy-to-TP-region).
+- Live memory: O(chunk x v/tp) work buffers plus the `[v/tp, h]` weight gradient, which the
   plain path also produces. The price: one more `[N, h] x [h, v/tp]` matmul (the recompute).
 - Sequence parallelism is refused by the caller (model/logits.py): the hidden states would be a
   sequence shard.
@@ -115,7 +118,7 @@ class _FusedLinearCEEntropy(torch.autograd.Function):
         n, v_local = flat.shape[0], weight.shape[0]
         offset = _vocab_offset(v_local, ctx.tp_group)
         grad_hidden = torch.empty_like(flat)
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        grad_weight = torch.zeros_like(weight)
         bufs = _Chunks(min(chunk, n), weight)
         for start in range(0, n, chunk):
             stop = min(start + chunk, n)
@@ -126,8 +129,7 @@ class _FusedLinearCEEntropy(torch.autograd.Function):
             g = p.mul_(scale[start:stop].unsqueeze(-1))  # [c, v/tp] fp32
             g_low = g if g.dtype == weight.dtype else bufs.logits[: stop - start].copy_(g)
             torch.mm(g_low, weight, out=grad_hidden[start:stop])
-            grad_weight.addmm_(g.t(), h.to(torch.float32))
+            grad_weight.addmm_(g_low.t(), h)
         if ctx.tp_group is not None:
             dist.all_reduce(grad_hidden, group=ctx.tp_group)
-        grad_weight = grad_weight.to(weight.dtype)
         return grad_hidden.view(hidden.shape), grad_weight, None, None, None, None
