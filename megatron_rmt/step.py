@@ -111,8 +111,12 @@ def ntp_pass(
             def ce_entropy(hidden):  # [b, s, h] -> CE, entropy [b, s]
                 return linear_ce_entropy(
                     hidden, weight, batch["labels"], tp_group=_tp_group(),
-                    chunk_tokens=fused_linear_chunk,
+                    chunk_tokens=fused_linear_chunk, expected_grad=expected,
                 )  # fmt: skip
+
+            # The loss is ntp_weight x CE summed over the loss mask less C: the kernel makes the
+            # gradients of the mask in its forward and then corrects the few positions of C.
+            expected = None if forward_only else batch["loss_mask"]
         else:
             output = forward_logits(model, batch["tokens"], batch["position_ids"])  # [b, s, v/tp]
 

@@ -33,22 +33,37 @@ def _naive(hidden, weight, labels, upstream, temperature):
     return loss.detach(), entropy.detach(), hidden.grad, weight.grad
 
 
-def _fused(hidden, weight, labels, upstream, temperature, chunk, tp_group=None):
+def _fused(hidden, weight, labels, upstream, temperature, chunk, tp_group=None, expected=None):
     hidden = hidden.detach().clone().requires_grad_()
     weight = weight.detach().clone().requires_grad_()
     loss, entropy = linear_ce_entropy(
-        hidden, weight, labels, tp_group=tp_group, temperature=temperature, chunk_tokens=chunk
-    )
+        hidden, weight, labels, tp_group=tp_group, temperature=temperature, chunk_tokens=chunk,
+        expected_grad=expected,
+    )  # fmt: skip
     assert not entropy.requires_grad
     (loss * upstream).sum().backward()
     return loss.detach(), entropy, hidden.grad, weight.grad
 
 
+def _masked(upstream):
+    """A loss mask, and the NTP loss's gradient: 0.3 x the mask less two chosen positions."""
+    mask = (upstream > 0.2).float()
+    actual = 0.3 * mask
+    actual[0, 2] = actual[2, 5] = 0.0
+    return mask, actual
+
+
 @pytest.mark.parametrize("chunk", [1, 5, 64])
-def test_matches_full_logits(chunk):
+@pytest.mark.parametrize("guess", ["none", "mask", "wrong"])
+def test_matches_full_logits(chunk, guess):
+    """Without a guess, with the NTP loss's own (right but for C), and with a wrong one."""
     hidden, weight, labels, upstream = _inputs()
+    mask, actual = _masked(upstream)
+    if guess != "none":
+        upstream = actual
+    expected = {"none": None, "mask": mask, "wrong": torch.rand(3, 7)}[guess]
     want = _naive(hidden, weight, labels, upstream, 0.7)
-    got = _fused(hidden, weight, labels, upstream, 0.7, chunk)
+    got = _fused(hidden, weight, labels, upstream, 0.7, chunk, expected=expected)
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
@@ -56,10 +71,12 @@ def test_matches_full_logits(chunk):
 def vocab_parallel_worker():
     """Each rank holds half the vocabulary rows; hidden states are replicated."""
     hidden, weight, labels, upstream = _inputs(1)
-    want = _naive(hidden, weight, labels, upstream, 1.0)
     rank, shard = ps.get_tensor_model_parallel_rank(), VOCAB // 2
     mine = weight[rank * shard : (rank + 1) * shard]
-    got = _fused(hidden, mine, labels, upstream, 1.0, 4, ps.get_tensor_model_parallel_group())
+    mask, upstream = _masked(upstream)  # the NTP loss's gradient, guessed from the mask
+    want = _naive(hidden, weight, labels, upstream, 1.0)
+    group = ps.get_tensor_model_parallel_group()
+    got = _fused(hidden, mine, labels, upstream, 1.0, 4, group, expected=mask)
     loss_ok = torch.allclose(got[0], want[0], rtol=1e-5, atol=1e-6)
     entropy_ok = torch.allclose(got[1], want[1], rtol=1e-5, atol=1e-6)
     hidden_ok = torch.allclose(got[2], want[2], rtol=1e-5, atol=1e-6)
@@ -73,7 +90,7 @@ def test_vocab_parallel_tp2():
 
 
 def ntp_both_ways(tied: bool):
-    """The NTP pass (no selection) through the logits and through the fused projection."""
+    """The NTP pass through the logits and through the fused projection."""
     model = ModelConfig(num_layers=2, untie_embeddings_and_output_weights=not tied)
     torch.manual_seed(0)
     trainable = build_trainable(Config(model=model), 256)
@@ -90,12 +107,14 @@ def ntp_both_ways(tied: bool):
         }
         for w in windows
     ]
-    sel = step.Selector(None, (1.0, 0.0, 0.0), 1, None, 0, 1, 0)
+    # One RL position chosen per window: its CE leaves the loss (the kernel's correction).
+    sel = step.Selector("uniform", (1.0, 0.0, 0.0), 1, (0.5, 1.0, 1.5), 0, 1, 0)
     out = []
     for chunk in (0, 5):
         step.zero_grads(trainable)
         outcome = step.ntp_pass(trainable, mbs, sel, 0.3, 1024, fused_linear_chunk=chunk)
         grads = [p.main_grad.clone() for p in trainable.model[0].module.parameters()]
+        assert len(outcome.problems) == 4 or not ps.is_pipeline_last_stage()
         out.append((outcome.ntp_loss_sum, outcome.entropy_sum, outcome.ntp_tokens, grads))
     return out
 
