@@ -56,8 +56,11 @@ def linear_step(hidden, weight, labels, chunk, fused):
     from megatron_rmt.entropy import vocab_parallel_ce_entropy
     from megatron_rmt.fused_linear import linear_ce_entropy
 
-    if fused:
-        loss, entropy = linear_ce_entropy(hidden, weight, labels, chunk_tokens=chunk)
+    if fused:  # the NTP pass's use: the gradient expected is the loss mask (all ones here)
+        ones = torch.ones(labels.shape, device=labels.device)
+        loss, entropy = linear_ce_entropy(
+            hidden, weight, labels, chunk_tokens=chunk, expected_grad=ones
+        )
     else:
         logits = hidden @ weight.t()  # [N, v], as the output layer computes it
         loss, entropy = vocab_parallel_ce_entropy(
