@@ -119,7 +119,7 @@ def measure_model(name: str, model_cfg, seq: int, repeats: int) -> dict:
         mbs = problems.shared_prefix_microbatches(requests, results, adv, pad_id=0)
         return timed(lambda: step.rl_pass(trainable, mbs, 8.0 * resp, 1.0, "token", None, 1024))
 
-    p1, p2, r1, r2 = seq // 4, seq, 8, 32
+    p1, p2, r1, r2 = seq // 4, seq, seq // 32, seq // 8
     per_prefix = (rl_time(p2, r1) - rl_time(p1, r1)) / (p2 - p1)
     per_resp = (rl_time(p1, r2) - rl_time(p1, r1)) / (8 * (r2 - r1))
     m = _shape_of(model_cfg)
@@ -162,7 +162,7 @@ def measured_part(args) -> list[dict]:
     with open(f"{ROOT}/configs/tiny_cpu.yaml") as fh:
         tiny = yaml.safe_load(fh)["model"] | {"vocab_size": 50304}
     rows = []
-    for name, shape, seq in (("tiny", tiny, 128), (f"SmolLM2 {args.layers}L", smol, 256)):
+    for name, shape, seq in (("tiny", tiny, 256), (f"SmolLM2 {args.layers}L", smol, 512)):
         cfg = ModelConfig(**shape, rl_layout="shared_prefix")
         rows.append(measure_model(name, cfg, seq, args.repeats))
     print("Measured here (CPU, 1 thread, machine shared with other jobs: times are inflated)")
