@@ -51,5 +51,6 @@ part mfu 100 python benchmarks/gpu_check.py mfu
 part transfer 50 python benchmarks/gpu_check.py transfer
 
 printf '\n%s on %s\n' "gpu_check" "$(python -c 'import torch; print(torch.cuda.get_device_name())')"
-printf '%s\n' "check | result | target" "--- | --- | ---" "${rows[@]}" | column -t -s '|'
+table() { if command -v column >/dev/null; then column -t -s '|'; else cat; fi; }
+printf '%s\n' "check | result | target" "--- | --- | ---" "${rows[@]}" | table
 exit $status
