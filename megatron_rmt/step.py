@@ -1,17 +1,19 @@
 """The two passes of one RMT step over Megatron's `forward_backward_func`, and the optimizer step.
 
 NTP pass (all microbatches of the step): on the last stage, the vocab-parallel logits give the
-NTP loss and entropy of every position in one fused chunked kernel; candidates are bucketed by
+NTP loss and entropy of every position in one fused chunked kernel (with
+`fused_linear_chunk_tokens`, the output projection is in that kernel too and the logits are
+never all live: fused_linear.py); candidates are bucketed by
 entropy, the curriculum sampler picks C, and the NTP loss is masked on C. Its loss_func returns
 `(lambda * sum CE, count, report)` and the schedule runs with `calculate_per_token_loss`, so
 gradients accumulate un-normalised; afterwards they are scaled by 1 / (NTP tokens over all DP).
 
 RL pass (one microbatch per group of G responses: G rows of prompt + response, or with
-`rl_layout: shared_prefix` one row holding the prompt once, see model/shared_prefix.py): loss_func returns the policy-loss sum (plus
-beta times the KL sum) divided by the RL token (or sequence) count over all DP, known before the
-pass. With beta > 0 a forward-only pass of the frozen reference model over the same microbatches
-first gives log pi_ref of every response token on the last stage (`reference_logprobs`). Both passes write into
-the same DDP gradient buffers, so L = L_RL + lambda * L_NTP, each term normalised by its own
+`rl_layout: shared_prefix` one row holding the prompt once, see model/shared_prefix.py):
+loss_func returns the policy-loss sum (plus beta times the KL sum) divided by the RL token (or
+sequence) count over all DP, known before the pass. With beta > 0 a forward-only pass of the
+frozen reference model over the same microbatches first gives log pi_ref of every response token
+on the last stage (`reference_logprobs`). Both passes write into the same DDP gradient buffers, so L = L_RL + lambda * L_NTP, each term normalised by its own
 global count. Gradients are finalised (DP all-reduce, tied-embedding sync) once, after both.
 """
 
@@ -107,16 +109,15 @@ def ntp_pass(
         ce_entropy = None
         if fused_linear_chunk:
             output, weight = forward_hidden(model, batch["tokens"], batch["position_ids"])
+            # The loss is ntp_weight x CE summed over the loss mask less C: the kernel makes the
+            # gradients of the mask in its forward and then corrects the few positions of C.
+            expected = None if forward_only else batch["loss_mask"]
 
             def ce_entropy(hidden):  # [b, s, h] -> CE, entropy [b, s]
                 return linear_ce_entropy(
                     hidden, weight, batch["labels"], tp_group=_tp_group(),
                     chunk_tokens=fused_linear_chunk, expected_grad=expected,
                 )  # fmt: skip
-
-            # The loss is ntp_weight x CE summed over the loss mask less C: the kernel makes the
-            # gradients of the mask in its forward and then corrects the few positions of C.
-            expected = None if forward_only else batch["loss_mask"]
         else:
             output = forward_logits(model, batch["tokens"], batch["position_ids"])  # [b, s, v/tp]
 

@@ -107,6 +107,7 @@ def test_same_logprobs_loss_kl_and_grads_as_rows(tp, pp):
         assert any(g.abs().sum() > 0 for g in grads)
 
 
+@pytest.mark.slow
 def test_training_steps_agree_with_rows(tiny_corpus, tmp_path):
     """`--rl-layout shared_prefix` end to end (train.rl_update): the same metrics as rows."""
     from test_train import _flags, _read, _train
