@@ -119,9 +119,11 @@ def ntp_both_ways(tied: bool):
     return out
 
 
-@pytest.mark.parametrize("tp,tied", [(1, False), (2, True)], ids=["tp1", "tp2-tied"])
-def test_ntp_pass_same_as_logits_path(tp, tied):
-    for plain, fused in spawn(ntp_both_ways, tp, tp=tp, args=(tied,)):
+@pytest.mark.parametrize(
+    "tp,pp,tied", [(1, 1, False), (2, 1, True), (1, 2, True)], ids=["tp1", "tp2-tied", "pp2-tied"]
+)
+def test_ntp_pass_same_as_logits_path(tp, pp, tied):
+    for plain, fused in spawn(ntp_both_ways, tp * pp, tp=tp, pp=pp, args=(tied,)):
         assert fused[2] == plain[2] > 0
         assert fused[0] == pytest.approx(plain[0], rel=1e-5)
         assert fused[1] == pytest.approx(plain[1], rel=1e-5)

@@ -95,7 +95,7 @@ def forward_hidden(
         raise ValueError("forward_hidden supports neither multi-token prediction nor SP")
     layer, used = gpt.output_layer, []
 
-    def passthrough(hidden, weight=None, runtime_gather_output=None):  # hidden [s, b, h]
+    def passthrough(hidden, weight=None, **kwargs):  # hidden [s, b, h]
         used.append(layer.weight if weight is None else weight)
         return hidden.transpose(0, 1), None
 
