@@ -63,6 +63,10 @@ def test_each_label_sees_exactly_its_own_row():
     # One shape for the pipeline schedule: prompt + responses without their last tokens.
     mbs = shared_prefix_microbatches(requests, results, adv, pad_id=0)
     assert {tuple(mb["tokens"].shape) for mb in mbs} == {(1, 11 + 2 + 4 + 1)}
+    # An empty response has no inputs and no labels.
+    empty = RolloutResult([[5, 6], []], [[-0.1, -0.2], []], 0)
+    (mb,) = shared_prefix_microbatches(requests[:1], [empty], adv[:1, :2], pad_id=0)
+    assert mb["tokens"].shape == (1, 7 + 1) and mb["resp_mask"].tolist() == [[1, 1], [0, 0]]
 
 
 def _grads(trainable) -> list[torch.Tensor]:
