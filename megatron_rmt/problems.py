@@ -269,8 +269,7 @@ def shared_prefix_microbatches(
             positions[start : start + inputs] = torch.arange(p, p + inputs)
             segments[start : start + inputs] = k + 1
             # Token t is predicted by the prompt's last position (t = 0) or by token t - 1.
-            predictors = torch.cat([torch.tensor([p - 1]), torch.arange(start, start + inputs)])
-            rows[k, :n] = predictors[:n]  # an empty response has none
+            rows[k, :n] = torch.cat([torch.tensor([p - 1]), torch.arange(start, start + inputs)])
             labels[k, :n] = torch.tensor(resp, dtype=torch.long)
             resp_mask[k, :n] = 1.0
             old_logp[k, :n] = torch.tensor(lps)
