@@ -68,6 +68,13 @@ class ModelConfig:
     transformer_impl: str = _f(
         "auto", "layer implementation", ("auto", "local", "transformer_engine")
     )
+    # issue 14: how the RL pass lays out a group (model/shared_prefix.py)
+    rl_layout: str = _f(
+        "rows",
+        "RL pass layout: rows (prompt + response per row) or shared_prefix (one row per group, "
+        "the prompt once; the layer spec's core attention then applies an explicit mask)",
+        ("rows", "shared_prefix"),
+    )
 
     @property
     def qk_layernorm(self) -> bool:
@@ -168,6 +175,12 @@ class RMTConfig:
     rpt_entropy_threshold: float = _f(0.5, "RPT: train on every candidate with entropy >= this")
     rpt_max_positions: int = _f(0, "RPT: at most this many positions per position_unit (0: all)")
     entropy_chunk_tokens: int = _f(1024, "tokens per chunk of the fused CE+entropy")
+    # issue 14: the output projection fused into the NTP pass's CE + entropy (fused_linear.py)
+    fused_linear_chunk_tokens: int = _f(
+        0,
+        "NTP pass: project, CE and entropy this many tokens at a time, never holding the whole "
+        "logits (0: off, the output layer's logits and the fused CE + entropy)",
+    )
 
 
 @dataclass(frozen=True)
@@ -406,6 +419,8 @@ def _validate_rmt(r: RMTConfig) -> list[str]:
         problems.append("positions_per_sequence must be at least 1")
     if r.rpt_max_positions < 0:
         problems.append("rpt_max_positions must be >= 0 (0: every position RPT's filter keeps)")
+    if r.fused_linear_chunk_tokens < 0:
+        problems.append("fused_linear_chunk_tokens must be >= 0 (0: off)")
     return problems
 
 

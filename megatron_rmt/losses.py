@@ -122,14 +122,20 @@ def make_ntp_loss_func(
     *,
     tp_group=None,
     chunk_tokens: int = 1024,
+    ce_entropy: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> LossFunc:
     """loss_func for one NTP micro-batch. `select(entropy [b, s]) -> rl_mask [b, s]` picks C
-    (buckets + CAS live in the caller, which also keeps C for the rollouts)."""
+    (buckets + CAS live in the caller, which also keeps C for the rollouts). `ce_entropy`
+    maps the model's output to (CE, entropy) `[b, s]` (default: the output is the logits, read
+    by the fused kernel; fused_linear.py's takes the hidden states instead)."""
 
-    def loss_func(logits: torch.Tensor):  # [b, s, v/tp]
-        token_loss, entropy = vocab_parallel_ce_entropy(
-            logits, labels, tp_group=tp_group, chunk_tokens=chunk_tokens, inplace_backward=True
-        )
+    def loss_func(output: torch.Tensor):  # [b, s, v/tp] logits, or what ce_entropy takes
+        if ce_entropy is not None:
+            token_loss, entropy = ce_entropy(output)
+        else:
+            token_loss, entropy = vocab_parallel_ce_entropy(
+                output, labels, tp_group=tp_group, chunk_tokens=chunk_tokens, inplace_backward=True
+            )
         rl_mask = select(entropy)  # [b, s] bool
         total, count = ntp_loss_sum(token_loss, loss_mask, rl_mask)
         report = {

@@ -14,6 +14,7 @@ import torch
 
 from megatron_rmt import budget as budget_mod
 from megatron_rmt import prompts, rewards
+from megatron_rmt.model.shared_prefix import PROMPT as PROMPT_SEGMENT
 from megatron_rmt.rollout.contract import RolloutRequest, RolloutResult
 
 CONTINUATION_TOKENS = 8  # true tokens kept after the target, for RPT's prefix reward
@@ -218,6 +219,68 @@ def rl_microbatches(
             {
                 "tokens": tokens[:, :-1],
                 "labels": tokens[:, 1:],
+                "resp_mask": resp_mask,
+                "old_logp": old_logp,
+                "advantages": adv[i].float(),  # [G]
+            }
+        )
+    return out
+
+
+def shared_prefix_microbatches(
+    requests: list[RolloutRequest],
+    results: list[RolloutResult],
+    adv: torch.Tensor,  # [n, G]
+    pad_id: int,
+) -> list[dict]:
+    """One microbatch per group as one row (model/shared_prefix.py): the prompt once, then each
+    response without its last token (only ever a label). Per row `[1, S]`: tokens, position_ids
+    (each response continues from the prompt's end), segments (0 prompt, k + 1 response k, -1
+    padding) and rows `[1, G * L]`, the position whose logits predict each response token; the
+    per-token tensors are `[G, L]` over the responses alone, as `rl_microbatches`' are over
+    whole rows: labels, resp_mask, old_logp. S and L are the step's largest, so the pipeline
+    schedule sees one shape."""
+    if not requests:
+        return []
+    pairs = list(zip(requests, results, strict=True))
+    seq = max(
+        len(q.prompt_ids) + sum(max(len(r) - 1, 0) for r in res.responses) for q, res in pairs
+    )
+    longest = max(max(len(r) for r in res.responses) for _, res in pairs)
+    width = max(longest, 1)
+    out = []
+    for i, (req, res) in enumerate(pairs):
+        g, p = len(res.responses), len(req.prompt_ids)
+        tokens = torch.full((seq,), pad_id, dtype=torch.long)
+        positions = torch.zeros(seq, dtype=torch.long)
+        segments = torch.full((seq,), -1, dtype=torch.long)
+        rows = torch.zeros(g, width, dtype=torch.long)
+        labels = torch.full((g, width), pad_id, dtype=torch.long)
+        resp_mask = torch.zeros(g, width)
+        old_logp = torch.zeros(g, width)
+        tokens[:p] = torch.tensor(req.prompt_ids)
+        positions[:p] = torch.arange(p)
+        segments[:p] = PROMPT_SEGMENT
+        start = p
+        for k, (resp, lps) in enumerate(zip(res.responses, res.logprobs, strict=True)):
+            n = len(resp)
+            inputs = max(n - 1, 0)
+            tokens[start : start + inputs] = torch.tensor(resp[:inputs], dtype=torch.long)
+            positions[start : start + inputs] = torch.arange(p, p + inputs)
+            segments[start : start + inputs] = k + 1
+            # Token t is predicted by the prompt's last position (t = 0) or by token t - 1.
+            rows[k, :n] = torch.cat([torch.tensor([p - 1]), torch.arange(start, start + inputs)])
+            labels[k, :n] = torch.tensor(resp, dtype=torch.long)
+            resp_mask[k, :n] = 1.0
+            old_logp[k, :n] = torch.tensor(lps)
+            start += inputs
+        out.append(
+            {
+                "tokens": tokens.unsqueeze(0),
+                "position_ids": positions.unsqueeze(0),
+                "segments": segments.unsqueeze(0),
+                "rows": rows.reshape(1, -1),
+                "labels": labels,
                 "resp_mask": resp_mask,
                 "old_logp": old_logp,
                 "advantages": adv[i].float(),  # [G]

@@ -1,16 +1,19 @@
 """The two passes of one RMT step over Megatron's `forward_backward_func`, and the optimizer step.
 
 NTP pass (all microbatches of the step): on the last stage, the vocab-parallel logits give the
-NTP loss and entropy of every position in one fused chunked kernel; candidates are bucketed by
+NTP loss and entropy of every position in one fused chunked kernel (with
+`fused_linear_chunk_tokens`, the output projection is in that kernel too and the logits are
+never all live: fused_linear.py); candidates are bucketed by
 entropy, the curriculum sampler picks C, and the NTP loss is masked on C. Its loss_func returns
 `(lambda * sum CE, count, report)` and the schedule runs with `calculate_per_token_loss`, so
 gradients accumulate un-normalised; afterwards they are scaled by 1 / (NTP tokens over all DP).
 
-RL pass (one microbatch per group of G responses): loss_func returns the policy-loss sum (plus
-beta times the KL sum) divided by the RL token (or sequence) count over all DP, known before the
-pass. With beta > 0 a forward-only pass of the frozen reference model over the same microbatches
-first gives log pi_ref of every response token on the last stage (`reference_logprobs`). Both passes write into
-the same DDP gradient buffers, so L = L_RL + lambda * L_NTP, each term normalised by its own
+RL pass (one microbatch per group of G responses: G rows of prompt + response, or with
+`rl_layout: shared_prefix` one row holding the prompt once, see model/shared_prefix.py):
+loss_func returns the policy-loss sum (plus beta times the KL sum) divided by the RL token (or
+sequence) count over all DP, known before the pass. With beta > 0 a forward-only pass of the
+frozen reference model over the same microbatches first gives log pi_ref of every response token
+on the last stage (`reference_logprobs`). Both passes write into the same DDP gradient buffers, so L = L_RL + lambda * L_NTP, each term normalised by its own
 global count. Gradients are finalised (DP all-reduce, tied-embedding sync) once, after both.
 """
 
@@ -22,11 +25,14 @@ import torch
 from megatron.core import parallel_state as ps
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.utils import unwrap_model
 
 from megatron_rmt import losses, parallel, platform, selection
 from megatron_rmt.build import Trainable
 from megatron_rmt.entropy import vocab_parallel_ce_entropy
-from megatron_rmt.model.logits import forward_logits
+from megatron_rmt.fused_linear import linear_ce_entropy
+from megatron_rmt.model.logits import forward_hidden, forward_logits
+from megatron_rmt.model.shared_prefix import block_mask, rope_at
 from megatron_rmt.problems import Problem, problems_from_selection
 
 
@@ -89,16 +95,32 @@ def ntp_pass(
     ntp_weight: float,
     chunk_tokens: int,
     on_chosen: Callable[[list[Problem]], None] | None = None,
+    fused_linear_chunk: int = 0,
 ) -> NTPOutcome:
     """Forward (and backward unless ntp_weight is 0) over the step's microbatches; returns, on
     every stage, the chosen problems and the NTP statistics (broadcast from the last stage).
-    `on_chosen` sees each microbatch's problems on the last stage as soon as they are chosen."""
+    `on_chosen` sees each microbatch's problems on the last stage as soon as they are chosen.
+    `fused_linear_chunk` > 0: the output projection is fused into the CE + entropy, that many
+    tokens at a time (fused_linear.py), so the logits never all exist."""
     outcome = NTPOutcome()
     forward_only = ntp_weight == 0.0
 
     def forward_step(data_iterator, model):
         batch = _on_device(next(data_iterator))
-        logits = forward_logits(model, batch["tokens"], batch["position_ids"])  # [b, s, v/tp]
+        ce_entropy = None
+        if fused_linear_chunk:
+            output, weight = forward_hidden(model, batch["tokens"], batch["position_ids"])
+            # The loss is ntp_weight x CE summed over the loss mask less C: the kernel makes the
+            # gradients of the mask in its forward and then corrects the few positions of C.
+            expected = None if forward_only else batch["loss_mask"]
+
+            def ce_entropy(hidden):  # [b, s, h] -> CE, entropy [b, s]
+                return linear_ce_entropy(
+                    hidden, weight, batch["labels"], tp_group=_tp_group(),
+                    chunk_tokens=fused_linear_chunk, expected_grad=expected,
+                )  # fmt: skip
+        else:
+            output = forward_logits(model, batch["tokens"], batch["position_ids"])  # [b, s, v/tp]
 
         def select(entropy):  # [b, s] -> C as a [b, s] bool mask; keeps C for the rollouts
             chosen, levels = _choose(batch, entropy, selector)
@@ -111,13 +133,14 @@ def ntp_pass(
             outcome.entropy_count += int(valid.sum())
             return chosen
 
-        return logits, losses.make_ntp_loss_func(
+        return output, losses.make_ntp_loss_func(
             batch["labels"],
             batch["loss_mask"],
             select,
             ntp_weight,
             tp_group=_tp_group(),
             chunk_tokens=chunk_tokens,
+            ce_entropy=ce_entropy,
         )
 
     reports = run_schedule(trainable.model, forward_step, microbatches, forward_only)
@@ -182,6 +205,22 @@ def position_ids(tokens: torch.Tensor) -> torch.Tensor:  # [g, s] -> [g, s]
     return torch.arange(s, device=tokens.device).expand(g, s)
 
 
+def rl_logits(model, batch: dict) -> torch.Tensor:
+    """The RL pass's forward of one microbatch: on the last stage the logits `[G, L, v/tp]`
+    that predict `batch["labels"]`, else the hidden states. Rows layout: every position of
+    every row. Shared-prefix layout (a batch with "segments", see problems.py): the group's row
+    under its block mask and RoPE positions, with logits only where a response label is."""
+    tokens = batch["tokens"]
+    if "segments" not in batch:
+        return forward_logits(model, tokens, position_ids(tokens))
+    mask = block_mask(batch["segments"])
+    with rope_at(model, batch["position_ids"]):
+        out = forward_logits(model, tokens, batch["position_ids"], mask, rows=batch["rows"])
+    if not unwrap_model(model).post_process:
+        return out
+    return out.reshape(*batch["labels"].shape, out.shape[-1])  # [1, G * L, v] -> [G, L, v]
+
+
 def reference_logprobs(
     reference: list, microbatches: list[dict], temperature: float, chunk_tokens: int
 ) -> list[torch.Tensor | None]:
@@ -203,7 +242,7 @@ def reference_logprobs(
             zero = torch.zeros((), device=logits.device)
             return zero, torch.ones((), dtype=torch.int), {"ref_logp": -token_loss}
 
-        return forward_logits(model, batch["tokens"], position_ids(batch["tokens"])), loss_func
+        return rl_logits(model, batch), loss_func
 
     with torch.no_grad():
         reports = run_schedule(reference, forward_step, microbatches, forward_only=True)
@@ -233,8 +272,7 @@ def rl_pass(
 
     def forward_step(data_iterator, model):
         batch = _on_device(next(data_iterator))
-        logits = forward_logits(model, batch["tokens"], position_ids(batch["tokens"]))
-        return logits, losses.make_rl_loss_func(
+        return rl_logits(model, batch), losses.make_rl_loss_func(
             batch["labels"],
             batch["old_logp"],
             batch["advantages"],

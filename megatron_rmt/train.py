@@ -239,8 +239,9 @@ def train_step(run: Run, t: int) -> dict:
     ntp_start = time.perf_counter()
     weight = ntp_weight(variant, r.ntp_weight)
     ntp = step.ntp_pass(
-        run.trainable, microbatches, selector, weight, r.entropy_chunk_tokens, rollouts.submit
-    )
+        run.trainable, microbatches, selector, weight, r.entropy_chunk_tokens, rollouts.submit,
+        fused_linear_chunk=r.fused_linear_chunk_tokens,
+    )  # fmt: skip
     ntp_time = time.perf_counter() - ntp_start
     requests = make_requests(ntp.problems, 0)
     rollout_start = time.perf_counter()
@@ -342,7 +343,11 @@ def rl_update(run: Run, requests, results, adv):
     """The GRPO pass over this replica's groups, normalised by the RL count over all replicas.
     Returns (outcome, that count, RL response tokens over all replicas)."""
     r = run.cfg.rmt
-    groups = problems.rl_microbatches(requests, results, adv, pad_id=run.tokenizer.eod)
+    layout = {
+        "rows": problems.rl_microbatches,
+        "shared_prefix": problems.shared_prefix_microbatches,
+    }
+    groups = layout[run.cfg.model.rl_layout](requests, results, adv, pad_id=run.tokenizer.eod)
     local_count = sum(float(losses.rl_count(g["resp_mask"], r.loss_aggregation)) for g in groups)
     local_tokens = sum(float(g["resp_mask"].sum()) for g in groups)
     total_count, rl_tokens = parallel.all_reduce_sum_dp([local_count, local_tokens])

@@ -21,6 +21,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_rmt import platform
 from megatron_rmt.config import ModelConfig
+from megatron_rmt.model.shared_prefix import with_masked_attention
 
 
 def te_available() -> bool:
@@ -40,13 +41,18 @@ def use_transformer_engine(m: ModelConfig) -> bool:
 
 
 def layer_spec(m: ModelConfig) -> ModuleSpec:
-    if use_transformer_engine(m):
+    te = use_transformer_engine(m)
+    if te:
         from megatron.core.models.gpt.gpt_layer_specs import (
             get_gpt_layer_with_transformer_engine_spec,
         )
 
-        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=m.qk_layernorm)
-    return get_gpt_layer_local_spec(qk_layernorm=m.qk_layernorm, normalization="RMSNorm")
+        spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=m.qk_layernorm)
+    else:
+        spec = get_gpt_layer_local_spec(qk_layernorm=m.qk_layernorm, normalization="RMSNorm")
+    if m.rl_layout == "shared_prefix":
+        spec = with_masked_attention(spec, te)
+    return spec
 
 
 def transformer_config(
