@@ -66,7 +66,9 @@ def _collect(procs, conns, deadline: float) -> tuple[dict, list[str]]:
                 ok, value = conn.recv()
             except EOFError:
                 procs[rank].join(timeout=5)
-                errors.append(f"rank {rank}: exited without reporting (exit code {procs[rank].exitcode})")
+                errors.append(
+                    f"rank {rank}: exited without reporting (exit code {procs[rank].exitcode})"
+                )
                 continue
             if ok:
                 results[rank] = pickle.loads(value)

@@ -7,8 +7,7 @@ import time
 
 import pytest
 import torch.distributed as dist
-
-from tests.distributed import spawn
+from distributed import spawn
 
 BOUND_S = 90  # generous for a loaded 2-core machine; without the checks these calls never return
 

@@ -21,7 +21,7 @@ import time
 
 import pytest
 import torch
-from conftest import GPT2, ROOT
+from conftest import GPT2, ROOT, missing
 from distributed import spawn
 
 from megatron_rmt import config, problems, step, train
@@ -90,7 +90,7 @@ class Server:
 def server(tmp_path_factory):
     python, reason = _vllm_python()
     if python is None:
-        pytest.skip(reason)
+        missing("vLLM", f"{reason} (`make vllm-venv` builds .venv-vllm)")
     model_dir = str(tmp_path_factory.mktemp("tiny_hf"))
     build_hf_model(model_dir, 50257)
     handle = start_server(model_dir, python=python)
