@@ -1,0 +1,82 @@
+"""One training step (`train.train_step`) of the tiny model from one initial checkpoint is the same
+step whatever the layout: two data-parallel replicas equal one process over the same global batch
+(NTP only, and with an RL part from scripted rollouts), and the default embedded rollout engine,
+sampling inside the step at TP 2 or PP 2, agrees with TP 1. Every rank's result is checked."""
+
+import pytest
+import torch
+from distributed import spawn
+from test_train import ScriptedEngine, _flags, save_initial
+
+from megatron_rmt import config, train
+
+COMPARED = ("ntp_loss", "rl_loss", "grad_norm", "reward", "entropy_all", "logprob_gap")
+COUNTED = ("ntp_tokens", "rl_positions", "rl_tokens", "rl_tokens_trained")
+
+
+def one_step(argv, scripted):
+    """Step 0: (metrics, rollouts as (prompt, responses, log-probs), update fingerprint)."""
+    run = train.setup(config.parse(argv))
+    if scripted:
+        run.engine = ScriptedEngine(run.tokenizer)
+    rollouts = []
+    sample = run.engine.generate
+
+    def recording_generate(requests):
+        results = sample(requests)
+        for req, res in zip(requests, results, strict=True):
+            rollouts.append((req.prompt_ids, res.responses, res.logprobs))
+        return results
+
+    run.engine.generate = recording_generate
+    params = [p for _, p in sorted(run.trainable.model[0].named_parameters())]
+    before = [p.detach().clone() for p in params]
+    metrics = train.train_step(run, 0)
+    return metrics, rollouts, _fingerprint(params, before)
+
+
+def _fingerprint(params, before) -> list[tuple[float, float]]:
+    """Per parameter: the update's norm and its projection on a fixed random direction."""
+    out = []
+    for i, (p, p0) in enumerate(zip(params, before, strict=True)):
+        delta = (p.detach() - p0).double()
+        direction = torch.randn(delta.shape, generator=torch.Generator().manual_seed(i))
+        out.append((float(delta.norm()), float((delta * direction).sum())))
+    return out
+
+
+@pytest.fixture(scope="module")
+def initial(tiny_corpus, tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("init"))
+    spawn(save_initial, 1, args=(_flags(tiny_corpus), path))
+    return path
+
+
+def _assert_same_metrics(got, ref, rank):
+    for key in COMPARED:
+        assert got[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-7), (rank, key)
+    for key in COUNTED:
+        assert got[key] == ref[key], (rank, key)
+
+
+@pytest.mark.parametrize("variant", ["ntp", "rmt"])
+def test_two_replicas_step_like_one_process(tiny_corpus, initial, variant):
+    """Global batch 4 in microbatches of 2: DP 1 runs both, each DP 2 replica one. Gradients
+    are summed over replicas and normalised by the global token and RL counts, so losses, grad
+    norm and the updated weights match within fp32 reduction order."""
+    argv = _flags(tiny_corpus, extra=["--load", initial, "--rmt-variant", variant])
+    (ref, ref_rollouts, ref_update) = spawn(one_step, 1, args=(argv, True))[0]
+    ranks = spawn(one_step, 2, args=(argv, True))
+    if variant == "rmt":  # the RL part really trains
+        assert ref["rl_tokens_trained"] > 0 and ref["rl_loss"] != 0
+    else:
+        assert ref["rl_positions"] == 0 and not ref_rollouts
+    # The two replicas chose the positions one process chose, half each.
+    assert sorted(r for _, rollouts, _ in ranks for r in rollouts) == sorted(ref_rollouts)
+    assert all(len(rollouts) == len(ref_rollouts) / 2 for _, rollouts, _ in ranks)
+    for rank, (metrics, _, update) in enumerate(ranks):
+        _assert_same_metrics(metrics, ref, rank)
+        assert len(update) == len(ref_update)
+        for (norm, proj), (ref_norm, ref_proj) in zip(update, ref_update, strict=True):
+            assert norm == pytest.approx(ref_norm, rel=1e-4, abs=1e-9), rank
+            assert proj == pytest.approx(ref_proj, rel=1e-3, abs=1e-6), rank
