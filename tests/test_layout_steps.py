@@ -59,14 +59,25 @@ def _assert_same_metrics(got, ref, rank):
         assert got[key] == ref[key], (rank, key)
 
 
+def ntp_and_rmt_steps(argv):
+    """Step 0 of plain NTP and of RMT (scripted rollouts), each from the initial weights."""
+    return {v: one_step([*argv, "--rmt-variant", v], True) for v in ("ntp", "rmt")}
+
+
+@pytest.fixture(scope="module")
+def data_parallel(tiny_corpus, initial):
+    """({variant: DP 1 result}, [{variant: result} of each DP 2 rank])."""
+    argv = _flags(tiny_corpus, extra=["--load", initial])
+    return spawn(ntp_and_rmt_steps, 1, args=(argv,))[0], spawn(ntp_and_rmt_steps, 2, args=(argv,))
+
+
 @pytest.mark.parametrize("variant", ["ntp", "rmt"])
-def test_two_replicas_step_like_one_process(tiny_corpus, initial, variant):
+def test_two_replicas_step_like_one_process(data_parallel, variant):
     """Global batch 4 in microbatches of 2: DP 1 runs both, each DP 2 replica one. Gradients
     are summed over replicas and normalised by the global token and RL counts, so losses, grad
     norm and the updated weights match within fp32 reduction order."""
-    argv = _flags(tiny_corpus, extra=["--load", initial, "--rmt-variant", variant])
-    (ref, ref_rollouts, ref_update) = spawn(one_step, 1, args=(argv, True))[0]
-    ranks = spawn(one_step, 2, args=(argv, True))
+    ref, ref_rollouts, ref_update = data_parallel[0][variant]
+    ranks = [by_variant[variant] for by_variant in data_parallel[1]]
     if variant == "rmt":  # the RL part really trains
         assert ref["rl_tokens_trained"] > 0 and ref["rl_loss"] != 0
     else:
