@@ -56,12 +56,22 @@ def config_dir():
     return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
-def _train(argv):
-    cfg = config.parse(argv)
+def _train(argv) -> list[dict]:
+    """train.main with the scripted engine; returns this rank's metrics of every step (only
+    rank 0 writes them to the metrics file)."""
+    tok = tokenizer_of(config.parse(argv).data)
+    rows, real_step = [], train.train_step
 
-    d = cfg.data
-    tok = tokenizer_of(d)
-    train.main(argv, engine=ScriptedEngine(tok))
+    def recording_step(run, t):
+        rows.append(real_step(run, t))
+        return rows[-1]
+
+    train.train_step = recording_step
+    try:
+        train.main(argv, engine=ScriptedEngine(tok))
+    finally:
+        train.train_step = real_step
+    return rows
 
 
 def _read(path):
@@ -81,11 +91,21 @@ def initial(tiny_corpus, tmp_path_factory):
     return path
 
 
+LAYOUT_KEYS = ("ntp_loss", "rl_loss", "grad_norm", "reward", "entropy_all")
+
+
 def _layout_metrics(corpus, initial, tmp, tp, pp):
+    """The metrics file's rows, after checking that every rank computed those same metrics."""
     metrics = str(tmp / f"tp{tp}pp{pp}.jsonl")
     argv = _flags(corpus, tp, pp, extra=["--load", initial, "--metrics-file", metrics])
-    spawn(_train, tp * pp, tp=tp, pp=pp, args=(argv,))
-    return _read(metrics)
+    ranks = spawn(_train, tp * pp, tp=tp, pp=pp, args=(argv,))
+    logged = _read(metrics)
+    for rank, rows in enumerate(ranks):
+        assert len(rows) == len(logged), rank
+        for got, row in zip(rows, logged, strict=True):
+            for key in LAYOUT_KEYS:
+                assert got[key] == pytest.approx(row[key], rel=1e-6, abs=1e-9), (rank, key)
+    return logged
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +121,7 @@ def reference(tiny_corpus, initial, tmp_path_factory):
 def test_rmt_steps_agree_across_layouts(tiny_corpus, initial, reference, tmp_path, tp, pp):
     got = _layout_metrics(tiny_corpus, initial, tmp_path, tp, pp)
     for a, b in zip(got, reference, strict=True):
-        for key in ("ntp_loss", "rl_loss", "grad_norm", "reward", "entropy_all"):
+        for key in LAYOUT_KEYS:
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
 
 
