@@ -310,7 +310,8 @@ def test_rmt_run_survives_a_server_crash_and_recovers(server, tiny_corpus, tmp_p
     metrics = str(tmp_path / "m.jsonl")
     argv = _flags(tiny_corpus, ["--train-iters", "5", "--metrics-file", metrics])
     args = (argv, str(tmp_path / "sync"), server.pid, server.model_dir, server.python, server.port)
-    server.pid = spawn(rmt_run_with_faults, 1, args=args)[0]  # the restarted server, for teardown
+    # Restarts the server inside the run: more than spawn's default bound on a loaded machine.
+    server.pid = spawn(rmt_run_with_faults, 1, args=args, timeout=900)[0]  # restarted, for teardown
     with open(metrics) as fh:
         rows = [json.loads(line) for line in fh]
     assert [m["step"] for m in rows] == [0, 1, 2, 3, 4]
@@ -415,7 +416,7 @@ def test_rmt_run_with_two_replicas(server, tiny_corpus, tmp_path, tp):
         "--train-iters", str(steps), "--metrics-file", metrics, "--rollout-url", server.url,
         "--weight-sync-dir", sync_dir, "--tensor-model-parallel-size", str(tp),
     ])  # fmt: skip
-    ranks = spawn(rmt_run_data_parallel, 2 * tp, tp=tp, args=(argv,))
+    ranks = spawn(rmt_run_data_parallel, 2 * tp, tp=tp, args=(argv,), timeout=600)
     _check_data_parallel_run(ranks, metrics, sync_dir, steps, dp=2)
 
 
