@@ -40,28 +40,29 @@ def spawn(
         conns.append(receiver)
         procs[-1].start()
         sender.close()  # the child holds the only writer: its death reads as end-of-file here
+    results, errors, pending = {}, [], set(range(world_size))
     try:
-        results, errors = _collect(procs, conns, time.monotonic() + timeout)
+        _collect(procs, conns, time.monotonic() + timeout, results, errors, pending)
     finally:
-        _stop(procs)
+        _stop(procs, pending)
     if errors:
         states = ", ".join(f"rank {r}: exit code {p.exitcode}" for r, p in enumerate(procs))
         raise RuntimeError(f"distributed worker failed ({states})\n" + "\n".join(errors))
     return [results[r] for r in range(world_size)]
 
 
-def _collect(procs, conns, deadline: float) -> tuple[dict, list[str]]:
-    """Read each rank's report until all are in, one rank failed (plus a grace for the others to
-    report too), or the deadline passed; a rank that ends without a report counts as failed."""
-    results, errors, pending = {}, [], dict(enumerate(conns))
+def _collect(procs, conns, deadline: float, results: dict, errors: list, pending: set) -> None:
+    """Read each rank's report (into `results` or `errors`, removing it from `pending`) until all
+    are in, one rank failed (plus a grace for the others to report too), or the deadline passed;
+    a rank that ends without a report counts as failed."""
     while pending:
         left = deadline - time.monotonic()
         if left <= 0:
             errors.append(f"ranks {sorted(pending)} had not reported when the wait ended")
             break
-        for conn in wait(list(pending.values()), timeout=left):
+        for conn in wait([conns[r] for r in pending], timeout=left):
             rank = conns.index(conn)
-            del pending[rank]
+            pending.discard(rank)
             try:
                 ok, value = conn.recv()
             except EOFError:
@@ -76,14 +77,14 @@ def _collect(procs, conns, deadline: float) -> tuple[dict, list[str]]:
                 errors.append(f"rank {rank}:\n{value}")
             if errors:  # the rest may be stuck in a collective waiting for the failed rank
                 deadline = min(deadline, time.monotonic() + GRACE_S)
-    return results, errors
 
 
-def _stop(procs) -> None:
-    """Join every worker; terminate, then kill, those still running after a short wait."""
+def _stop(procs, pending: set) -> None:
+    """Let the workers that reported exit (a short wait); terminate, then kill, the rest."""
     deadline = time.monotonic() + GRACE_S
-    for p in procs:
-        p.join(timeout=max(0.0, deadline - time.monotonic()))
+    for rank, p in enumerate(procs):
+        if rank not in pending:
+            p.join(timeout=max(0.0, deadline - time.monotonic()))
     for p in procs:
         if p.is_alive():
             p.terminate()
