@@ -29,7 +29,7 @@ TEST_NEEDS := venv vllm-venv
 
 STAMP := .installed
 VLLM_PYTHON := $(abspath $(VLLM_VENV))/bin/python
-# The vLLM tests start their server from this interpreter (they skip, saying so, without it).
+# The vLLM tests start their server from this interpreter.
 RUN_ENV := . $(VENV)/bin/activate && export MEGATRON_RMT_VLLM_PYTHON=$(VLLM_PYTHON) &&
 
 .PHONY: main test venv vllm-venv clean-venvs
@@ -37,9 +37,10 @@ RUN_ENV := . $(VENV)/bin/activate && export MEGATRON_RMT_VLLM_PYTHON=$(VLLM_PYTH
 main: $(MAIN_NEEDS)
 	$(RUN_ENV) bash examples/rmt_tiny_cpu.sh $(ARGS)
 
-# pytest's exit code 5 (no tests selected, e.g. with -k) counts as success.
+# pytest's exit code 5 (no tests selected, e.g. with -k) counts as success. MEGATRON_RMT_REQUIRE_ALL=1:
+# a test whose prerequisite (vLLM, an asset) is missing fails instead of skipping (tests/conftest.py).
 test: $(TEST_NEEDS)
-	@$(RUN_ENV) { python -m pytest $(PYTEST_ARGS); rc=$$?; \
+	@$(RUN_ENV) export MEGATRON_RMT_REQUIRE_ALL=1 && { python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest selected no tests"; rc=0; fi; exit $$rc; }
 
 venv: $(VENV)/$(STAMP)

@@ -214,8 +214,8 @@ def layouts(work):
     merged = {}
     for name in ("tp1", "tp2", "pp2"):  # each layout's logits live on its last stage's TP rank 0
         have = [r[name] for r in ranks if r[name]["qwen3"] is not None]
-        assert len(have) == 1 or name == "tp1", name  # TP1 runs as two identical replicas
-        merged[name] = have[0]
+        assert len(have) == (2 if name == "tp1" else 1), name  # TP1 runs as two replicas
+        merged[name] = have
     return merged
 
 
@@ -226,10 +226,11 @@ def layout(request, layouts):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_logits_match_transformers(work, layout, family):
-    name, logits = layout
-    got = logits[family]
-    assert got.shape == (BATCH, SEQ, 256), name
-    torch.testing.assert_close(got[..., :VOCAB], work["reference"][family], atol=1e-4, rtol=0)
+    name, per_rank = layout
+    for logits in per_rank:  # both replicas at TP1
+        got = logits[family]
+        assert got.shape == (BATCH, SEQ, 256), name
+        torch.testing.assert_close(got[..., :VOCAB], work["reference"][family], atol=1e-4, rtol=0)
 
 
 def _safetensors(folder: str) -> dict:
@@ -283,12 +284,13 @@ def test_checkpoint_directory_is_what_the_trainer_reads(work, layouts):
 
 
 def test_failure_leaves_no_output_and_shapes_are_named(work, layouts):
-    broken, mismatch = layouts["tp1"]["failures"]
-    assert "simulated read error" in broken
+    for replica in layouts["tp1"]:
+        broken, mismatch = replica["failures"]
+        assert "simulated read error" in broken
+        assert "self_attn.o_proj.weight" in mismatch and "(128, 64)" in mismatch
+        assert "(64, 128)" in mismatch
     out = os.path.join(work["root"], "failed")
     assert not os.path.exists(out) and not os.path.exists(out + ".partial")
-    assert "self_attn.o_proj.weight" in mismatch and "(128, 64)" in mismatch
-    assert "(64, 128)" in mismatch
 
 
 # ----------------------------------------------------------------------------------------------

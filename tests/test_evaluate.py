@@ -188,20 +188,21 @@ def layout_build_and_run(tmp, tp, pp):
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (1, 1)], ids=["tp2", "pp2", "dp2"])
 def test_two_ranks_equal_one(built, ntp_tp1, tp, pp):
     """build-set and run on 2 ranks (TP=2, PP=2, or two data-parallel replicas that split the
-    positions) give the set and results of one process."""
+    positions) give the set and results of one process, and every rank returns those results."""
     tmp = built[0]
-    (argmax_ok, results), _ = spawn(layout_build_and_run, 2, tp=tp, pp=pp, args=(str(tmp), tp, pp))
-    assert argmax_ok
+    ranks = spawn(layout_build_and_run, 2, tp=tp, pp=pp, args=(str(tmp), tp, pp))
     _, p1 = evalset.read_set(f"{tmp}/set.jsonl")
     _, p2 = evalset.read_set(f"{tmp}/set_tp{tp}pp{pp}.jsonl")
     assert [(p.doc, p.offset, p.level) for p in p2] == [(p.doc, p.offset, p.level) for p in p1]
     assert [p.entropy for p in p2] == pytest.approx([p.entropy for p in p1], rel=1e-4)
     reference = ntp_tp1[1]
-    for setting in ("ntp", "ntr"):
-        for name in (*LEVELS, "all"):
-            a, b = results[setting][name], reference[setting][name]
-            for key, value in b.items():
-                assert a[key] == pytest.approx(value, rel=1e-4), (setting, name, key)
+    for rank, (argmax_ok, results) in enumerate(ranks):
+        assert argmax_ok, rank
+        for setting in ("ntp", "ntr"):
+            for name in (*LEVELS, "all"):
+                a, b = results[setting][name], reference[setting][name]
+                for key, value in b.items():
+                    assert a[key] == pytest.approx(value, rel=1e-4), (rank, setting, name, key)
 
 
 class ScriptedEngine:

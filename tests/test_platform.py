@@ -5,11 +5,16 @@ import sys
 
 import pytest
 import torch
+from conftest import missing
 
 import megatron_rmt  # noqa: F401  (activates the layer on this CPU machine)
 from megatron_rmt import platform
 
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only path")
+
+@pytest.fixture(scope="module", autouse=True)
+def _cpu_only():
+    if torch.cuda.is_available():
+        missing("a machine without CUDA", "these check the CPU-only path", ci_has_it=False)
 
 
 def test_cuda_placements_become_cpu():

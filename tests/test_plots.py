@@ -5,10 +5,13 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import require_module
 
-pytest.importorskip(
-    "matplotlib", reason="matplotlib is not installed (`make venv` installs it into .venv)"
-)
+
+@pytest.fixture(scope="module", autouse=True)
+def _matplotlib():
+    require_module("matplotlib", "`make venv` installs it into .venv")
+
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+from conftest import missing
 
 from megatron_rmt.prompts import (
     build_prompt_ids,
@@ -19,7 +20,7 @@ QWEN3 = Path(__file__).resolve().parents[1] / "../shared/assets/tokenizers/qwen3
 @pytest.fixture(scope="module")
 def qwen3():
     if not QWEN3.exists():
-        pytest.skip(f"Qwen3 tokenizer not found at {QWEN3}")
+        missing(f"the Qwen3 tokenizer {QWEN3}", "check out ../shared beside the project")
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(QWEN3)

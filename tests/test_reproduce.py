@@ -11,16 +11,20 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import GPT2
+from conftest import GPT2, missing, require_module
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ["ntp", "rpt", "rmt", "no_dtb", "no_cas", "no_ntp"]
 STEPS, WARMUP_STEPS = 2, 3
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(sys.platform != "linux", reason="bash script, tested on Linux"),
-]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _linux():
+    if sys.platform != "linux":
+        missing("Linux", "the script is bash, tested on Linux")
+
 
 # As small as the cold start goes: 8 positions per level of 10 documents, one pass.
 COLDSTART = """\
@@ -40,7 +44,7 @@ coldstart:
 @pytest.fixture(scope="module")
 def reproduced(tmp_path_factory):
     """Runs the script once; returns (OUT, its output)."""
-    pytest.importorskip("matplotlib", reason="the script's plots need matplotlib")
+    require_module("matplotlib", "the script's plots need it; `make venv` installs it into .venv")
     tmp = tmp_path_factory.mktemp("reproduce")
     coldstart = tmp / "coldstart.yaml"
     coldstart.write_text(COLDSTART)

@@ -112,6 +112,18 @@ def test_uniform_mode_caps_at_k_over_all_candidates():
         select_positions(levels, "all", (1.0, 0.0, 0.0), 4, gen())  # RPT: rpt_positions
 
 
+@pytest.mark.parametrize("units", [None, "document"])
+def test_uniform_ignores_the_levels_that_cas_follows(units):
+    # Every unit: one easy candidate, three hard ones, one non-candidate; p wants easy only.
+    levels = torch.tensor([[0, 2, 2, 2, NOT_CANDIDATE]]).repeat(4000, 1)
+    ids = unit_ids(torch.arange(1, 6).repeat(4000, 1), "document") if units else None
+    p = (1.0, 0.0, 0.0)
+    uniform = select_positions(levels, "uniform", p, 1, gen(8), ids).float().mean(dim=0)
+    cas = select_positions(levels, "curriculum", p, 1, gen(8), ids).float().mean(dim=0)
+    assert uniform[:4].tolist() == pytest.approx([0.25] * 4, abs=0.03) and uniform[4] == 0
+    assert cas.tolist() == [1, 0, 0, 0, 0]
+
+
 # Two rows: row 0 packs documents A (0..3), B (4..8, after the EOD at 3), C (9..11);
 # row 1 is one document (a piece that began in an earlier window).
 TOKENS = torch.tensor([[5, 6, 7, EOD, 8, 9, 4, 3, EOD, 6, 7, 8], [9] * 12])

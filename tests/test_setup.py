@@ -9,10 +9,16 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import missing
 
 REPO = Path(__file__).resolve().parents[1]
 
-pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="GNU make is not installed")
+
+@pytest.fixture(scope="module", autouse=True)
+def _make():
+    if shutil.which("make") is None:
+        missing("GNU make", "install it (the README's commands and CI run through make)")
+
 
 # `FAKEPY -m venv DIR` makes DIR/bin/{python,activate}; that python logs `-m pip ...` (failing
 # when the arguments contain $FAIL_ON) and `-m pytest ...` (exiting with $PYTEST_RC).
@@ -38,7 +44,7 @@ if [ "$1 $2" = "-m pip" ]; then
 fi
 if [ "$1 $2" = "-m pytest" ]; then
   shift 2
-  echo "$venv pytest $* vllm=$MEGATRON_RMT_VLLM_PYTHON" >> "$LOG"
+  echo "$venv pytest $* vllm=$MEGATRON_RMT_VLLM_PYTHON require_all=$MEGATRON_RMT_REQUIRE_ALL" >> "$LOG"
   exit "${PYTEST_RC:-0}"
 fi
 exit 3
@@ -75,6 +81,7 @@ def run(checkout, *args, cmd=("make",), **env):
     full = {k: v for k, v in os.environ.items() if k not in MAKE_ENV}
     full.update(PYTHON=str(fake), LOG=str(log), **env)
     full.pop("MEGATRON_RMT_VLLM_PYTHON", None)
+    full.pop("MEGATRON_RMT_REQUIRE_ALL", None)  # CI sets it; here only the Makefile may
     proc = subprocess.run([*cmd, *args], cwd=root, env=full, capture_output=True, text=True)
     lines = log.read_text().splitlines() if log.exists() else []
     log.unlink(missing_ok=True)
@@ -100,13 +107,15 @@ def test_make_test_installs_both_venvs_once_then_runs_pytest(checkout):
     root = checkout[0]
     proc, lines = run(checkout, "test")
     assert proc.returncode == 0, proc.stderr
-    pytest_line = f".venv pytest -q tests vllm={root}/.venv-vllm/bin/python"
+    pytest_line = f".venv pytest -q tests vllm={root}/.venv-vllm/bin/python require_all=1"
     assert lines == TRAINER_INSTALL + VLLM_INSTALL + [pytest_line]
     assert (root / ".venv" / ".installed").exists()
     assert (root / ".venv-vllm" / ".installed").exists()
     proc, lines = run(checkout, "test", "PYTEST_ARGS=-q tests/test_x.py")
     assert proc.returncode == 0, proc.stderr
-    assert lines == [f".venv pytest -q tests/test_x.py vllm={root}/.venv-vllm/bin/python"]
+    assert lines == [
+        f".venv pytest -q tests/test_x.py vllm={root}/.venv-vllm/bin/python require_all=1"
+    ]
 
 
 def test_make_main_needs_only_the_trainer_venv(checkout):
@@ -148,10 +157,12 @@ def test_ci_run_is_make_test_and_no_tests_selected_passes(checkout, pytest_rc, e
     root = checkout[0]
     proc, lines = run(checkout, cmd=(str(root / ".ci" / "run"),), PYTEST_RC=str(pytest_rc))
     assert proc.returncode == expected, proc.stdout + proc.stderr
-    assert lines[-1] == f".venv pytest -q tests vllm={root}/.venv-vllm/bin/python"
+    assert lines[-1] == f".venv pytest -q tests vllm={root}/.venv-vllm/bin/python require_all=1"
     assert ("pytest selected no tests" in proc.stdout) == (pytest_rc == 5)
     _, lines = run(checkout, "-q", "tests/test_x.py", cmd=(str(root / ".ci" / "run"),))
-    assert lines == [f".venv pytest -q tests/test_x.py vllm={root}/.venv-vllm/bin/python"]
+    assert lines == [
+        f".venv pytest -q tests/test_x.py vllm={root}/.venv-vllm/bin/python require_all=1"
+    ]
 
 
 def test_readme_start_here_is_two_make_commands():

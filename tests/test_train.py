@@ -56,12 +56,22 @@ def config_dir():
     return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
-def _train(argv):
-    cfg = config.parse(argv)
+def _train(argv) -> list[dict]:
+    """train.main with the scripted engine; returns this rank's metrics of every step (only
+    rank 0 writes them to the metrics file)."""
+    tok = tokenizer_of(config.parse(argv).data)
+    rows, real_step = [], train.train_step
 
-    d = cfg.data
-    tok = tokenizer_of(d)
-    train.main(argv, engine=ScriptedEngine(tok))
+    def recording_step(run, t):
+        rows.append(real_step(run, t))
+        return rows[-1]
+
+    train.train_step = recording_step
+    try:
+        train.main(argv, engine=ScriptedEngine(tok))
+    finally:
+        train.train_step = real_step
+    return rows
 
 
 def _read(path):
@@ -81,11 +91,21 @@ def initial(tiny_corpus, tmp_path_factory):
     return path
 
 
+LAYOUT_KEYS = ("ntp_loss", "rl_loss", "grad_norm", "reward", "entropy_all")
+
+
 def _layout_metrics(corpus, initial, tmp, tp, pp):
+    """The metrics file's rows, after checking that every rank computed those same metrics."""
     metrics = str(tmp / f"tp{tp}pp{pp}.jsonl")
     argv = _flags(corpus, tp, pp, extra=["--load", initial, "--metrics-file", metrics])
-    spawn(_train, tp * pp, tp=tp, pp=pp, args=(argv,))
-    return _read(metrics)
+    ranks = spawn(_train, tp * pp, tp=tp, pp=pp, args=(argv,))
+    logged = _read(metrics)
+    for rank, rows in enumerate(ranks):
+        assert len(rows) == len(logged), rank
+        for got, row in zip(rows, logged, strict=True):
+            for key in LAYOUT_KEYS:
+                assert got[key] == pytest.approx(row[key], rel=1e-6, abs=1e-9), (rank, key)
+    return logged
 
 
 @pytest.fixture(scope="module")
@@ -101,25 +121,59 @@ def reference(tiny_corpus, initial, tmp_path_factory):
 def test_rmt_steps_agree_across_layouts(tiny_corpus, initial, reference, tmp_path, tp, pp):
     got = _layout_metrics(tiny_corpus, initial, tmp_path, tp, pp)
     for a, b in zip(got, reference, strict=True):
-        for key in ("ntp_loss", "rl_loss", "grad_norm", "reward", "entropy_all"):
+        for key in LAYOUT_KEYS:
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
 
 
 def variants_one_step(argv_base):
+    """Step 0 of each variant from the same weights: its metrics plus the levels of the
+    positions it chose."""
     out = {}
+    real_pass = step.ntp_pass
     for variant in ("rmt", "no_dtb", "no_cas", "no_ntp", "rpt", "ntp"):
         cfg = config.parse([*argv_base, "--rmt-variant", variant])
         run = train.setup(cfg)
         run.engine = ScriptedEngine(run.tokenizer)
-        out[variant] = train.train_step(run, 0)
+        levels = []
+        step.ntp_pass = _recording_levels(real_pass, levels)
+        try:
+            out[variant] = {**train.train_step(run, 0), "levels": levels}
+        finally:
+            step.ntp_pass = real_pass
     return out
 
 
-def test_variant_switches(tiny_corpus, tmp_path):
-    m = spawn(variants_one_step, 1, args=(_flags(tiny_corpus),))[0]
+def _recording_levels(ntp_pass, levels: list):
+    """ntp_pass that also appends the level of every chosen position to `levels`."""
+
+    def recording_pass(*args, **kwargs):
+        outcome = ntp_pass(*args, **kwargs)
+        levels.extend(p.level for p in outcome.problems)
+        return outcome
+
+    return recording_pass
+
+
+def test_variant_switches(tiny_corpus, initial):
+    # Every variant starts from the same weights. Levels from per-microbatch entropy quantiles
+    # (every level has candidates in every window) and a curriculum that wants hard positions
+    # only: CAS and uniform choices differ.
+    quantile_hard = ["--bucket-mode", "quantile", "--curriculum-start", "0", "0", "1"]
+    flags = _flags(tiny_corpus, extra=["--load", initial, *quantile_hard])
+    m = spawn(variants_one_step, 1, args=(flags,))[0]
     windows = 4 * 128
     for v in ("rmt", "no_dtb", "no_cas", "no_ntp"):
         assert m[v]["rl_positions"] == 4, v  # one position per window (tiny_cpu.yaml)
+    # CAS draws the level first: only hard positions; without CAS (uniform over all candidates,
+    # 4 of 5 of which are not hard at these quantiles) the draw lands elsewhere.
+    for v in ("rmt", "no_dtb", "no_ntp"):
+        assert m[v]["levels"] == [2, 2, 2, 2], v
+    assert m["no_cas"]["levels"] != [2, 2, 2, 2] and set(m["no_cas"]["levels"]) <= {0, 1, 2}
+    assert m["no_cas"]["entropy_chosen"] < m["rmt"]["entropy_chosen"]
+    # Without NTP the same positions, rollouts and RL loss; only the lambda * NTP gradient is gone.
+    for key in ("ntp_loss", "rl_loss", "reward", "ntp_tokens"):
+        assert m["no_ntp"][key] == pytest.approx(m["rmt"][key], rel=1e-6), key
+    assert abs(m["no_ntp"]["grad_norm"] - m["rmt"]["grad_norm"]) > 1e-3 * m["rmt"]["grad_norm"]
     # RPT: every candidate its entropy filter keeps (a random model is uncertain everywhere).
     assert m["rpt"]["rl_positions"] > 4 * 50
     assert m["ntp"]["rl_positions"] == 0 and m["ntp"]["rl_tokens"] == 0

@@ -1,0 +1,60 @@
+"""tests/distributed.py itself: a dead or hung worker fails the caller within a bound, naming the
+ranks' exit codes, instead of hanging the suite (its other ranks wait in a collective forever)."""
+
+import os
+import signal
+import time
+
+import pytest
+import torch.distributed as dist
+from distributed import spawn
+
+# Generous: starting two workers alone can take a minute on a loaded 2-core machine. Without the
+# harness's checks these calls never return.
+BOUND_S = 180
+
+
+def die_on_rank_one(how: str) -> int:
+    if dist.get_rank() == 1:
+        if how == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        os._exit(3)
+    dist.barrier()  # rank 0 waits here for the dead rank: only the harness can end it
+    return 0
+
+
+def raise_on_rank_one() -> int:
+    if dist.get_rank() == 1:
+        raise ValueError("rank one's assertion")
+    dist.barrier()
+    return 0
+
+
+def sleep_forever() -> None:
+    while True:
+        time.sleep(1)
+
+
+@pytest.mark.parametrize("how, code", [("kill", -signal.SIGKILL), ("exit", 3)])
+def test_a_worker_that_dies_fails_the_call_with_its_exit_code(how, code):
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="exited without reporting") as raised:
+        spawn(die_on_rank_one, 2, args=(how,))
+    assert time.monotonic() - start < BOUND_S
+    assert f"rank 1: exit code {code}" in str(raised.value)
+    assert "rank 0: exit code" in str(raised.value)  # the waiting rank was ended, not left behind
+
+
+def test_a_failing_rank_ends_its_waiting_peers():
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="rank one's assertion") as raised:
+        spawn(raise_on_rank_one, 2)
+    assert time.monotonic() - start < BOUND_S
+    assert f"rank 0: exit code {-signal.SIGTERM}" in str(raised.value)  # ended by the harness
+
+
+def test_a_hung_worker_fails_the_call_at_its_timeout():
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"ranks \[0\] had not reported"):
+        spawn(sleep_forever, 1, timeout=3)
+    assert time.monotonic() - start < BOUND_S
