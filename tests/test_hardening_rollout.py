@@ -24,6 +24,7 @@ import urllib.request
 import psutil
 import pytest
 import torch
+from conftest import missing
 from distributed import spawn
 from test_serve import launched, wait_group_gone
 from test_train import ScriptedEngine, _flags
@@ -281,7 +282,7 @@ ROUTES = [
 def test_api_key_guards_every_route_of_a_real_server(tmp_path):
     python, reason = _vllm_python()
     if python is None:
-        pytest.skip(reason)
+        missing("vLLM", f"{reason} (`make vllm-venv` builds .venv-vllm)")
     model_dir, key = str(tmp_path / "tiny_hf"), "test-key-0123"
     build_hf_model(model_dir, SERVED_VOCAB)
     args = ["--model", model_dir, "--python", python, "--api-key", key, "--startup-timeout", "300"]

@@ -17,6 +17,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from conftest import missing
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 from tokenizers import Tokenizer
 
@@ -29,9 +30,13 @@ GPT2 = os.path.join(ASSETS, "tokenizers", "gpt2")
 MATH_TRAIN = os.path.join(ASSETS, "math", "math_train.jsonl")
 SCRIPT = os.path.join(REPO, "tools", "preprocess_data.py")
 GPT2_BUNDLED = os.path.join(REPO, "corpus", "gpt2_tokenizer")
-needs_assets = pytest.mark.skipif(
-    not os.path.isdir(QWEN3), reason="needs ../shared/assets (tokenizers, MATH)"
-)
+
+
+@pytest.fixture
+def assets():
+    """../shared/assets (tokenizers, MATH), or `missing`."""
+    if not os.path.isdir(QWEN3):
+        missing(f"the shared assets {ASSETS}", "check out ../shared beside the project")
 
 _spec = importlib.util.spec_from_file_location("preprocess_data", SCRIPT)
 preprocess_data = importlib.util.module_from_spec(_spec)
@@ -54,7 +59,7 @@ def good(text: str) -> bytes:
     return json.dumps({"text": text}).encode()
 
 
-@needs_assets
+@pytest.mark.usefixtures("assets")
 def test_math_train_reads_back_token_for_token(tmp_path):
     """The full MATH training file, two keys, two workers (the ordered multiprocess path)."""
     stats = run(
@@ -83,7 +88,7 @@ BAD_LINES = {
 }
 
 
-@needs_assets
+@pytest.mark.usefixtures("assets")
 @pytest.mark.parametrize("problem", list(BAD_LINES))
 def test_bad_line_stops_with_location_and_leaves_nothing(tmp_path, problem):
     lines = [good("first"), good("second"), BAD_LINES[problem], good("fourth")]
@@ -95,7 +100,7 @@ def test_bad_line_stops_with_location_and_leaves_nothing(tmp_path, problem):
     assert os.listdir(out) == []  # neither final nor temporary files
 
 
-@needs_assets
+@pytest.mark.usefixtures("assets")
 def test_bad_line_found_by_a_worker_also_stops(tmp_path):
     lines = [good(f"document {i}") for i in range(300)]
     lines[250] = BAD_LINES["invalid UTF-8"]
@@ -105,7 +110,7 @@ def test_bad_line_found_by_a_worker_also_stops(tmp_path):
     assert os.listdir(tmp_path / "out") == []
 
 
-@needs_assets
+@pytest.mark.usefixtures("assets")
 def test_skip_bad_lines_counts_and_keeps_the_rest(tmp_path, capsys):
     texts = ["alpha beta", "gamma", "delta epsilon zeta"]
     lines = [good(texts[0]), *BAD_LINES.values(), b"", good(texts[1]), good(texts[2])]
@@ -118,7 +123,7 @@ def test_skip_bad_lines_counts_and_keeps_the_rest(tmp_path, capsys):
     assert [ds[i].tolist() for i in range(len(ds))] == [tok.encode(t) + [tok.eod] for t in texts]
 
 
-@needs_assets
+@pytest.mark.usefixtures("assets")
 def test_ctrl_c_in_process_leaves_nothing(tmp_path, monkeypatch):
     path = write_lines(tmp_path / "in.jsonl", [good(f"doc {i}") for i in range(400)])
     original = preprocess_data.DocumentEncoder.encode_line
@@ -136,7 +141,7 @@ def test_ctrl_c_in_process_leaves_nothing(tmp_path, monkeypatch):
     assert os.listdir(tmp_path / "out") == []
 
 
-@needs_assets
+@pytest.mark.usefixtures("assets")
 def test_sigint_with_workers_leaves_nothing(tmp_path):
     """A real Ctrl-C (SIGINT) while two workers are busy on ~11 MB of MATH text."""
     folder = tmp_path / "inputs"
@@ -159,7 +164,7 @@ def test_sigint_with_workers_leaves_nothing(tmp_path):
     assert os.listdir(out) == []
 
 
-@needs_assets
+@pytest.mark.usefixtures("assets")
 def test_inputs_as_gzip_directory_and_glob_match_plain_file(tmp_path):
     lines = [good(f"Question: {i} + {i}?\nAnswer: {2 * i}.") for i in range(50)]
     plain = write_lines(tmp_path / "a.jsonl", lines[:30])
@@ -180,7 +185,7 @@ def test_inputs_as_gzip_directory_and_glob_match_plain_file(tmp_path):
     assert all(np.array_equal(glob_ds[i], dir_ds[i]) for i in range(50))
 
 
-@needs_assets
+@pytest.mark.usefixtures("assets")
 @pytest.mark.parametrize("keep_newlines", [False, True])
 def test_split_sentences(tmp_path, monkeypatch, keep_newlines):
     import nltk
@@ -202,7 +207,7 @@ def test_split_sentences(tmp_path, monkeypatch, keep_newlines):
     assert ds.document_indices.tolist() == [0, 3]  # one document of three sentences
 
 
-@needs_assets
+@pytest.mark.usefixtures("assets")
 def test_split_sentences_without_punkt_names_the_fix(tmp_path, monkeypatch):
     import nltk
 
@@ -212,7 +217,7 @@ def test_split_sentences_without_punkt_names_the_fix(tmp_path, monkeypatch):
         run(path, tmp_path / "s", "--split-sentences")
 
 
-@needs_assets
+@pytest.mark.usefixtures("assets")
 def test_gpt2_bpe_matches_known_ids_and_uses_uint16(tmp_path):
     tok = build_tokenizer(
         "GPT2BPETokenizer",
@@ -234,7 +239,7 @@ def test_gpt2_bpe_matches_known_ids_and_uses_uint16(tmp_path):
     assert ds.index.dtype == np.uint16 and ds[0].tolist() == [15496, 995, 50256]
 
 
-@needs_assets
+@pytest.mark.usefixtures("assets")
 def test_tokenizer_decode_and_chat_template():
     tok = build_tokenizer("HuggingFaceTokenizer", QWEN3)
     ids = tok.encode("The answer is 42.")
@@ -249,7 +254,7 @@ def test_tokenizer_decode_and_chat_template():
     assert tok.token_text(prompt[0]) == "<|im_start|>"  # a special token, not its spelling
 
 
-@needs_assets
+@pytest.mark.usefixtures("assets")
 def test_eod_token_ours_or_megatron_lms_and_the_trainer_must_agree(tmp_path):
     """Default EOD is <|endoftext|>; --eod-token eos appends what Megatron-LM's tokenizer calls
     EOD (its HuggingFaceTokenizer.eod, the eos_token <|im_end|>); a trainer with the other EOD
