@@ -68,7 +68,7 @@ class ModelConfig:
     transformer_impl: str = _f(
         "auto", "layer implementation", ("auto", "local", "transformer_engine")
     )
-    # issue 14: how the RL pass lays out a group (model/shared_prefix.py)
+    # How the RL pass lays out a group (model/shared_prefix.py)
     rl_layout: str = _f(
         "rows",
         "RL pass layout: rows (prompt + response per row) or shared_prefix (one row per group, "
@@ -175,7 +175,7 @@ class RMTConfig:
     rpt_entropy_threshold: float = _f(0.5, "RPT: train on every candidate with entropy >= this")
     rpt_max_positions: int = _f(0, "RPT: at most this many positions per position_unit (0: all)")
     entropy_chunk_tokens: int = _f(1024, "tokens per chunk of the fused CE+entropy")
-    # issue 14: the output projection fused into the NTP pass's CE + entropy (fused_linear.py)
+    # The output projection fused into the NTP pass's CE + entropy (fused_linear.py)
     fused_linear_chunk_tokens: int = _f(
         0,
         "NTP pass: project, CE and entropy this many tokens at a time, never holding the whole "
