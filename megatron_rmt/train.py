@@ -320,7 +320,9 @@ def rl_update(run: Run, requests, results, adv):
     """The GRPO pass over this replica's groups, normalised by the RL count over all replicas.
     Returns (outcome, that count, RL response tokens over all replicas)."""
     r = run.cfg.rmt
-    groups = problems.rl_microbatches(requests, results, adv, pad_id=run.tokenizer.eod)
+    groups = problems.rl_microbatches(
+        requests, results, adv, run.tokenizer.eod, r.rl_micro_batch_rows, rl_length_multiple(run.cfg)
+    )
     local_count = sum(float(losses.rl_count(g["resp_mask"], r.loss_aggregation)) for g in groups)
     local_tokens = sum(float(g["resp_mask"].sum()) for g in groups)
     total_count, rl_tokens = parallel.all_reduce_sum_dp([local_count, local_tokens])
@@ -346,6 +348,11 @@ def rl_update(run: Run, requests, results, adv):
         kl,
     )
     return outcome, total_count, rl_tokens
+
+
+def rl_length_multiple(cfg: config.Config) -> int:
+    """RL rows are padded to a multiple of TP when sequence parallelism splits them over TP."""
+    return cfg.parallel.tensor_model_parallel_size if cfg.model.sequence_parallel else 1
 
 
 def _should_save(cfg, steps_done: int) -> bool:
