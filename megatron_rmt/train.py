@@ -26,6 +26,7 @@ from megatron_rmt import budget as budget_mod
 from megatron_rmt import (
     checkpoint,
     config,
+    dryrun,
     grpo,
     losses,
     parallel,
@@ -67,6 +68,9 @@ class Run:
 def main(argv: list[str] | None = None, engine: RolloutEngine | None = None) -> None:
     """Parse, set up, train. `engine` replaces the configured rollout engine (tests, custom)."""
     cfg = config.parse(argv)
+    if cfg.logging.dry_run:  # parse, build on the meta device, print predicted memory
+        dryrun.run(cfg)
+        return
     if not cfg.data.data_path:
         raise config.ConfigError("--data-path is required: the pretraining windows to train on")
     init_distributed(cfg)

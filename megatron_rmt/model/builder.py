@@ -142,19 +142,33 @@ def build_model(m: ModelConfig, vocab_size: int, initialize: bool = True) -> GPT
     check_features(m)
     tp = ps.get_tensor_model_parallel_world_size()
     pp = ps.get_pipeline_model_parallel_world_size()
-    model = GPTModel(
-        config=transformer_config(m, tp, pp, initialize),
+    model = gpt_model(
+        m,
+        vocab_size,
+        transformer_config(m, tp, pp, initialize),
+        pre_process=ps.is_pipeline_first_stage(),
+        post_process=ps.is_pipeline_last_stage(),
+    )
+    return model.to(platform.device())
+
+
+def gpt_model(
+    m: ModelConfig, vocab_size: int, tconf: TransformerConfig, pre_process: bool = True,
+    post_process: bool = True,
+) -> GPTModel:  # fmt: skip
+    """The GPTModel of `m` for a given TransformerConfig, on the current default device."""
+    return GPTModel(
+        config=tconf,
         transformer_layer_spec=layer_spec(m),
         vocab_size=vocab_size,
         max_sequence_length=m.max_position_embeddings,
-        pre_process=ps.is_pipeline_first_stage(),
-        post_process=ps.is_pipeline_last_stage(),
+        pre_process=pre_process,
+        post_process=post_process,
         parallel_output=True,
         share_embeddings_and_output_weights=not m.untie_embeddings_and_output_weights,
         position_embedding_type="rope",
         rotary_base=m.rotary_base,
     )
-    return model.to(platform.device())
 
 
 def frozen(model: GPTModel) -> list:
