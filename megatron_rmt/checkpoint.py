@@ -193,6 +193,22 @@ def _restore_rng(saved: dict) -> None:
     get_cuda_rng_tracker().set_states(saved["tracker"])
 
 
+def prune(root: str, keep: int) -> list[str]:
+    """Delete all but the newest `keep` finished checkpoints under `root` (`--keep-last-n-
+    checkpoints`); returns the deleted directories. Never the tracker's latest, nor one being
+    written (`.tmp`, `.partial`). Called by rank 0 after a save completed on every rank."""
+    latest = latest_step(root)
+    steps = sorted(
+        int(name[len("iter_") :])
+        for name in os.listdir(root)
+        if name.startswith("iter_") and name[len("iter_") :].isdigit()
+    )
+    doomed = [s for s in steps[: max(len(steps) - keep, 0)] if s != latest]
+    for s in doomed:
+        shutil.rmtree(iteration_dir(root, s))
+    return [iteration_dir(root, s) for s in doomed]
+
+
 def _write_tracker(root: str, step: int) -> None:
     tmp = os.path.join(root, TRACKER + ".tmp")
     with open(tmp, "w") as fh:

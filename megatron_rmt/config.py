@@ -191,7 +191,6 @@ class CheckpointConfig:
     save_interval: int | None = _f(None, "save every N steps (and at the end)")
     no_load_optim: bool = _f(False, "load weights only (start of a new run from a checkpoint)")
     ref_load: str | None = _f(None, "KL reference weights (default: the run's starting weights)")
-    async_save: bool = _f(False, "write checkpoints in the background (GPU)")
     keep_last_n_checkpoints: int | None = _f(None, "after a save, delete all but the newest N")
 
 

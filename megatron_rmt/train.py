@@ -192,6 +192,9 @@ def train(run: Run, step_fn: Callable[[Run, int], dict]) -> None:
             path = checkpoint.save(cfg.checkpoint.save, run.trainable, run.progress, cfg)
             if is_logger:
                 print(f"saved checkpoint {path}", flush=True)
+            keep = cfg.checkpoint.keep_last_n_checkpoints
+            if keep and is_logger:  # the save above finished on every rank (its last barrier)
+                checkpoint.prune(cfg.checkpoint.save, keep)
     writer.close()
     if is_logger:
         reward = "never above 0" if first_reward is None else f"> 0 first at step {first_reward}"

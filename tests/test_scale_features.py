@@ -5,8 +5,13 @@ cannot work fail early with one line.
 Each spawned run builds the tiny model from the same seed several times in one process group and
 compares the variants rank by rank (same TP shard on both sides)."""
 
+import os
+import socket
+import subprocess
+
 import pytest
 import torch
+from conftest import ROOT
 from distributed import spawn
 
 from megatron_rmt import config, losses, parallel, step
@@ -229,3 +234,41 @@ def test_bf16_tp2_step_with_recompute_and_sequence_parallel():
         (loss_a, grad_a), (loss_b, grad_b) = rank
         assert abs(loss_a - loss_b) < 2e-2 * max(1.0, abs(loss_a))
         torch.testing.assert_close(grad_b.float(), grad_a.float(), rtol=5e-2, atol=1e-3)
+
+
+def test_prune_keeps_the_newest_and_never_the_latest_or_one_being_written(tmp_path):
+    from megatron_rmt import checkpoint
+
+    for step_done in (10, 20, 30, 40):
+        os.makedirs(checkpoint.iteration_dir(str(tmp_path), step_done))
+    os.makedirs(checkpoint.iteration_dir(str(tmp_path), 50) + ".tmp")  # a save in progress
+    checkpoint._write_tracker(str(tmp_path), 20)  # e.g. a resumed run that went back to 20
+    deleted = checkpoint.prune(str(tmp_path), 2)
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        [checkpoint.TRACKER, "iter_0000020", "iter_0000030", "iter_0000040", "iter_0000050.tmp"]
+    )
+    assert [os.path.basename(d) for d in deleted] == ["iter_0000010"]
+
+
+def test_server_bound_to_all_interfaces_prints_a_url_other_nodes_reach():
+    from megatron_rmt.rollout.serve import advertised_url
+
+    assert advertised_url("0.0.0.0", "http://127.0.0.1:8011") == f"http://{socket.getfqdn()}:8011"
+    assert advertised_url("node7", "http://127.0.0.1:8011") == "http://node7:8011"
+
+
+def _run_14b_script(tmp_path, data, **env):
+    script = os.path.join(ROOT, "examples/rmt_qwen3_14b.sh")
+    full = {**os.environ, "MASTER_ADDR": "127.0.0.1", "CKPT_IN": str(tmp_path), "TOKENIZER": "x",
+            "DATA": data, **env}  # fmt: skip
+    full.pop("ROLLOUT_URLS", None)
+    return subprocess.run(["bash", script], env=full, capture_output=True, text=True, timeout=60)
+
+
+def test_14b_script_needs_rollout_servers_and_finds_the_text_document_prefix(tmp_path):
+    (tmp_path / "corpus_text_document.idx").write_bytes(b"")
+    (tmp_path / "corpus_text_document.bin").write_bytes(b"")
+    missing = _run_14b_script(tmp_path, str(tmp_path / "nothing"))
+    assert missing.returncode == 1 and "no indexed data" in missing.stderr
+    no_servers = _run_14b_script(tmp_path, str(tmp_path / "corpus"))  # suffix left out
+    assert no_servers.returncode == 1 and "set ROLLOUT_URLS" in no_servers.stderr

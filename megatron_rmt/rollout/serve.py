@@ -20,7 +20,11 @@ Deliberate choices:
   its engine ("CPU Generator does not use offset") when a seeded request's prompt is split
   across scheduler steps, and every rollout request carries a seed. The GPU keeps vLLM's own
   defaults.
-- Bound to 127.0.0.1 unless told otherwise; with `--api-key` every request needs the key.
+- Bound to 127.0.0.1 unless told otherwise; with `--api-key` every request needs the key. For
+  trainers on other nodes bind `--host 0.0.0.0`: the printed URL then names this machine
+  (`socket.getfqdn()`, or `--advertise-host`), not the loopback address. Extra flags go to vLLM
+  as they are, e.g. `-- --gpu-memory-utilization 0.85 --tensor-parallel-size 2` (vLLM's default
+  takes 90% of the GPU).
 - The server is a new process group and its output goes to a log file: stopping it ends every
   process it started, and a chatty server can never block on a full pipe.
 """
@@ -165,10 +169,24 @@ def _free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
+def advertised_url(host: str, local_url: str) -> str:
+    """The URL trainers on other nodes use: a server bound to every interface is named by this
+    machine's fully qualified name, not the loopback address it is health-checked on."""
+    if host in ("0.0.0.0", "::"):
+        host = socket.getfqdn()
+    return f"http://{host}:{local_url.rsplit(':', 1)[1]}"
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="Hugging Face model directory")
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="0.0.0.0: reachable from trainers on other nodes"
+    )
+    p.add_argument(
+        "--advertise-host",
+        help="host name in the printed URL (default: --host, or this machine's name for 0.0.0.0)",
+    )
     p.add_argument("--port", type=int, help="default: a free port")
     p.add_argument("--api-key", help="require this bearer key on every request")
     p.add_argument("--python", help="interpreter with vLLM (default $MEGATRON_RMT_VLLM_PYTHON)")
@@ -182,7 +200,8 @@ def main(argv: list[str] | None = None) -> None:
         device=args.device, extra_args=tuple(extra), startup_timeout=args.startup_timeout,
         log_path=args.log,
     )  # fmt: skip
-    print(f"vLLM rollout server ready: {handle.url} (log {handle.log_path})", flush=True)
+    url = advertised_url(args.advertise_host or args.host, handle.url)
+    print(f"vLLM rollout server ready: {url} (log {handle.log_path})", flush=True)
 
     def _stop(signum, frame):
         # Only leave the wait below: stopping here, inside the handler, would wait on the
