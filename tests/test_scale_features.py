@@ -272,3 +272,32 @@ def test_14b_script_needs_rollout_servers_and_finds_the_text_document_prefix(tmp
     assert missing.returncode == 1 and "no indexed data" in missing.stderr
     no_servers = _run_14b_script(tmp_path, str(tmp_path / "corpus"))  # suffix left out
     assert no_servers.returncode == 1 and "set ROLLOUT_URLS" in no_servers.stderr
+
+
+class _ExtraState(torch.nn.Module):
+    """Stands in for a Transformer Engine module's FP8 metadata (`_extra_state`)."""
+
+    def get_extra_state(self):
+        return torch.tensor([1.0])
+
+    def set_extra_state(self, state):
+        self.loaded = state
+
+
+def load_local_into_extra_state_model(root):
+    from megatron_rmt import checkpoint
+    from megatron_rmt.model.builder import build_model
+
+    m = ModelConfig()
+    saved = build_model(m, VOCAB)
+    checkpoint.save_model(root, saved, Config(model=m))
+    target = build_model(m, VOCAB, initialize=False)
+    target.decoder.layers[0].mlp.linear_fc1.fp8_meta = _ExtraState()  # a key the file lacks
+    checkpoint.load_model(root, target)
+    return all(torch.equal(a, b) for a, b in zip(saved.parameters(), target.parameters()))
+
+
+def test_a_local_spec_checkpoint_loads_into_a_model_with_extra_state(tmp_path):
+    """A checkpoint converted with the local spec (CPU) loads into modules that carry
+    `_extra_state` it does not hold (Transformer Engine's), weights strictly."""
+    assert spawn(load_local_into_extra_state_model, 1, args=(str(tmp_path),)) == [True]
