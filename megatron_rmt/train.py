@@ -328,7 +328,12 @@ def rl_update(run: Run, requests, results, adv):
     Returns (outcome, that count, RL response tokens over all replicas)."""
     r = run.cfg.rmt
     groups = problems.rl_microbatches(
-        requests, results, adv, run.tokenizer.eod, r.rl_micro_batch_rows, rl_length_multiple(run.cfg)
+        requests,
+        results,
+        adv,
+        run.tokenizer.eod,
+        r.rl_micro_batch_rows,
+        rl_length_multiple(run.cfg),
     )
     local_count = sum(float(losses.rl_count(g["resp_mask"], r.loss_aggregation)) for g in groups)
     local_tokens = sum(float(g["resp_mask"].sum()) for g in groups)

@@ -294,7 +294,9 @@ def load_local_into_extra_state_model(root):
     target = build_model(m, VOCAB, initialize=False)
     target.decoder.layers[0].mlp.linear_fc1.fp8_meta = _ExtraState()  # a key the file lacks
     checkpoint.load_model(root, target)
-    return all(torch.equal(a, b) for a, b in zip(saved.parameters(), target.parameters()))
+    return all(
+        torch.equal(a, b) for a, b in zip(saved.parameters(), target.parameters(), strict=True)
+    )
 
 
 def test_a_local_spec_checkpoint_loads_into_a_model_with_extra_state(tmp_path):
