@@ -4,20 +4,35 @@
 # RL position per document (configs/qwen3_14b.yaml; docs/method.md lists every choice).
 # TP=8 inside a node (40 heads and 8 KV groups divide by 8), PP=1, so DP=2 across the nodes.
 #
-# Before: convert the HF checkpoint once, and preprocess the corpus with the Qwen3 tokenizer:
-#   python tools/convert_hf_to_megatron.py --load /models/Qwen3-14B --save $CKPT_IN \
-#       --tensor-model-parallel-size 8
-#   python tools/preprocess_data.py --input corpus.jsonl --output-prefix $DATA \
+# Before: convert the HF checkpoint once (one process per TP rank, bf16: ~30 GB, not 59), and
+# preprocess the corpus with the Qwen3 tokenizer (it writes ${CORPUS}_text_document.{bin,idx}):
+#   torchrun --nproc-per-node 8 tools/convert_hf_to_megatron.py --load /models/Qwen3-14B \
+#       --save $CKPT_IN --tensor-model-parallel-size 8 --bf16
+#   python tools/preprocess_data.py --input corpus.jsonl --output-prefix $CORPUS \
 #       --tokenizer-type HuggingFaceTokenizer --tokenizer-model /models/Qwen3-14B --append-eod
-# Rollouts: one or more vLLM servers (ROLLOUT_URLS, space-separated; start each with
-# `python -m megatron_rmt.rollout.serve --model HF_DIR`) that can read SYNC_DIR, where the trainer
-# writes its weights every step. Without them the trainer uses its embedded engine (slow for 14B).
+# DATA is then ${CORPUS}_text_document (the suffix is added here if left out).
+# Check the memory first, on any machine: WORLD_SIZE=16 python -m megatron_rmt.train \
+#   --config configs/qwen3_14b.yaml --dry-run   (docs/memory.md)
+# Rollouts: one or more vLLM servers (ROLLOUT_URLS, space-separated), each started on its own
+# GPUs with `python -m megatron_rmt.rollout.serve --model HF_DIR --host 0.0.0.0 --
+# --gpu-memory-utilization 0.85` (it prints the URL other nodes reach it at), that can read
+# SYNC_DIR, where the trainer writes its weights every step. The trainer's embedded engine would
+# take ~20-35 minutes per step at 14B: it is used only with EMBEDDED_ROLLOUT=1.
 # Launch on every node with MASTER_ADDR, MASTER_PORT, NNODES, NODE_RANK set (e.g. by SLURM).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${MASTER_ADDR:?set MASTER_ADDR}" "${NNODES:=2}" "${NODE_RANK:=0}" "${MASTER_PORT:=29500}"
 : "${CKPT_IN:?converted Megatron checkpoint}" "${DATA:?indexed data prefix}"
 : "${TOKENIZER:?HF tokenizer directory}" "${OUT:=runs/rmt_qwen3_14b}"
+if [ ! -f "$DATA.idx" ] && [ -f "${DATA}_text_document.idx" ]; then DATA="${DATA}_text_document"; fi
+[ -f "$DATA.idx" ] || { echo "no indexed data at $DATA.idx (tools/preprocess_data.py output)" >&2; exit 1; }
+ROLLOUT=()
+if [ -n "${ROLLOUT_URLS:-}" ]; then
+  ROLLOUT=(--rollout-url $ROLLOUT_URLS --weight-sync-dir "${SYNC_DIR:?shared dir the servers read}")
+elif [ "${EMBEDDED_ROLLOUT:-0}" != 1 ]; then
+  echo "set ROLLOUT_URLS (vLLM servers, see above), or EMBEDDED_ROLLOUT=1 for the slow embedded engine" >&2
+  exit 1
+fi
 # "10 epochs" with packed windows: a step reads GLOBAL_BATCH windows of 4,096 tokens, each
 # packing several documents, so steps = ceil(EPOCHS * corpus tokens / (4096 * GLOBAL_BATCH)),
 # not documents / batch. With one RL position per document (position_unit: document), a step
@@ -34,10 +49,6 @@ TRAIN_ITERS=${TRAIN_ITERS:-$STEPS}
 echo "corpus: $TOKENS tokens in $DOCS documents (mean $((TOKENS / DOCS))); $EPOCHS epochs at" \
   "$GLOBAL_BATCH windows = $STEPS steps (training $TRAIN_ITERS); paper-like batch:" \
   "$(( (128 * TOKENS / DOCS + 4095) / 4096 )) windows per 128 documents"
-ROLLOUT=()
-if [ -n "${ROLLOUT_URLS:-}" ]; then
-  ROLLOUT=(--rollout-url $ROLLOUT_URLS --weight-sync-dir "${SYNC_DIR:?shared dir the servers read}")
-fi
 
 torchrun --nnodes "$NNODES" --node-rank "$NODE_RANK" --nproc-per-node 8 \
   --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" \

@@ -1,8 +1,9 @@
 """Assemble what one rank trains: its model stage wrapped in Megatron DDP, Megatron's optimizer
 (distributed when DP > 1 and asked for) and Megatron's LR/WD scheduler.
 
-Gradient reduction is not overlapped with backward: one step runs two passes (NTP, then RL) into
-the same gradient buffers, and the trainer finalises gradients once, after both (see step.py).
+One step runs two passes (NTP, then RL) into the same gradient buffers and the trainer finalises
+gradients once, after both (see step.py). With `--overlap-grad-reduce` the DP reduce of each
+bucket starts during the step's last backward (step.run_schedule holds it in the others).
 """
 
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ def build_trainable(cfg: Config, vocab_size: int) -> Trainable:
         config=tconf,
         ddp_config=DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
-            overlap_grad_reduce=False,
+            overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
             use_distributed_optimizer=distributed_opt,
         ),
         module=module,

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core import parallel_state as ps
+from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 
 from megatron_rmt import config as config_mod
 from megatron_rmt.build import Trainable
@@ -108,8 +109,8 @@ def load_model(root: str, model) -> None:
     """Load only the weights of the latest checkpoint under `root` into a bare model stage."""
     path = _latest_dir(root)
     _agree(check_checkpoint_files, path)
-    loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, path)
-    model.load_state_dict(loaded["model"])
+    loaded = dist_checkpointing.load({"model": model_state_to_load(model, path)}, path)
+    load_model_state(model, loaded["model"])
 
 
 def _write(root: str, step: int, state: dict, cfg, with_rng: bool) -> str:
@@ -149,8 +150,10 @@ def load(root: str, trainable: Trainable, load_optimizer: bool = True) -> Progre
     _agree(check_checkpoint_files, path)
     common = dist_checkpointing.load_common_state_dict(path)
     with_optimizer = load_optimizer and common.get("has_optimizer", False)
-    loaded = dist_checkpointing.load(_sharded_state(trainable, True, with_optimizer), path)
-    trainable.model[0].module.load_state_dict(loaded["model"])
+    wanted = _sharded_state(trainable, True, with_optimizer)
+    wanted["model"] = model_state_to_load(trainable.model[0].module, path, wanted["model"])
+    loaded = dist_checkpointing.load(wanted, path)
+    load_model_state(trainable.model[0].module, loaded["model"])
     if not with_optimizer:
         trainable.optimizer.reload_model_params()
         return Progress()
@@ -161,6 +164,30 @@ def load(root: str, trainable: Trainable, load_optimizer: bool = True) -> Progre
     if saved_rng is not None:  # checkpoints without RNG files (converted ones) keep the seed's
         _restore_rng(saved_rng)
     return Progress(**common["progress"])
+
+
+def model_state_to_load(model, path: str, sharded: dict | None = None) -> dict:
+    """The model's sharded state dict, less the `_extra_state` entries the checkpoint lacks.
+
+    Transformer Engine modules carry `_extra_state` (FP8 metadata) that a checkpoint written
+    with Megatron's local spec (e.g. converted on CPU) does not hold for every module, e.g. TE's
+    QK-norms; their weights have the same keys in both specs. Such an entry is left out of the
+    load, so the module keeps its fresh extra state; everything else must be present."""
+    sharded = model.sharded_state_dict() if sharded is None else sharded
+    present = load_sharded_metadata(path).keys()
+    return {
+        k: v
+        for k, v in sharded.items()
+        if not k.endswith("_extra_state") or getattr(v, "key", k) in present
+    }
+
+
+def load_model_state(model, state: dict) -> None:
+    """`load_state_dict`, strict except for `_extra_state` entries the checkpoint lacked."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    wrong = [k for k in missing if not k.endswith("_extra_state")] + list(unexpected)
+    if wrong:
+        raise RuntimeError(f"checkpoint does not match the model: {wrong[:10]}")
 
 
 def _sharded_state(trainable: Trainable, is_loading: bool, with_optimizer: bool) -> dict:
@@ -278,6 +305,22 @@ def die_with_parent(parent_pid: int) -> None:
     libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent_pid:  # the parent died before the call above
         os._exit(1)
+
+
+def prune(root: str, keep: int) -> list[str]:
+    """Delete all but the newest `keep` finished checkpoints under `root` (`--keep-last-n-
+    checkpoints`); returns the deleted directories. Never the tracker's latest, nor one being
+    written (`.tmp`, `.partial`). Called by rank 0 after a save completed on every rank."""
+    latest = latest_step(root)
+    steps = sorted(
+        int(name[len("iter_") :])
+        for name in os.listdir(root)
+        if name.startswith("iter_") and name[len("iter_") :].isdigit()
+    )
+    doomed = [s for s in steps[: max(len(steps) - keep, 0)] if s != latest]
+    for s in doomed:
+        shutil.rmtree(iteration_dir(root, s))
+    return [iteration_dir(root, s) for s in doomed]
 
 
 def _write_tracker(root: str, step: int) -> None:

@@ -75,6 +75,17 @@ class ModelConfig:
         "the prompt once; the layer spec's core attention then applies an explicit mask)",
         ("rows", "shared_prefix"),
     )
+    # Memory and speed features, named as Megatron-LM's flags (docs/memory.md).
+    recompute_granularity: str | None = _f(
+        None, "activation recompute: whole layers or core attention only", ("full", "selective")
+    )
+    recompute_method: str | None = _f(
+        None, "full recompute: which layers (uniform groups or the first N)", ("uniform", "block")
+    )
+    recompute_num_layers: int | None = _f(None, "full recompute: layers per group / recomputed")
+    sequence_parallel: bool = _f(False, "shard norm/dropout activations over TP (needs TP > 1)")
+    gradient_accumulation_fusion: bool = _f(False, "fused wgrad GEMM into main_grad (GPU)")
+    apply_rope_fusion: bool = _f(False, "fused RoPE kernel (GPU, Transformer Engine)")
 
     @property
     def qk_layernorm(self) -> bool:
@@ -91,7 +102,13 @@ class ParallelConfig:
     pipeline_model_parallel_size: int = _f(1, "PP degree")
     use_distributed_optimizer: bool = _f(True, "shard optimizer state over DP (when DP > 1)")
     seed: int = _f(1234, "random seed")
-    distributed_timeout_minutes: int = _f(10, "collective timeout")
+    distributed_timeout_minutes: int = _f(
+        10, "collective timeout; must outlast the longest wait on the rollout service"
+    )
+    overlap_grad_reduce: bool = _f(False, "overlap the DP gradient reduce with the RL backward")
+    overlap_param_gather: bool = _f(
+        False, "overlap the parameter all-gather with the next forward (distributed optimizer)"
+    )
 
 
 @dataclass(frozen=True)
@@ -181,6 +198,9 @@ class RMTConfig:
         "NTP pass: project, CE and entropy this many tokens at a time, never holding the whole "
         "logits (0: off, the output layer's logits and the fused CE + entropy)",
     )
+    rl_micro_batch_rows: int | None = _f(
+        None, "rows per RL microbatch (default: a whole group of G), each padded to its own length"
+    )
 
 
 @dataclass(frozen=True)
@@ -200,6 +220,7 @@ class CheckpointConfig:
     save_interval: int | None = _f(None, "save every N steps (and at the end)")
     no_load_optim: bool = _f(False, "load weights only (start of a new run from a checkpoint)")
     ref_load: str | None = _f(None, "KL reference weights (default: the run's starting weights)")
+    keep_last_n_checkpoints: int | None = _f(None, "after a save, delete all but the newest N")
 
 
 @dataclass(frozen=True)
@@ -207,6 +228,7 @@ class LoggingConfig:
     log_interval: int = _f(1, "steps between console lines")
     tensorboard_dir: str | None = _f(None, "TensorBoard event directory")
     metrics_file: str | None = _f(None, "JSONL metrics file")
+    dry_run: bool = _f(False, "build the model on the meta device, print predicted memory, exit")
 
 
 @dataclass(frozen=True)
@@ -386,6 +408,7 @@ def validate(cfg: Config, world_size: int) -> None:
                 f"{need}: answers after a think Eq. 2 still rewards would be truncated"
             )
     problems += _validate_rmt(r)
+    problems += _validate_scale(cfg, dp)
     if cfg.rollout.rollout_url and not cfg.rollout.weight_sync_dir:
         problems.append("--rollout-url needs --weight-sync-dir, a directory the servers can read")
     if cfg.rollout.weight_sync_interval < 1:
@@ -421,6 +444,56 @@ def _validate_rmt(r: RMTConfig) -> list[str]:
         problems.append("rpt_max_positions must be >= 0 (0: every position RPT's filter keeps)")
     if r.fused_linear_chunk_tokens < 0:
         problems.append("fused_linear_chunk_tokens must be >= 0 (0: off)")
+    return problems
+
+
+def _validate_scale(cfg: Config, dp: int) -> list[str]:
+    """The memory and overlap features: combinations Megatron-Core would reject or mis-run."""
+    m, p, c = cfg.model, cfg.parallel, cfg.checkpoint
+    problems = []
+    layers_per_stage = m.num_layers // max(p.pipeline_model_parallel_size, 1)
+    if m.recompute_granularity == "full":
+        if m.recompute_method is None or not m.recompute_num_layers:
+            problems.append(
+                "recompute_granularity full needs recompute_method (uniform or block) and "
+                "recompute_num_layers >= 1"
+            )
+        elif m.recompute_num_layers > layers_per_stage:
+            problems.append(
+                f"recompute_num_layers {m.recompute_num_layers} exceeds the {layers_per_stage} "
+                "layers of a pipeline stage"
+            )
+    elif m.recompute_method is not None or m.recompute_num_layers is not None:
+        problems.append(
+            "recompute_method / recompute_num_layers apply only to recompute_granularity full"
+        )
+    if m.sequence_parallel and p.tensor_model_parallel_size < 2:
+        problems.append("sequence_parallel needs tensor_model_parallel_size > 1")
+    if p.overlap_param_gather and not (p.use_distributed_optimizer and dp > 1):
+        problems.append(
+            "overlap_param_gather needs the distributed optimizer: use_distributed_optimizer "
+            "with DP > 1"
+        )
+    elif p.overlap_param_gather:
+        problems.append(
+            "overlap_param_gather is not supported: it defers the parameter all-gather to the "
+            "next forward, but the weight sync to the rollout service reads the parameters "
+            "right after each optimizer step"
+        )
+    if m.sequence_parallel and m.seq_length % p.tensor_model_parallel_size:
+        problems.append(
+            f"sequence_parallel needs seq_length {m.seq_length} divisible by TP "
+            f"{p.tensor_model_parallel_size}"
+        )
+    if p.distributed_timeout_minutes < 1:
+        problems.append("distributed_timeout_minutes must be at least 1")
+    rows = cfg.rmt.rl_micro_batch_rows
+    if rows is not None and rows < 1:
+        problems.append("rl_micro_batch_rows must be at least 1 (unset: one group per microbatch)")
+    if rows is not None and m.rl_layout == "shared_prefix":
+        problems.append("rl_micro_batch_rows splits rows of the rows layout; shared_prefix has one")
+    if c.keep_last_n_checkpoints is not None and c.keep_last_n_checkpoints < 1:
+        problems.append("keep_last_n_checkpoints must be at least 1 (unset: keep all)")
     return problems
 
 

@@ -43,6 +43,8 @@ def init(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_minutes: int = 10) 
     """Initialise torch.distributed from the torchrun environment and Megatron's parallel groups.
 
     A plain single process (no RANK/WORLD_SIZE in the environment) becomes a world of one.
+    `timeout_minutes` bounds every collective, those of Megatron's subgroups included: ranks wait
+    in them while a rollout service samples or reloads weights.
     """
     platform.activate()
     if not dist.is_initialized():
@@ -58,7 +60,11 @@ def init(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_minutes: int = 10) 
     if world % (tp * pp):
         raise ValueError(f"world size {world} is not divisible by TP {tp} x PP {pp}")
     if not ps.model_parallel_is_initialized():
-        ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+        ps.initialize_model_parallel(
+            tensor_model_parallel_size=tp,
+            pipeline_model_parallel_size=pp,
+            distributed_timeout_minutes=timeout_minutes,
+        )
     layout = layout_of_this_rank()
     seed_everything(seed, layout)
     return layout

@@ -166,3 +166,15 @@ def _patch_megatron_rng() -> None:
         return
     mp_random._get_cuda_rng_state = _cpu_rng_state
     mp_random._set_cuda_rng_state = _set_cpu_rng_state
+    # Activation recompute re-runs layer forwards inside backward, which the autograd call runs
+    # with this mode switched off (a mode's handler does): switch it back on there.
+    for fn in (mp_random.CheckpointFunction, mp_random.CheckpointWithoutOutputFunction):
+        fn.backward = staticmethod(_with_mode(fn.backward))
+
+
+def _with_mode(backward):
+    def run(ctx, *args):
+        with _active_mode:
+            return backward(ctx, *args)
+
+    return run

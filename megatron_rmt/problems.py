@@ -188,42 +188,44 @@ def rl_microbatches(
     results: list[RolloutResult],
     adv: torch.Tensor,  # [n, G]
     pad_id: int,
+    rows: int | None = None,
+    length_multiple: int = 1,
 ) -> list[dict]:
-    """One microbatch per group (G rows of prompt + response), all padded on the right to the
-    step's longest sequence so the pipeline schedule sees one shape. Label position i predicts
-    token i+1; `resp_mask` marks the labels that are response tokens."""
+    """The RL microbatches: prompt + response rows, label position i predicting token i+1;
+    `resp_mask` marks the labels that are response tokens.
+
+    Default (`rows` None): one microbatch per group (its G rows), all padded on the right to the
+    step's longest sequence so the pipeline schedule sees one shape. With `rows`, each group's
+    rows are split into microbatches of at most that many rows (`split_rows`), each padded only
+    to its own longest row. Lengths are rounded up to `length_multiple` (TP, with sequence
+    parallelism). The loss is a per-token (or per-sequence) sum over a global count, so either
+    layout gives the same total loss."""
     if not requests:
         return []
-    # The last token of the longest sequence is only ever a label, never an input.
-    length = (
-        max(
-            len(q.prompt_ids) + len(r)
-            for q, res in zip(requests, results, strict=True)
-            for r in res.responses
-        )
-        - 1
-    )
+    pairs = list(zip(requests, results, strict=True))
+    if rows is None:
+        # The last token of the longest sequence is only ever a label, never an input.
+        length = max(len(q.prompt_ids) + len(r) for q, res in pairs for r in res.responses) - 1
+        return [
+            _rows_microbatch(req, res, range(len(res.responses)), adv[i], pad_id, length,
+                             length_multiple)
+            for i, (req, res) in enumerate(pairs)
+        ]  # fmt: skip
+    return split_rows(pairs, adv, pad_id, rows, length_multiple)
+
+
+def split_rows(
+    pairs: list, adv: torch.Tensor, pad_id: int, rows: int, length_multiple: int = 1
+) -> list[dict]:
+    """Each group's rows, longest first, in microbatches of at most `rows` rows, each padded to
+    its own longest row: less padding and at most `rows` x length activations at once."""
     out = []
-    for i, (req, res) in enumerate(zip(requests, results, strict=True)):
-        g = len(res.responses)
-        tokens = torch.full((g, length + 1), pad_id, dtype=torch.long)  # [G, L+1]
-        resp_mask = torch.zeros(g, length)  # [G, L]
-        old_logp = torch.zeros(g, length)  # [G, L]
-        p = len(req.prompt_ids)
-        for k, (resp, lps) in enumerate(zip(res.responses, res.logprobs, strict=True)):
-            tokens[k, :p] = torch.tensor(req.prompt_ids)
-            tokens[k, p : p + len(resp)] = torch.tensor(resp, dtype=torch.long)
-            resp_mask[k, p - 1 : p - 1 + len(resp)] = 1.0
-            old_logp[k, p - 1 : p - 1 + len(resp)] = torch.tensor(lps)
-        out.append(
-            {
-                "tokens": tokens[:, :-1],
-                "labels": tokens[:, 1:],
-                "resp_mask": resp_mask,
-                "old_logp": old_logp,
-                "advantages": adv[i].float(),  # [G]
-            }
-        )
+    for i, (req, res) in enumerate(pairs):
+        order = sorted(range(len(res.responses)), key=lambda k: -len(res.responses[k]))
+        for start in range(0, len(order), rows):
+            part = order[start : start + rows]
+            length = len(req.prompt_ids) + len(res.responses[part[0]]) - 1
+            out.append(_rows_microbatch(req, res, part, adv[i], pad_id, length, length_multiple))
     return out
 
 
@@ -232,6 +234,7 @@ def shared_prefix_microbatches(
     results: list[RolloutResult],
     adv: torch.Tensor,  # [n, G]
     pad_id: int,
+    multiple: int = 1,
 ) -> list[dict]:
     """One microbatch per group as one row (model/shared_prefix.py): the prompt once, then each
     response without its last token (only ever a label). Per row `[1, S]`: tokens, position_ids
@@ -239,13 +242,14 @@ def shared_prefix_microbatches(
     padding) and rows `[1, G * L]`, the position whose logits predict each response token; the
     per-token tensors are `[G, L]` over the responses alone, as `rl_microbatches`' are over
     whole rows: labels, resp_mask, old_logp. S and L are the step's largest, so the pipeline
-    schedule sees one shape."""
+    schedule sees one shape; S is rounded up to `multiple` (TP under sequence parallelism)."""
     if not requests:
         return []
     pairs = list(zip(requests, results, strict=True))
     seq = max(
         len(q.prompt_ids) + sum(max(len(r) - 1, 0) for r in res.responses) for q, res in pairs
     )
+    seq = -(-seq // multiple) * multiple
     longest = max(max(len(r) for r in res.responses) for _, res in pairs)
     width = max(longest, 1)
     out = []
@@ -287,3 +291,27 @@ def shared_prefix_microbatches(
             }
         )
     return out
+
+
+def _rows_microbatch(req, res, part, adv_row, pad_id: int, length: int, multiple: int) -> dict:
+    """The rows `part` of one group as a microbatch of `length` label positions (rounded up to
+    `multiple`)."""
+    length = -(-length // multiple) * multiple
+    g = len(part)
+    tokens = torch.full((g, length + 1), pad_id, dtype=torch.long)  # [g, L+1]
+    resp_mask = torch.zeros(g, length)  # [g, L]
+    old_logp = torch.zeros(g, length)  # [g, L]
+    p = len(req.prompt_ids)
+    for row, k in enumerate(part):
+        resp, lps = res.responses[k], res.logprobs[k]
+        tokens[row, :p] = torch.tensor(req.prompt_ids)
+        tokens[row, p : p + len(resp)] = torch.tensor(resp, dtype=torch.long)
+        resp_mask[row, p - 1 : p - 1 + len(resp)] = 1.0
+        old_logp[row, p - 1 : p - 1 + len(resp)] = torch.tensor(lps)
+    return {
+        "tokens": tokens[:, :-1],
+        "labels": tokens[:, 1:],
+        "resp_mask": resp_mask,
+        "old_logp": old_logp,
+        "advantages": adv_row[list(part)].float(),  # [g]
+    }

@@ -17,6 +17,7 @@ on the last stage (`reference_logprobs`). Both passes write into the same DDP gr
 global count. Gradients are finalised (DP all-reduce, tied-embedding sync) once, after both.
 """
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -73,19 +74,64 @@ def _on_device(batch: dict) -> dict:
     return {k: v.to(platform.device(), non_blocking=True) for k, v in batch.items()}
 
 
-def run_schedule(model: list, forward_step, microbatches: list[dict], forward_only: bool) -> list:
-    """Megatron's pipeline schedule over same-shape microbatches; the loss_func reports
-    (last stage only)."""
-    b, s = microbatches[0]["tokens"].shape
-    return get_forward_backward_func()(
-        forward_step_func=forward_step,
-        data_iterator=iter(microbatches),
-        model=model,
-        num_microbatches=len(microbatches),
-        seq_length=s,
-        micro_batch_size=b,
-        forward_only=forward_only,
-    )
+def run_schedule(
+    model: list, forward_step, microbatches: list[dict], forward_only: bool,
+    sync_grads: bool = False,
+) -> list:  # fmt: skip
+    """Megatron's schedule over the microbatches; the loss_func reports (last stage only).
+
+    Microbatches may differ in shape (RL rows padded to their own length): with pipeline stages,
+    whose point-to-point transfers have one fixed shape, each run of equal shapes gets its own
+    schedule. `sync_grads`: the last backward of the step, whose last microbatch may start the
+    overlapped DP gradient reduce (`--overlap-grad-reduce`); every other backward holds it."""
+    runs = [microbatches]
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        runs = _equal_shape_runs(microbatches)
+    reports = []
+    for i, run in enumerate(runs):
+        b, s = run[0]["tokens"].shape
+        with _grad_sync(model, sync_grads and i == len(runs) - 1):
+            reports += get_forward_backward_func()(
+                forward_step_func=forward_step,
+                data_iterator=iter(run),
+                model=model,
+                num_microbatches=len(run),
+                seq_length=s,
+                micro_batch_size=b,
+                forward_only=forward_only,
+            )
+    return reports
+
+
+def _equal_shape_runs(microbatches: list[dict]) -> list[list[dict]]:
+    runs = []
+    for mb in microbatches:
+        if runs and runs[-1][0]["tokens"].shape == mb["tokens"].shape:
+            runs[-1].append(mb)
+        else:
+            runs.append([mb])
+    return runs
+
+
+@contextlib.contextmanager
+def _grad_sync(model: list, last: bool):
+    """With an overlapped gradient reduce, Megatron's DDP starts a bucket's reduce as soon as its
+    grads are final in a schedule's last microbatch. A step has several backward passes into the
+    same buffers, so only the step's last one may do that (through the schedule's no_sync_func);
+    the others run wholly inside `no_sync`. Without overlap nothing changes."""
+    ddp = model[0]
+    if not getattr(getattr(ddp, "ddp_config", None), "overlap_grad_reduce", False):
+        yield
+        return
+    config = ddp.config
+    if last:
+        config.no_sync_func = ddp.no_sync
+        ddp.grad_sync_started = True
+        yield
+        return
+    config.no_sync_func = None
+    with ddp.no_sync():
+        yield
 
 
 def ntp_pass(
@@ -288,7 +334,9 @@ def rl_pass(
             chunk_tokens=chunk_tokens,
         )
 
-    reports = run_schedule(trainable.model, forward_step, microbatches, forward_only=False)
+    reports = run_schedule(
+        trainable.model, forward_step, microbatches, forward_only=False, sync_grads=True
+    )
     outcome.loss_sum = sum(float(r["rl_loss_sum"]) for r in reports)
     outcome.tokens = sum(int(r["rl_tokens"]) for r in reports)
     outcome.logprob_gap_sum = sum(float(r["logp_gap_sum"]) for r in reports)
@@ -301,6 +349,7 @@ def rl_pass(
 def zero_grads(trainable: Trainable) -> None:
     for chunk in trainable.model:
         chunk.zero_grad_buffer()
+        chunk.grad_sync_started = False
     trainable.optimizer.zero_grad()
 
 
@@ -313,6 +362,9 @@ def optimizer_step(trainable: Trainable) -> tuple[float, float]:
     is honoured the same way) and the norm returned is NaN, which the metrics count as
     `skipped_step`. Megatron checks for overflow only with a loss scaler (fp16), so fp32 and
     bf16 training would otherwise step into NaN weights."""
+    for chunk in trainable.model:  # overlapped reduce, but no RL backward started it this step
+        if chunk.ddp_config.overlap_grad_reduce and not getattr(chunk, "grad_sync_started", 0):
+            chunk.start_grad_sync()
     finalize_model_grads(trainable.model, num_tokens=None)
     lr = float(trainable.optimizer.param_groups[0]["lr"])
     if _gradients_finite(trainable.model):

@@ -26,6 +26,7 @@ from megatron_rmt import budget as budget_mod
 from megatron_rmt import (
     checkpoint,
     config,
+    dryrun,
     grpo,
     losses,
     parallel,
@@ -68,6 +69,9 @@ class Run:
 def main(argv: list[str] | None = None, engine: RolloutEngine | None = None) -> None:
     """Parse, set up, train. `engine` replaces the configured rollout engine (tests, custom)."""
     cfg = config.parse(argv)
+    if cfg.logging.dry_run:  # parse, build on the meta device, print predicted memory
+        dryrun.run(cfg)
+        return
     if not cfg.data.data_path:
         raise config.ConfigError("--data-path is required: the pretraining windows to train on")
     init_distributed(cfg)
@@ -209,6 +213,9 @@ def train(run: Run, step_fn: Callable[[Run, int], dict]) -> None:
             path = checkpoint.save(cfg.checkpoint.save, run.trainable, run.progress, cfg)
             if is_logger:
                 print(f"saved checkpoint {path}", flush=True)
+            keep = cfg.checkpoint.keep_last_n_checkpoints
+            if keep and is_logger:  # the save above finished on every rank (its last barrier)
+                checkpoint.prune(cfg.checkpoint.save, keep)
     writer.close()
     if is_logger:
         reward = "never above 0" if first_reward is None else f"> 0 first at step {first_reward}"
@@ -343,11 +350,19 @@ def rl_update(run: Run, requests, results, adv):
     """The GRPO pass over this replica's groups, normalised by the RL count over all replicas.
     Returns (outcome, that count, RL response tokens over all replicas)."""
     r = run.cfg.rmt
-    layout = {
-        "rows": problems.rl_microbatches,
-        "shared_prefix": problems.shared_prefix_microbatches,
-    }
-    groups = layout[run.cfg.model.rl_layout](requests, results, adv, pad_id=run.tokenizer.eod)
+    if run.cfg.model.rl_layout == "shared_prefix":
+        groups = problems.shared_prefix_microbatches(
+            requests, results, adv, run.tokenizer.eod, rl_length_multiple(run.cfg)
+        )
+    else:
+        groups = problems.rl_microbatches(
+            requests,
+            results,
+            adv,
+            run.tokenizer.eod,
+            r.rl_micro_batch_rows,
+            rl_length_multiple(run.cfg),
+        )
     local_count = sum(float(losses.rl_count(g["resp_mask"], r.loss_aggregation)) for g in groups)
     local_tokens = sum(float(g["resp_mask"].sum()) for g in groups)
     total_count, rl_tokens = parallel.all_reduce_sum_dp([local_count, local_tokens])
@@ -373,6 +388,11 @@ def rl_update(run: Run, requests, results, adv):
         kl,
     )
     return outcome, total_count, rl_tokens
+
+
+def rl_length_multiple(cfg: config.Config) -> int:
+    """RL rows are padded to a multiple of TP when sequence parallelism splits them over TP."""
+    return cfg.parallel.tensor_model_parallel_size if cfg.model.sequence_parallel else 1
 
 
 def _should_save(cfg, steps_done: int) -> bool:

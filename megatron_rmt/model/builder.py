@@ -6,7 +6,10 @@ Whether embeddings are tied is a per-checkpoint setting (`untie_embeddings_and_o
 
 The layer spec is chosen here and only here: Transformer Engine's when it imports, Megatron's
 local modules otherwise. On CPU the fused kernels are switched off and weights initialise on the
-CPU (which also makes TP shards slices of one full initialisation).
+CPU (which also makes TP shards slices of one full initialisation). The memory features
+(activation recompute, sequence parallelism) and the GPU fusions the config asks for are passed
+to Megatron's TransformerConfig; those that need kernels this host lacks fail at build with one
+line saying so (`check_features`).
 """
 
 import math
@@ -20,7 +23,7 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_rmt import platform
-from megatron_rmt.config import ModelConfig
+from megatron_rmt.config import ConfigError, ModelConfig
 from megatron_rmt.model.shared_prefix import with_masked_attention
 
 
@@ -53,6 +56,34 @@ def layer_spec(m: ModelConfig) -> ModuleSpec:
     if m.rl_layout == "shared_prefix":
         spec = with_masked_attention(spec, te)
     return spec
+
+
+def check_features(m: ModelConfig) -> None:
+    """Refuse features whose kernels or modules this host lacks, before Megatron asserts deep
+    inside a layer: sequence parallelism needs Transformer Engine's norms (Megatron's torch norm,
+    the local spec's RMSNorm, rejects it); RoPE fusion needs Transformer Engine; gradient-
+    accumulation fusion needs TE's linear layers or apex's fused_weight_gradient_mlp_cuda."""
+    te = use_transformer_engine(m)
+    need = {
+        "sequence_parallel": te,
+        "apply_rope_fusion": te,
+        "gradient_accumulation_fusion": te or _apex_wgrad_available(),
+    }
+    for name, ok in need.items():
+        if getattr(m, name) and not ok:
+            raise ConfigError(
+                f"model.{name} needs Transformer Engine on a GPU (this host: "
+                f"{'GPU' if platform.cuda_available() else 'CPU'}, "
+                f"transformer_impl {m.transformer_impl}); turn it off here"
+            )
+
+
+def _apex_wgrad_available() -> bool:
+    try:
+        import fused_weight_gradient_mlp_cuda  # noqa: F401
+    except ImportError:
+        return False
+    return platform.cuda_available()
 
 
 def transformer_config(
@@ -89,9 +120,15 @@ def transformer_config(
         bias_activation_fusion=on_gpu,
         masked_softmax_fusion=on_gpu,
         bias_dropout_fusion=on_gpu,
-        apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
-        persist_layer_norm=on_gpu,
+        apply_rope_fusion=m.apply_rope_fusion,
+        gradient_accumulation_fusion=m.gradient_accumulation_fusion,
+        # Only apex's FusedLayerNorm (LayerNorm, not RMSNorm) has a persistent kernel: TE's norms
+        # ignore the flag and Megatron's torch norm, the local spec's RMSNorm, rejects it.
+        persist_layer_norm=False,
+        sequence_parallel=m.sequence_parallel and tp > 1,
+        recompute_granularity=m.recompute_granularity,
+        recompute_method=m.recompute_method,
+        recompute_num_layers=m.recompute_num_layers,
     )
 
 
@@ -108,21 +145,36 @@ def build_model(m: ModelConfig, vocab_size: int, initialize: bool = True) -> GPT
 
     `initialize=False` skips random initialisation (uninitialised memory) for a model whose
     weights are loaded right after: faster, and no transient full-size initial tensor."""
+    check_features(m)
     tp = ps.get_tensor_model_parallel_world_size()
     pp = ps.get_pipeline_model_parallel_world_size()
-    model = GPTModel(
-        config=transformer_config(m, tp, pp, initialize),
+    model = gpt_model(
+        m,
+        vocab_size,
+        transformer_config(m, tp, pp, initialize),
+        pre_process=ps.is_pipeline_first_stage(),
+        post_process=ps.is_pipeline_last_stage(),
+    )
+    return model.to(platform.device())
+
+
+def gpt_model(
+    m: ModelConfig, vocab_size: int, tconf: TransformerConfig, pre_process: bool = True,
+    post_process: bool = True,
+) -> GPTModel:  # fmt: skip
+    """The GPTModel of `m` for a given TransformerConfig, on the current default device."""
+    return GPTModel(
+        config=tconf,
         transformer_layer_spec=layer_spec(m),
         vocab_size=vocab_size,
         max_sequence_length=m.max_position_embeddings,
-        pre_process=ps.is_pipeline_first_stage(),
-        post_process=ps.is_pipeline_last_stage(),
+        pre_process=pre_process,
+        post_process=post_process,
         parallel_output=True,
         share_embeddings_and_output_weights=not m.untie_embeddings_and_output_weights,
         position_embedding_type="rope",
         rotary_base=m.rotary_base,
     )
-    return model.to(platform.device())
 
 
 def frozen(model: GPTModel) -> list:

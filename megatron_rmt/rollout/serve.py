@@ -33,6 +33,10 @@ Deliberate choices:
   chatty server can never block on a full pipe. Started from a main thread on Linux, the server
   also gets SIGTERM when the process that started it dies, even by SIGKILL (PR_SET_PDEATHSIG;
   the kernel sends it when the starting *thread* ends, hence main threads only).
+- For trainers on other nodes bind `--host 0.0.0.0`: the printed URL then names this machine
+  (`socket.getfqdn()`, or `--advertise-host`), not the loopback address. Extra flags go to vLLM
+  as they are, e.g. `-- --gpu-memory-utilization 0.85 --tensor-parallel-size 2` (vLLM's default
+  takes 90% of the GPU).
 """
 
 import argparse
@@ -242,10 +246,24 @@ def _free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
+def advertised_url(host: str, local_url: str) -> str:
+    """The URL trainers on other nodes use: a server bound to every interface is named by this
+    machine's fully qualified name, not the loopback address it is health-checked on."""
+    if host in ("0.0.0.0", "::"):
+        host = socket.getfqdn()
+    return f"http://{host}:{local_url.rsplit(':', 1)[1]}"
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="Hugging Face model directory")
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="0.0.0.0: reachable from trainers on other nodes"
+    )
+    p.add_argument(
+        "--advertise-host",
+        help="host name in the printed URL (default: --host, or this machine's name for 0.0.0.0)",
+    )
     p.add_argument("--port", type=int, help="default: a free port")
     p.add_argument(
         "--api-key", default=os.environ.get(KEY_ENV),
@@ -262,7 +280,8 @@ def main(argv: list[str] | None = None) -> None:
         device=args.device, extra_args=tuple(extra), startup_timeout=args.startup_timeout,
         log_path=args.log,
     )  # fmt: skip
-    print(f"vLLM rollout server ready: {handle.url} (log {handle.log_path})", flush=True)
+    url = advertised_url(args.advertise_host or args.host, handle.url)
+    print(f"vLLM rollout server ready: {url} (log {handle.log_path})", flush=True)
 
     def _stop(signum, frame):
         # Only leave the wait below: stopping here, inside the handler, would wait on the
