@@ -46,6 +46,13 @@ def _vllm_python():
     return python, ""
 
 
+def _check_plugin(python):
+    """The gloo weight transfer is this project's vLLM plugin: the server's venv needs it."""
+    probe = [python, "-c", "import megatron_rmt_vllm.gloo_engine"]
+    if subprocess.run(probe, capture_output=True, env=dict(os.environ, PYTHONPATH=ROOT)).returncode:
+        pytest.fail(f"{python} cannot import megatron_rmt_vllm: pip install --no-deps -e {ROOT}")
+
+
 def _flags(corpus, extra=()):
     return [
         "--config", f"{ROOT}/configs/tiny_cpu.yaml", *GPT2, *SHAPE, "--data-path", corpus,
@@ -93,7 +100,8 @@ def server(tmp_path_factory):
         pytest.skip(reason)
     model_dir = str(tmp_path_factory.mktemp("tiny_hf"))
     build_hf_model(model_dir, 50257)
-    handle = start_server(model_dir, python=python)
+    _check_plugin(python)
+    handle = start_server(model_dir, python=python, weight_transfer="gloo")  # disk works too
     srv = Server(handle, model_dir, python)
     yield srv
     _kill_group(srv.pid, signal.SIGTERM)
@@ -220,20 +228,30 @@ def test_garbage_and_hangs_are_retried_then_raise():
         httpd.shutdown()
 
 
-def sync_and_compare(argv, url, sync_dir):
+def _perturb(run, seed):
+    """Weights the server has never held (each test run of the trainer starts from the same)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in run.trainable.model[0].parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=gen).to(p.dtype))
+
+
+def sync_and_compare(argv, url, sync_dir, seed):
     """Greedy output before/after syncing the trainer's weights, and the trainer's log-prob gap
     on samples vLLM draws from the synced weights."""
     run, engine = _setup_with_vllm(argv, url, sync_dir)
+    _perturb(run, seed)
     # Longer than a KV block: the server caches its prefix under the old weights, and a reload
     # that kept that cache would serve old keys and values after the sync (a large gap).
     prompt = PROMPT * 20
     greedy = RolloutRequest(prompt, n=1, max_tokens=8, temperature=0.0, top_p=1.0, seed=0)
     frozen = client_mod.VLLMEngine([url], eos_id=run.tokenizer.eod)
     before = frozen.generate([greedy])[0].responses[0]
+    torch.distributed.barrier()  # no rank still sampling when rank 0 pauses the server to sync
     run.engine = engine
     run.engine.sync_weights(0)
     after = run.engine.generate([greedy])[0].responses[0]
-    files = sorted(os.listdir(run.engine.weights_path))
+    files = sorted(os.listdir(run.engine.weights_path)) if run.engine.weights_path else None
     req = RolloutRequest(prompt, n=4, max_tokens=6, temperature=1.0, top_p=1.0, seed=3)
     results = run.engine.generate([req])
     groups = problems.rl_microbatches([req], results, torch.ones(1, 4), pad_id=run.tokenizer.eod)
@@ -241,16 +259,48 @@ def sync_and_compare(argv, url, sync_dir):
     return before, after, files, out.logprob_gap_sum / out.tokens, results[0].weight_version
 
 
-def test_weight_sync_serves_the_trainers_weights(server, tiny_corpus, tmp_path):
-    argv = _flags(tiny_corpus, ["--pipeline-model-parallel-size", "2"])
-    ranks = spawn(sync_and_compare, 2, pp=2, args=(argv, server.url, str(tmp_path / "sync")))
-    before, after, files, gap, version = ranks[0]
-    assert files == ["stage000-00000.safetensors", "stage001-00000.safetensors"]  # one per stage
+@pytest.mark.parametrize("transfer", ["disk", "gloo"])
+def test_weight_sync_serves_the_trainers_weights(server, tiny_corpus, tmp_path, transfer):
+    argv = _flags(
+        tiny_corpus, ["--pipeline-model-parallel-size", "2", "--weight-transfer", transfer]
+    )
+    args = (argv, server.url, str(tmp_path / "sync"), {"disk": 1, "gloo": 2}[transfer])
+    before, after, files, gap, version = spawn(sync_and_compare, 2, pp=2, args=args)[0]
+    if transfer == "disk":
+        assert files == ["stage000-00000.safetensors", "stage001-00000.safetensors"]  # per stage
+    else:  # both stages' weights went through rank 0's transfer group; nothing was written
+        assert files is None and not os.path.exists(tmp_path / "sync")
     assert before != after  # the served weights changed
     assert version == 0
     # vLLM's log-probs are the trainer's own, up to the trainer's softmax also covering the
     # 47 padded vocabulary rows (vLLM serves the real 50257).
     assert gap < 2e-3
+
+
+def push_then_reload(argv, url, sync_dir):
+    """The same new weights through the gloo transfer, then through files: what the server samples
+    (tokens and log-probs) after each."""
+    run = train.setup(config.parse(argv))
+    _perturb(run, 3)
+    req = RolloutRequest(PROMPT * 3, n=4, max_tokens=8, temperature=1.0, top_p=1.0, seed=5)
+    served = [client_mod.VLLMEngine([url], eos_id=run.tokenizer.eod).generate([req])[0]]
+    for transfer in ("gloo", "disk"):
+        cfg = config.parse([*argv, "--rollout-url", url, "--weight-sync-dir", sync_dir,
+                            "--weight-transfer", transfer])  # fmt: skip
+        engine = client_mod.build_engine(cfg, run.trainable, run.tokenizer, 50257)
+        engine.sync_weights(0)
+        served.append(engine.generate([req])[0])
+    return served
+
+
+def test_in_memory_push_loads_the_same_bits_as_the_file_reload(server, tiny_corpus, tmp_path):
+    """fp32 end to end: if any weight differed by one bit between the two paths, the sampled
+    log-probs (and likely the tokens) would too."""
+    before, pushed, reloaded = spawn(push_then_reload, 1, args=(_flags(tiny_corpus), server.url,
+                                                        str(tmp_path / "sync")))[0]  # fmt: skip
+    assert pushed.logprobs != before.logprobs  # the push changed what the server holds
+    assert pushed.responses == reloaded.responses
+    assert pushed.logprobs == reloaded.logprobs  # exactly equal floats
 
 
 class FaultyService:

@@ -18,6 +18,8 @@ Deliberate choices:
   failed a request (it may have been restarted with its original weights), is reloaded from the
   latest files before it serves again; a server that cannot be brought up to date is not used.
   So every result carries the version that produced it.
+- With a `MemoryWeightSync` (`--weight-transfer gloo|nccl`) the weights go through vLLM's
+  weight-transfer API instead (weight_transfer.py); a stale server waits for the next sync.
 - Without a weight sync (a frozen server, e.g. reference log-probs) results carry the version
   the trainer last announced.
 """
@@ -36,7 +38,9 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from megatron_rmt.rollout.contract import RolloutRequest, RolloutResult
+from megatron_rmt.rollout.transports import TRANSPORTS
 from megatron_rmt.rollout.weight_sync import DiskWeightSync
+from megatron_rmt.rollout.weight_transfer import MemoryWeightSync
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +62,7 @@ class VLLMEngine:
         max_concurrency: int = 16,
         api_key: str | None = None,
         backoff_s: float = 0.5,
-        weights: DiskWeightSync | None = None,
+        weights: DiskWeightSync | MemoryWeightSync | None = None,
     ):
         if not urls:
             raise ValueError("VLLMEngine needs at least one server URL")
@@ -99,6 +103,10 @@ class VLLMEngine:
             self.version = version
             return
         if not self.weights.due(version):
+            return
+        if getattr(self.weights, "in_memory", False):  # weight_transfer.MemoryWeightSync
+            self.loaded = self.weights.push(version, self.urls, self._call)
+            self.version = version
             return
         with ThreadPoolExecutor(1) as pool:
             pausing = pool.submit(self._pause_all) if self.weights.is_reloader else None
@@ -244,11 +252,15 @@ def build_engine(cfg, trainable, tokenizer, vocab_size: int) -> VLLMEngine:
     The API key, if the servers want one, comes from $MEGATRON_RMT_VLLM_API_KEY (not the config,
     which is logged and checkpointed). Raises before training if a server is unreachable."""
     r = cfg.rollout
-    if not r.weight_sync_dir:
-        raise ValueError("--rollout-url needs --weight-sync-dir: a directory the servers can read")
-    weights = DiskWeightSync(
-        trainable.model, cfg.model, vocab_size, r.weight_sync_dir, r.weight_sync_interval
-    )
+    if r.weight_transfer == "disk":
+        weights = DiskWeightSync(
+            trainable.model, cfg.model, vocab_size, r.weight_sync_dir, r.weight_sync_interval
+        )
+    else:
+        transport = TRANSPORTS[r.weight_transfer](r.rollout_timeout, r.weight_transfer_address)
+        weights = MemoryWeightSync(
+            trainable.model, cfg.model, vocab_size, transport, r.weight_sync_interval
+        )
     engine = VLLMEngine(
         r.rollout_url,
         tokenizer.eod,
