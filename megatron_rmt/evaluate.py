@@ -121,7 +121,9 @@ def stats_in_groups(
     with bar:
         for first in range(0, len(batches), group):
             part = batches[first : first + group]
-            out += forward.position_stats(model, part, vocab_size, chunk_tokens, with_argmax, top_k)
+            out += forward.position_stats(
+                model, part, vocab_size, chunk_tokens, with_argmax, top_k
+            )
             bar.update(len(part))
     return out
 
