@@ -178,6 +178,7 @@ def train(run: Run, step_fn: Callable[[Run, int], dict]) -> None:
     failures, first_reward = 0, None
     for t in range(run.progress.step, cfg.optim.train_iters):
         metrics = step_fn(run, t)
+        metrics.update(getattr(run.engine, "metrics", dict)())  # fleet.FleetEngine's counts
         failures += int(metrics["rollout_failed"])
         metrics["rollout_failures"] = failures
         if first_reward is None and metrics.get("reward", 0.0) > 0:

@@ -382,7 +382,7 @@ def setup_from_flags(argv):
 
 def test_rollout_url_flag_selects_the_vllm_engine(server, tiny_corpus, tmp_path):
     argv = _flags(tiny_corpus, ["--rollout-url", server.url, "--weight-sync-dir", str(tmp_path)])
-    assert spawn(setup_from_flags, 1, args=(argv,))[0] == ("VLLMEngine", 0)
+    assert spawn(setup_from_flags, 1, args=(argv,))[0] == ("FleetEngine", 0)
 
 
 def rmt_run_data_parallel(argv):
@@ -542,3 +542,71 @@ def test_math_posttraining_through_the_server(server, tmp_path):
     for m in rows:
         assert m["rollout_failed"] == 0 and m["rl_tokens_trained"] > 0
         assert 0 < m["logprob_gap"] < 2e-3  # sampled from the weights synced after each step
+
+
+class HangsMidRun:
+    """Wraps the run's engine: SIGSTOP the server's process group at step `stop_at` right after
+    the fleet's probe found it healthy (so its requests hang in flight), SIGCONT it before step
+    `cont_at`'s rollouts."""
+
+    collective = False
+
+    def __init__(self, inner, server_pid, stop_at, cont_at):
+        self.inner, self.pid, self.stop_at, self.cont_at = inner, server_pid, stop_at, cont_at
+        self.lock, self.done = threading.Lock(), set()
+
+    def sync_weights(self, version):
+        self.inner.sync_weights(version)
+
+    def metrics(self):
+        return self.inner.metrics()
+
+    def generate(self, requests):
+        with self.lock:
+            if self.inner.version == self.stop_at and "stop" not in self.done:
+                self.inner.check = self._check_then_stop
+                self.done.add("stop")
+            if self.inner.version == self.cont_at and "cont" not in self.done:
+                os.killpg(self.pid, signal.SIGCONT)
+                self.done.add("cont")
+        return self.inner.generate(requests)
+
+    def _check_then_stop(self):
+        del self.inner.check  # the class's own from now on
+        self.inner.check()
+        os.killpg(self.pid, signal.SIGSTOP)
+
+
+def rmt_run_with_a_hung_server(argv, server_pid):
+    problems.score = _alternating_rewards(problems.score)  # this worker process only
+    run = train.setup(config.parse(argv))
+    run.engine = HangsMidRun(run.engine, server_pid, 2, 4)
+    try:
+        train.train(run, train.train_step)
+    finally:
+        os.killpg(server_pid, signal.SIGCONT)  # the session's server must outlive a failure
+
+
+@pytest.mark.slow
+def test_a_hung_server_costs_one_timeout_per_step_and_rl_resumes(server, tiny_corpus, tmp_path):
+    """In memory (gloo), timeout 3 s, one retry: step 2's requests hang on the stopped server
+    (two timeouts, then NTP-only, and the sync skips it), step 3's probe finds it down, step 4
+    finds it back but stale (it is pushed the weights at that step's sync), steps 5-6 sample."""
+    timeout, retries, metrics = 3.0, 1, str(tmp_path / "m.jsonl")
+    argv = _flags(tiny_corpus, [
+        "--train-iters", "7", "--metrics-file", metrics, "--rollout-url", server.url,
+        "--weight-transfer", "gloo", "--rollout-timeout", str(timeout),
+        "--rollout-retries", str(retries),
+    ])  # fmt: skip
+    spawn(rmt_run_with_a_hung_server, 1, args=(argv, server.pid))
+    with open(metrics) as fh:
+        rows = [json.loads(line) for line in fh]
+    assert [m["step"] for m in rows] == list(range(7))
+    assert [m["rollout_failed"] for m in rows] == [0, 0, 1, 1, 1, 0, 0]
+    assert [m["rollout_servers_down"] for m in rows] == [0, 0, 1, 1, 0, 0, 0]
+    healthy = max(m["step_time"] for m in rows if not m["rollout_failed"])
+    bound = timeout * (retries + 1) + 3.0  # + a few seconds: backoff, the probe's timeout
+    for m in rows:
+        assert m["step_time"] < healthy + bound
+        if not m["rollout_failed"]:  # RL resumed from the current weights
+            assert m["rl_positions"] > 0 and 0 < m["logprob_gap"] < 2e-3

@@ -105,7 +105,8 @@ class VLLMEngine:
         if not self.weights.due(version):
             return
         if getattr(self.weights, "in_memory", False):  # weight_transfer.MemoryWeightSync
-            self.loaded = self.weights.push(version, self.urls, self._call)
+            pushed = self.weights.push(version, self._live(), self._call)
+            self.loaded = dict.fromkeys(self.urls) | pushed
             self.version = version
             return
         with ThreadPoolExecutor(1) as pool:
@@ -118,9 +119,10 @@ class VLLMEngine:
                 raise
         paused = pausing.result() if pausing else {}
         self.loaded = self.weights.reload_from_rank0(
-            lambda: {
-                url: self._load_and_resume(url, path, version, paused[url]) for url in self.urls
-            }
+            lambda: (
+                dict.fromkeys(self.urls)
+                | {url: self._load_and_resume(url, path, version, e) for url, e in paused.items()}
+            )
         )
         self.weights_path, self.version = path, version
 
@@ -129,7 +131,7 @@ class VLLMEngine:
         return self._load_and_resume(url, path, version, self._pause(url))
 
     def _pause_all(self) -> dict[str, OSError | None]:
-        return {url: self._pause(url) for url in self.urls}
+        return {url: self._pause(url) for url in self._live()}
 
     def _pause(self, url: str) -> OSError | None:
         """Drain the server's requests (new ones queue until resume), then clear its KV and
@@ -163,12 +165,16 @@ class VLLMEngine:
     def _current_servers(self) -> list[str]:
         """The servers holding the current weights, after retrying the reload of stale ones."""
         if self.weights is None:
-            return self.urls
+            return self._live()
         with self._reloading:  # generate may run in several threads: one reload per stale server
-            for url in self.urls:
+            for url in self._live():
                 if self.loaded[url] != self.version and self.weights_path is not None:
                     self.loaded[url] = self.reload_server(url, self.weights_path, self.version)
-        return [u for u in self.urls if self.loaded[u] == self.version]
+        return [u for u in self._live() if self.loaded[u] == self.version]
+
+    def _live(self) -> list[str]:
+        """The servers to use and sync now (fleet.FleetEngine leaves out those found down)."""
+        return self.urls
 
     # -- sampling ---------------------------------------------------------------------------
 
@@ -246,7 +252,7 @@ def parse_completion(reply: dict, n: int) -> tuple[list[list[int]], list[list[fl
     return responses, logprobs
 
 
-def build_engine(cfg, trainable, tokenizer, vocab_size: int) -> VLLMEngine:
+def build_engine(cfg, trainable, tokenizer, vocab_size: int):
     """The engine `train.setup` uses when `--rollout-url` is set. `vocab_size` is the served
     model's vocabulary (its config.json `vocab_size`): Megatron's padding rows are cut to it.
     The API key, if the servers want one, comes from $MEGATRON_RMT_VLLM_API_KEY (not the config,
@@ -261,7 +267,9 @@ def build_engine(cfg, trainable, tokenizer, vocab_size: int) -> VLLMEngine:
         weights = MemoryWeightSync(
             trainable.model, cfg.model, vocab_size, transport, r.weight_sync_interval
         )
-    engine = VLLMEngine(
+    from megatron_rmt.rollout.fleet import FleetEngine  # a subclass of VLLMEngine
+
+    engine = FleetEngine(
         r.rollout_url,
         tokenizer.eod,
         timeout=r.rollout_timeout,

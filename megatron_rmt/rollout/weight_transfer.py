@@ -74,7 +74,7 @@ class MemoryWeightSync:
         """Collective: every server gets this version's weights; url -> version now held."""
         result = None
         if self.is_reloader:
-            with ThreadPoolExecutor(len(urls)) as pool:
+            with ThreadPoolExecutor(max(1, len(urls))) as pool:
                 paused = {url: pool.submit(_pause, url, call) for url in urls}
                 tensors = self.gather()
                 buckets = [self.transport.pack(*b) for b in _buckets(tensors, self.bucket_bytes)]
