@@ -10,8 +10,10 @@
 #   python tools/preprocess_data.py --input corpus.jsonl --output-prefix $DATA \
 #       --tokenizer-type HuggingFaceTokenizer --tokenizer-model /models/Qwen3-14B --append-eod
 # Rollouts: one or more vLLM servers (ROLLOUT_URLS, space-separated; start each with
-# `python -m megatron_rmt.rollout.serve --model HF_DIR`) that can read SYNC_DIR, where the trainer
-# writes its weights every step. Without them the trainer uses its embedded engine (slow for 14B).
+# `python -m megatron_rmt.rollout.serve --model HF_DIR --weight-transfer nccl`): the trainer pushes
+# its weights into them in memory every step (WEIGHT_TRANSFER=gloo for CPU servers), or, with
+# SYNC_DIR set, writes them there for the servers to read. Without servers the trainer uses its
+# embedded engine (slow for 14B).
 # Launch on every node with MASTER_ADDR, MASTER_PORT, NNODES, NODE_RANK set (e.g. by SLURM).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,8 +37,10 @@ echo "corpus: $TOKENS tokens in $DOCS documents (mean $((TOKENS / DOCS))); $EPOC
   "$GLOBAL_BATCH windows = $STEPS steps (training $TRAIN_ITERS); paper-like batch:" \
   "$(( (128 * TOKENS / DOCS + 4095) / 4096 )) windows per 128 documents"
 ROLLOUT=()
-if [ -n "${ROLLOUT_URLS:-}" ]; then
-  ROLLOUT=(--rollout-url $ROLLOUT_URLS --weight-sync-dir "${SYNC_DIR:?shared dir the servers read}")
+if [ -n "${ROLLOUT_URLS:-}" ] && [ -n "${SYNC_DIR:-}" ]; then  # a directory the servers share
+  ROLLOUT=(--rollout-url $ROLLOUT_URLS --weight-sync-dir "$SYNC_DIR")
+elif [ -n "${ROLLOUT_URLS:-}" ]; then  # remote servers: weights in memory (nccl on GPU servers)
+  ROLLOUT=(--rollout-url $ROLLOUT_URLS --weight-transfer "${WEIGHT_TRANSFER:-nccl}")
 fi
 
 torchrun --nnodes "$NNODES" --node-rank "$NODE_RANK" --nproc-per-node 8 \

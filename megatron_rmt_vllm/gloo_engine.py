@@ -10,7 +10,6 @@ files would load them.
 
 from dataclasses import dataclass
 
-import torch
 from vllm.distributed.weight_transfer.base import (
     WeightTransferEngine,
     WeightTransferInitInfo,
@@ -73,11 +72,7 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
     def receive_weights(self, update_info: GlooUpdateInfo) -> None:
         if self.group is None:
             raise RuntimeError("gloo weight transfer not initialised: call init first")
-        info = vars(update_info)
-        _, total = wire.offsets(info["dtype_names"], info["shapes"])
-        buffer = torch.empty(total, dtype=torch.uint8)
-        self.group.broadcast(buffer, 0).wait()
-        self.model.load_weights(wire.unpack(info, buffer))
+        self.model.load_weights(wire.receive(self.group, vars(update_info)))
 
     def shutdown(self) -> None:
         self.group = None

@@ -2,61 +2,45 @@
 (receiver); torch only.
 
 One `/update_weights` call carries one bucket: its parameters' names, dtypes and shapes as JSON,
-while the bytes travel as one flat uint8 tensor broadcast from the trainer (rank 0) over a gloo
-group. Each tensor starts at a multiple of `ALIGN` bytes, so the receiver reads every one as a
-view of the buffer, without a copy.
+while the tensors themselves are broadcast from the trainer (rank 0) over a gloo group, one
+broadcast each, all queued before the first wait: no packing copy on either side (measured:
+packing 50 MiB into one buffer cost 30-90 ms here, more than the transfer).
 """
 
 import datetime
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
 
-ALIGN = 64
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def offsets(dtype_names: list[str], shapes: list[list[int]]) -> tuple[list[int], int]:
-    """Where each tensor starts in the buffer, and the buffer's size in bytes."""
-    starts, end = [], 0
-    for name, shape in zip(dtype_names, shapes, strict=True):
-        start = -(-end // ALIGN) * ALIGN
-        size = torch.Size(shape).numel() * getattr(torch, name).itemsize
-        starts.append(start)
-        end = start + size
-    return starts, end
-
 
 def describe(names: list[str], tensors: list[torch.Tensor]) -> dict:
-    """A bucket's update_info: what the worker needs to cut the buffer."""
+    """A bucket's update_info: what the worker allocates to receive it."""
     return {
         "names": list(names),
-        "dtype_names": [dtype_name(t.dtype) for t in tensors],
+        "dtype_names": [str(t.dtype).removeprefix("torch.") for t in tensors],
         "shapes": [list(t.shape) for t in tensors],
     }
 
 
-def pack(info: dict, tensors: list[torch.Tensor]) -> torch.Tensor:
-    starts, total = offsets(info["dtype_names"], info["shapes"])
-    buffer = torch.empty(total, dtype=torch.uint8)
-    for start, tensor in zip(starts, tensors, strict=True):
-        flat = tensor.detach().contiguous().view(-1).view(torch.uint8)
-        buffer[start : start + flat.numel()].copy_(flat)
-    return buffer
+def send(group: dist.ProcessGroupGloo, tensors: list[torch.Tensor]) -> None:
+    """Rank 0: broadcast every tensor of the bucket, all queued at once, then wait."""
+    tensors = [t.contiguous() for t in tensors]
+    for work in [group.broadcast(t, 0) for t in tensors]:
+        work.wait()
 
 
-def unpack(info: dict, buffer: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-    starts, _ = offsets(info["dtype_names"], info["shapes"])
-    out = []
-    for name, dtype, shape, start in zip(
-        info["names"], info["dtype_names"], info["shapes"], starts, strict=True
-    ):
-        size = torch.Size(shape).numel() * getattr(torch, dtype).itemsize
-        out.append((name, buffer[start : start + size].view(getattr(torch, dtype)).view(shape)))
-    return out
+def receive(group: dist.ProcessGroupGloo, info: dict) -> Iterator[tuple[str, torch.Tensor]]:
+    """A worker: the bucket `send` broadcasts, as (name, tensor) in order, each yielded as soon
+    as it has arrived, so loading it overlaps the transfer of the next ones."""
+    tensors = [
+        torch.empty(shape, dtype=getattr(torch, dtype))
+        for dtype, shape in zip(info["dtype_names"], info["shapes"], strict=True)
+    ]
+    works = [group.broadcast(t, 0) for t in tensors]
+    for name, tensor, work in zip(info["names"], tensors, works, strict=True):
+        work.wait()
+        yield name, tensor
 
 
 def open_group(

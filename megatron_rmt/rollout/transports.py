@@ -66,14 +66,13 @@ class GlooTransport:
         )
 
     def pack(self, names: list[str], tensors: list[torch.Tensor]):
-        info = wire.describe(names, tensors)
-        return info, wire.pack(info, tensors)
+        return wire.describe(names, tensors), tensors
 
-    def send(self, url: str, info: dict, payload: torch.Tensor, call) -> None:
+    def send(self, url: str, info: dict, tensors: list[torch.Tensor], call) -> None:
         group = self.groups[url]
         _while(
             lambda: call(url, "/update_weights", {"update_info": info}),
-            lambda: group.broadcast(payload, 0).wait(),
+            lambda: wire.send(group, tensors),
         )
 
     def drop(self, url: str) -> None:

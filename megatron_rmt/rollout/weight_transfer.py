@@ -5,7 +5,7 @@ Every rank calls `push(version, urls, call)` together. Each pipeline stage gathe
 over TP into HF names (`hf_mapping.megatron_to_hf_tensors`, as the disk sync does); the other
 stages' TP-rank-0 send theirs to global rank 0 over the pipeline group, and the other data-parallel
 replicas skip the gather. Global rank 0 then, for every server in its own thread:
-`/pause?mode=wait` (sent before the gather, so it overlaps it), `/start_weight_update`, one
+`/pause?mode=wait`, `/start_weight_update` (both while the gather runs), one
 `/update_weights` per bucket of about `bucket_bytes` while the bucket is broadcast
 (`transports.py`), `/finish_weight_update` tagged with the version, `/resume`. Every rank learns
 which version each server now holds.
@@ -75,12 +75,12 @@ class MemoryWeightSync:
         result = None
         if self.is_reloader:
             with ThreadPoolExecutor(max(1, len(urls))) as pool:
-                paused = {url: pool.submit(_pause, url, call) for url in urls}
-                tensors = self.gather()
+                ready = {url: pool.submit(self._prepare, url, call) for url in urls}
+                tensors = self.gather()  # while the servers pause and get ready
                 buckets = [self.transport.pack(*b) for b in _buckets(tensors, self.bucket_bytes)]
                 del tensors
                 futures = {
-                    url: pool.submit(self._push_one, url, paused[url], buckets, version, call)
+                    url: pool.submit(self._push_one, url, ready[url], buckets, version, call)
                     for url in urls
                 }
                 result = {url: f.result() for url, f in futures.items()}
@@ -108,14 +108,27 @@ class MemoryWeightSync:
             local = _to_first_stage(local)
         return local if _rank() == 0 else None
 
-    def _push_one(self, url, paused, buckets, version: int, call) -> int | None:
-        error = paused.result()
-        if error is not None:
-            return self._failed(url, error)
+    def _prepare(self, url: str, call) -> BaseException | None:
+        """Pause the server, (re)open its transfer group if it is new or restarted, start the
+        update. The error if any step failed: after a failed pause nothing else is sent."""
+        try:
+            call(url, "/pause?mode=wait", {})
+        except OSError as e:
+            return e
         try:
             if self.held.get(url) is None or _held_tag(url, call) != self.held[url]:
                 self.transport.connect(url, call, _workers(url, call))
             call(url, "/start_weight_update", {})
+        except (OSError, RuntimeError, ValueError, KeyError) as e:
+            self._resume(url, call)
+            return e
+        return None
+
+    def _push_one(self, url, ready, buckets, version: int, call) -> int | None:
+        error = ready.result()
+        if error is not None:
+            return self._failed(url, error)
+        try:
             for info, payload in buckets:
                 self.transport.send(url, info, payload, call)
             tag = f"{self.tag}-v{version}"
@@ -123,25 +136,22 @@ class MemoryWeightSync:
             self.held[url] = tag
         except (OSError, RuntimeError, ValueError, KeyError) as e:
             error = e
+        error = self._resume(url, call) or error
+        return version if error is None else self._failed(url, error)
+
+    @staticmethod
+    def _resume(url: str, call) -> OSError | None:
         try:
             call(url, "/resume", {})  # never leave a server paused
         except OSError as e:
-            error = error or e
-        return version if error is None else self._failed(url, error)
+            return e
+        return None
 
     def _failed(self, url: str, error: BaseException) -> None:
         log.warning("weight push to %s failed, it is not used until the next sync: %s", url, error)
         self.held[url] = None
         self.transport.drop(url)
         return None
-
-
-def _pause(url: str, call) -> OSError | None:
-    try:
-        call(url, "/pause?mode=wait", {})
-    except OSError as e:
-        return e
-    return None
 
 
 def _held_tag(url: str, call) -> str | None:
