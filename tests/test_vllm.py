@@ -277,16 +277,16 @@ def test_weight_sync_serves_the_trainers_weights(server, tiny_corpus, tmp_path, 
     assert gap < 2e-3
 
 
-def push_then_reload(argv, url, sync_dir):
-    """The same new weights through the gloo transfer, then through files: what the server samples
-    (tokens and log-probs) after each."""
+def push_then_reload(argv, url, sync_dir, transfer="gloo"):
+    """The same new weights in memory (`transfer`), then through files: what the server samples
+    (tokens and log-probs) before and after each."""
     run = train.setup(config.parse(argv))
     _perturb(run, 3)
     req = RolloutRequest(PROMPT * 3, n=4, max_tokens=8, temperature=1.0, top_p=1.0, seed=5)
     served = [client_mod.VLLMEngine([url], eos_id=run.tokenizer.eod).generate([req])[0]]
-    for transfer in ("gloo", "disk"):
+    for path in (transfer, "disk"):
         cfg = config.parse([*argv, "--rollout-url", url, "--weight-sync-dir", sync_dir,
-                            "--weight-transfer", transfer])  # fmt: skip
+                            "--weight-transfer", path])  # fmt: skip
         engine = client_mod.build_engine(cfg, run.trainable, run.tokenizer, 50257)
         engine.sync_weights(0)
         served.append(engine.generate([req])[0])
@@ -301,6 +301,28 @@ def test_in_memory_push_loads_the_same_bits_as_the_file_reload(server, tiny_corp
     assert pushed.logprobs != before.logprobs  # the push changed what the server holds
     assert pushed.responses == reloaded.responses
     assert pushed.logprobs == reloaded.logprobs  # exactly equal floats
+
+
+@pytest.mark.gpu
+def test_nccl_push_loads_the_same_bits_as_the_file_reload(tiny_corpus, tmp_path):
+    """vLLM's own nccl backend on a GPU server (written from vLLM 0.32's sources; not run on the
+    CPU machine this was developed on)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU for the server and the trainer")
+    python, reason = _vllm_python()
+    if python is None:
+        pytest.skip(reason)
+    model_dir = str(tmp_path / "hf")
+    build_hf_model(model_dir, 50257)
+    handle = start_server(model_dir, python=python, device="gpu", weight_transfer="nccl",
+                          extra_args=("--dtype", "float32"))  # fmt: skip
+    try:
+        args = (_flags(tiny_corpus), handle.url, str(tmp_path / "sync"), "nccl")
+        before, pushed, reloaded = spawn(push_then_reload, 1, args=args)[0]
+    finally:
+        handle.stop()
+    assert pushed.logprobs != before.logprobs
+    assert pushed.responses == reloaded.responses and pushed.logprobs == reloaded.logprobs
 
 
 class FaultyService:
