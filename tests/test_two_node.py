@@ -1,0 +1,118 @@
+"""Two "nodes" on one machine: two `torchrun --nnodes 2` invocations meeting at a c10d rendezvous
+on 127.0.0.1, one trainer rank each (DP = 2 across the nodes), one real vLLM server per node, the
+weights pushed in memory (gloo), each node in its own working directory with its own copy of the
+data. After step 0 both trainers are frozen (SIGSTOP) while node 1's server is killed and started
+again (it takes longer than a tiny run's steps), then they go on: the run finishes, the restarted
+server is brought to the current weights and serves again, and every step samples.
+"""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from conftest import GPT2, ROOT
+from test_vllm import SHAPE, _check_plugin, _vllm_python, build_hf_model
+
+from megatron_rmt.rollout.serve import start_server
+
+pytestmark = pytest.mark.slow
+STEPS = 3
+
+
+def _port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _node(workdir, corpus, urls, rdzv_port):
+    """One node's trainer: its own directory, data copy, metrics file and log."""
+    os.makedirs(workdir)
+    for ext in (".bin", ".idx"):
+        shutil.copy(corpus + ext, os.path.join(workdir, "data" + ext))
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+        "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{rdzv_port}",
+        "--rdzv-id", "two-node-test", "--local-addr", "127.0.0.1",
+        "-m", "megatron_rmt.train", "--config", f"{ROOT}/configs/tiny_cpu.yaml", *GPT2, *SHAPE,
+        "--data-path", "data", "--budget-initial", "4", "--max-response-tokens", "16",
+        "--group-size", "4", "--train-iters", str(STEPS), "--metrics-file", "metrics.jsonl",
+        "--rollout-url", *urls, "--weight-transfer", "gloo", "--rollout-timeout", "20",
+        "--rollout-retries", "1",
+    ]  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=ROOT, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
+    log = open(os.path.join(workdir, "train.log"), "w")  # noqa: SIM115 (closed by the test)
+    proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)  # fmt: skip
+    return proc, log
+
+
+def _rows(workdirs):
+    """The metrics rank 0 wrote, on whichever node it landed."""
+    for d in workdirs:
+        path = os.path.join(d, "metrics.jsonl")
+        if os.path.exists(path):
+            with open(path) as fh:
+                return [json.loads(line) for line in fh]
+    return []
+
+
+def _weight_tag(url):
+    with urllib.request.urlopen(url + "/weight_info", timeout=10) as r:
+        return json.loads(r.read())["weight_version"]
+
+
+def test_two_nodes_lose_a_server_and_get_it_back(tiny_corpus, tmp_path):
+    python, reason = _vllm_python()
+    if python is None:
+        pytest.skip(reason)
+    _check_plugin(python)
+    model_dir = str(tmp_path / "hf")
+    build_hf_model(model_dir, 50257)
+    ports = [_port(), _port()]
+    start = lambda port: start_server(model_dir, python=python, port=port, weight_transfer="gloo")  # noqa: E731
+    with ThreadPoolExecutor(2) as pool:
+        servers = list(pool.map(start, ports))
+    urls = [s.url for s in servers]
+    rdzv, nodes, dirs = _port(), [], [str(tmp_path / f"node{i}") for i in range(2)]
+    try:
+        nodes = [_node(d, tiny_corpus, urls, rdzv) for d in dirs]
+        deadline = time.monotonic() + 600
+        while not _rows(dirs) and time.monotonic() < deadline:  # step 0 done
+            assert all(p.poll() is None for p, _ in nodes), "a trainer exited early"
+            time.sleep(0.2)
+        for p, _ in nodes:
+            os.killpg(p.pid, signal.SIGSTOP)
+        servers[1].stop(grace_s=0)  # node 1's server dies ...
+        servers[1] = start_server(model_dir, python=python, port=ports[1], weight_transfer="gloo")
+        for p, _ in nodes:  # ... and is back before the trainers notice
+            os.killpg(p.pid, signal.SIGCONT)
+        codes = [p.wait(timeout=600) for p, _ in nodes]
+        assert codes == [0, 0], [open(os.path.join(d, "train.log")).read()[-3000:] for d in dirs]
+        rows = _rows(dirs)
+        assert [m["step"] for m in rows] == list(range(STEPS))
+        for m in rows:  # every step sampled: the other server covered while node 1's was stale
+            assert m["rollout_failed"] == 0 and m["rl_positions"] > 0 and m["rl_tokens"] > 0
+        # The restarted server holds the last version the run pushed, as the other one does ...
+        tags = [_weight_tag(u) for u in urls]
+        assert tags[0] == tags[1] and tags[0].endswith(f"-v{STEPS}")
+        # ... and was in use again at the last step (live, and current since the previous sync).
+        assert rows[-1]["rollout_servers_down"] == 0
+        assert all(not os.path.exists(os.path.join(d, "sync")) for d in dirs)  # no files
+    finally:
+        for p, log in nodes:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGCONT)
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+            log.close()
+        for s in servers:
+            s.stop()
