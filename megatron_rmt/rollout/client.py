@@ -38,7 +38,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from megatron_rmt.rollout.contract import RolloutRequest, RolloutResult
-from megatron_rmt.rollout.transports import TRANSPORTS
+from megatron_rmt.rollout.transports import TRANSPORTS, transfer_timeout
 from megatron_rmt.rollout.weight_sync import DiskWeightSync
 from megatron_rmt.rollout.weight_transfer import MemoryWeightSync
 
@@ -263,7 +263,8 @@ def build_engine(cfg, trainable, tokenizer, vocab_size: int):
             trainable.model, cfg.model, vocab_size, r.weight_sync_dir, r.weight_sync_interval
         )
     else:
-        transport = TRANSPORTS[r.weight_transfer](r.rollout_timeout, r.weight_transfer_address)
+        timeout = transfer_timeout(r.rollout_timeout)
+        transport = TRANSPORTS[r.weight_transfer](timeout, r.weight_transfer_address)
         weights = MemoryWeightSync(
             trainable.model, cfg.model, vocab_size, transport, r.weight_sync_interval
         )

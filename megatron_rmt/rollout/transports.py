@@ -8,6 +8,10 @@ trainer side of vLLM's weight-transfer backends.
   vLLM importable on GPU hosts. Untested here (no GPU): it follows vLLM 0.32's
   `NCCLTrainerWeightTransferEngine` call for call.
 
+`timeout_s` bounds the rendezvous, each broadcast and the server calls that span them
+(init, update); the client makes it at least 30 s (`transfer_timeout`): opening a group or
+loading a bucket on a loaded host can take longer than one rollout request.
+
 One group per server (world size 1 + that server's workers): a server that dies or restarts is
 reconnected alone, the others keep theirs. `connect` runs the server's
 `/init_weight_transfer_engine` while the trainer joins, as both sides rendezvous together; `send`
@@ -47,6 +51,7 @@ class GlooTransport:
 
     def __init__(self, timeout_s: float, address: str | None = None):
         self.timeout_s = timeout_s
+        self.wait = {"timeout": timeout_s}  # for the server calls that span a transfer
         self.address = address
         self.groups: dict[str, dist.ProcessGroupGloo] = {}
 
@@ -61,7 +66,7 @@ class GlooTransport:
             "rank_offset": 1, "timeout_s": self.timeout_s,
         }  # fmt: skip
         self.groups[url] = _while(
-            lambda: call(url, "/init_weight_transfer_engine", {"init_info": info}),
+            lambda: call(url, "/init_weight_transfer_engine", {"init_info": info}, **self.wait),
             lambda: wire.open_group(store, 0, 1 + workers, self.timeout_s),
         )
 
@@ -71,7 +76,7 @@ class GlooTransport:
     def send(self, url: str, info: dict, tensors: list[torch.Tensor], call) -> None:
         group = self.groups[url]
         _while(
-            lambda: call(url, "/update_weights", {"update_info": info}),
+            lambda: call(url, "/update_weights", {"update_info": info}, **self.wait),
             lambda: wire.send(group, tensors),
         )
 
@@ -84,6 +89,7 @@ class NcclTransport:
 
     def __init__(self, timeout_s: float, address: str | None = None, bucket_bytes: int = 1 << 30):
         self.timeout_s = timeout_s
+        self.wait = {"timeout": timeout_s}
         self.address = address
         self.bucket_bytes = bucket_bytes
         self.groups: dict = {}
@@ -101,7 +107,7 @@ class NcclTransport:
             "packed_num_buffers": 2,
         }  # fmt: skip
         self.groups[url] = _while(
-            lambda: call(url, "/init_weight_transfer_engine", {"init_info": info}),
+            lambda: call(url, "/init_weight_transfer_engine", {"init_info": info}, **self.wait),
             lambda: trainer_init(info),
         )
 
@@ -120,7 +126,7 @@ class NcclTransport:
             )  # fmt: skip
             torch.cuda.current_stream().synchronize()
 
-        _while(lambda: call(url, "/update_weights", {"update_info": info}), broadcast)
+        _while(lambda: call(url, "/update_weights", {"update_info": info}, **self.wait), broadcast)
 
     def drop(self, url: str) -> None:
         group = self.groups.pop(url, None)
@@ -129,3 +135,7 @@ class NcclTransport:
 
 
 TRANSPORTS = {"gloo": GlooTransport, "nccl": NcclTransport}
+
+
+def transfer_timeout(rollout_timeout: float) -> float:
+    return max(rollout_timeout, 30.0)

@@ -132,7 +132,7 @@ class MemoryWeightSync:
             for info, payload in buckets:
                 self.transport.send(url, info, payload, call)
             tag = f"{self.tag}-v{version}"
-            call(url, "/finish_weight_update", {"weight_version": tag})
+            call(url, "/finish_weight_update", {"weight_version": tag}, **self.transport.wait)
             self.held[url] = tag
         except (OSError, RuntimeError, ValueError, KeyError) as e:
             error = e
