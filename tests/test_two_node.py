@@ -33,22 +33,42 @@ def _port():
         return s.getsockname()[1]
 
 
+def _flags(urls):
+    return [
+        "--config", f"{ROOT}/configs/tiny_cpu.yaml", *GPT2, *SHAPE, "--data-path", "data",
+        "--budget-initial", "4", "--max-response-tokens", "16", "--group-size", "4",
+        "--train-iters", str(STEPS), "--metrics-file", "metrics.jsonl", "--rollout-url", *urls,
+        "--weight-transfer", "gloo", "--rollout-timeout", "20", "--rollout-retries", "1",
+    ]  # fmt: skip
+
+
+# Megatron's GPTDataset writes its index cache on global rank 0 only; the other ranks read it.
+# Without a shared filesystem each node stages its data and that cache itself, before the run.
+STAGE = """
+import sys
+from megatron_rmt import config, data, tokenizer
+cfg = config.parse(sys.argv[1:])
+d = cfg.data
+data.build_train_dataset(d.data_path, d.split, cfg.model.seq_length,
+                         cfg.optim.train_iters * d.global_batch_size, cfg.parallel.seed,
+                         tokenizer.tokenizer_of(d), d.data_cache_path)
+"""
+
+
 def _node(workdir, corpus, urls, rdzv_port):
-    """One node's trainer: its own directory, data copy, metrics file and log."""
+    """One node's trainer: its own directory, data copy and index cache, metrics file and log."""
     os.makedirs(workdir)
     for ext in (".bin", ".idx"):
         shutil.copy(corpus + ext, os.path.join(workdir, "data" + ext))
+    env = dict(os.environ, PYTHONPATH=ROOT, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable, "-c", STAGE, *_flags(urls)], cwd=workdir, env=env, check=True,
+                   capture_output=True)  # fmt: skip
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
         "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{rdzv_port}",
         "--rdzv-id", "two-node-test", "--local-addr", "127.0.0.1",
-        "-m", "megatron_rmt.train", "--config", f"{ROOT}/configs/tiny_cpu.yaml", *GPT2, *SHAPE,
-        "--data-path", "data", "--budget-initial", "4", "--max-response-tokens", "16",
-        "--group-size", "4", "--train-iters", str(STEPS), "--metrics-file", "metrics.jsonl",
-        "--rollout-url", *urls, "--weight-transfer", "gloo", "--rollout-timeout", "20",
-        "--rollout-retries", "1",
+        "-m", "megatron_rmt.train", *_flags(urls),
     ]  # fmt: skip
-    env = dict(os.environ, PYTHONPATH=ROOT, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
     log = open(os.path.join(workdir, "train.log"), "w")  # noqa: SIM115 (closed by the test)
     proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)  # fmt: skip
