@@ -1,9 +1,10 @@
 """Two "nodes" on one machine: two `torchrun --nnodes 2` invocations meeting at a c10d rendezvous
 on 127.0.0.1, one trainer rank each (DP = 2 across the nodes), one real vLLM server per node, the
 weights pushed in memory (gloo), each node in its own working directory with its own copy of the
-data. After step 0 both trainers are frozen (SIGSTOP) while node 1's server is killed and started
-again (it takes longer than a tiny run's steps), then they go on: the run finishes, the restarted
-server is brought to the current weights and serves again, and every step samples.
+data and index cache. After step 0 both trainer ranks are frozen (SIGSTOP) while node 1's server
+is killed and started again (that takes longer than a tiny run's steps), then they go on: the
+run finishes, the restarted server is brought to the current weights and is back in the fleet
+at the last step, and every step samples (the other server covers while node 1's is stale).
 """
 
 import json
@@ -17,6 +18,7 @@ import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
+import psutil
 import pytest
 from conftest import GPT2, ROOT
 from test_vllm import SHAPE, _check_plugin, _vllm_python, build_hf_model
@@ -24,7 +26,7 @@ from test_vllm import SHAPE, _check_plugin, _vllm_python, build_hf_model
 from megatron_rmt.rollout.serve import start_server
 
 pytestmark = pytest.mark.slow
-STEPS = 3
+STEPS = 4  # the restarted server is pushed the weights at step 2's sync, serves at step 3
 
 
 def _port():
@@ -75,6 +77,17 @@ def _node(workdir, corpus, urls, rdzv_port):
     return proc, log
 
 
+def _trainer_ranks(nodes):
+    """The trainer processes torchrun started (its agents keep running: they would take
+    a rendezvous heartbeat missed for a minute as a dead node)."""
+    return [c for p, _ in nodes for c in psutil.Process(p.pid).children(recursive=True)]
+
+
+def _signal(processes, sig):
+    for proc in processes:
+        proc.send_signal(sig)
+
+
 def _rows(workdirs):
     """The metrics rank 0 wrote, on whichever node it landed."""
     for d in workdirs:
@@ -109,12 +122,11 @@ def test_two_nodes_lose_a_server_and_get_it_back(tiny_corpus, tmp_path):
         while not _rows(dirs) and time.monotonic() < deadline:  # step 0 done
             assert all(p.poll() is None for p, _ in nodes), "a trainer exited early"
             time.sleep(0.2)
-        for p, _ in nodes:
-            os.killpg(p.pid, signal.SIGSTOP)
+        trainers = _trainer_ranks(nodes)
+        _signal(trainers, signal.SIGSTOP)
         servers[1].stop(grace_s=0)  # node 1's server dies ...
         servers[1] = start_server(model_dir, python=python, port=ports[1], weight_transfer="gloo")
-        for p, _ in nodes:  # ... and is back before the trainers notice
-            os.killpg(p.pid, signal.SIGCONT)
+        _signal(trainers, signal.SIGCONT)  # ... and is back before the trainers notice
         codes = [p.wait(timeout=600) for p, _ in nodes]
         assert codes == [0, 0], [open(os.path.join(d, "train.log")).read()[-3000:] for d in dirs]
         rows = _rows(dirs)
@@ -124,14 +136,15 @@ def test_two_nodes_lose_a_server_and_get_it_back(tiny_corpus, tmp_path):
         # The restarted server holds the last version the run pushed, as the other one does ...
         tags = [_weight_tag(u) for u in urls]
         assert tags[0] == tags[1] and tags[0].endswith(f"-v{STEPS}")
-        # ... and was in use again at the last step (live, and current since the previous sync).
+        # ... and was back in the fleet at the last step, holding the current weights since the
+        # previous sync, so the client spread that step's requests over both servers.
         assert rows[-1]["rollout_servers_down"] == 0
         assert all(not os.path.exists(os.path.join(d, "sync")) for d in dirs)  # no files
     finally:
         for p, log in nodes:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGCONT)
-                os.killpg(p.pid, signal.SIGKILL)
+            if p.poll() is None:  # the ranks too: they may not share the agent's group
+                _signal([*_trainer_ranks([(p, log)]), psutil.Process(p.pid)], signal.SIGCONT)
+                _signal([*_trainer_ranks([(p, log)]), psutil.Process(p.pid)], signal.SIGKILL)
                 p.wait()
             log.close()
         for s in servers:
