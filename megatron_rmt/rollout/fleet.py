@@ -7,7 +7,9 @@ gives, watching its servers.
   a request during the step, is down: no request is sent to it and the weight sync skips it, so
   a hung server costs one timeout, not one per call. Each probe of a down server can bring it
   back; it then serves again only once it holds the current weights (the disk path reloads it at
-  once, the in-memory path pushes to it at the next sync).
+  once, the in-memory path pushes to it at the next sync). In memory the probe also reads the
+  server's weight version tag, so a server restarted between two probes (with its original
+  weights) is not taken for one holding ours.
 - A server this process launched (`launchers`: url -> a function that starts it again and
   returns once it is healthy) is restarted in the background when it goes down; it stays down
   meanwhile. Servers launched elsewhere (`--rollout-url`) are restarted by whoever started them
@@ -26,6 +28,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from megatron_rmt.rollout.client import VLLMEngine, parse_completion
+from megatron_rmt.rollout.weight_transfer import held_tag
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +79,8 @@ class FleetEngine(VLLMEngine):
             alive = dict(zip(self.urls, pool.map(self.probe, self.urls), strict=True))
         for url, ok in alive.items():
             restarting = url in self._restarting and not self._restarting[url].done()
+            if ok and not self._holds_what_we_think(url):
+                self.loaded[url] = None  # restarted unseen: its weights are not ours
             if ok and not restarting:
                 if url in self.down:
                     log.warning("rollout server %s is back", url)
@@ -96,6 +101,18 @@ class FleetEngine(VLLMEngine):
         except (OSError, ValueError, KeyError, TypeError):
             return False
         return True
+
+    def _holds_what_we_think(self, url: str) -> bool:
+        """In memory, a server reports the version tag of its last push; one that restarted
+        between two requests reports another (the disk path cannot tell)."""
+        tag_of = getattr(self.weights, "tag_of", None)
+        if tag_of is None or self.loaded[url] is None:
+            return True
+        try:
+            held = held_tag(url, lambda *a, **k: self._call(*a, **k, timeout=self.probe_timeout))
+        except OSError:
+            return False
+        return held == tag_of(self.loaded[url])
 
     def _drop(self, url: str, why: str) -> None:
         if url not in self.down:

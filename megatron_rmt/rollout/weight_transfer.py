@@ -12,7 +12,8 @@ which version each server now holds.
 
 Deliberate choices:
 - A restarted server is found by its weight version tag (`GET /weight_info`): it no longer
-  carries this trainer's tag, so the transfer group is opened again before the push. A server
+  carries this trainer's tag (the same on every rank), so the transfer group is opened again
+  before the push, and the fleet's probe stops using it until then (fleet.py). A server
   that fails any call is marked stale (None), its group dropped, and it is pushed again, with a
   new group, at the next sync; until then the client does not use it. Unlike the disk path there
   are no files to reload a stale server from between syncs.
@@ -58,7 +59,7 @@ class MemoryWeightSync:
         self.interval = interval
         self.dtype = dtype
         self.bucket_bytes = bucket_bytes
-        self.tag = uuid.uuid4().hex[:12]  # this trainer's weights, as the servers report them
+        self.tag = _same_on_every_rank(uuid.uuid4().hex[:12])  # as the servers report it
         self.held: dict[str, str | None] = {}  # url -> the tag it was last given
         self._first = True
 
@@ -92,6 +93,10 @@ class MemoryWeightSync:
             result = box[0]
         return result
 
+    def tag_of(self, version: int) -> str:
+        """The weight version a server reports (`/weight_info`) once it holds `version`."""
+        return f"{self.tag}-v{version}"
+
     def gather(self) -> list[tuple[str, torch.Tensor]] | None:
         """Collective: the whole model in HF names on global rank 0 (None elsewhere)."""
         if ps.get_data_parallel_rank() != 0:
@@ -116,7 +121,7 @@ class MemoryWeightSync:
         except OSError as e:
             return e
         try:
-            if self.held.get(url) is None or _held_tag(url, call) != self.held[url]:
+            if self.held.get(url) is None or held_tag(url, call) != self.held[url]:
                 self.transport.connect(url, call, _workers(url, call))
             call(url, "/start_weight_update", {})
         except (OSError, RuntimeError, ValueError, KeyError) as e:
@@ -131,7 +136,7 @@ class MemoryWeightSync:
         try:
             for info, payload in buckets:
                 self.transport.send(url, info, payload, call)
-            tag = f"{self.tag}-v{version}"
+            tag = self.tag_of(version)
             call(url, "/finish_weight_update", {"weight_version": tag}, **self.transport.wait)
             self.held[url] = tag
         except (OSError, RuntimeError, ValueError, KeyError) as e:
@@ -154,7 +159,15 @@ class MemoryWeightSync:
         return None
 
 
-def _held_tag(url: str, call) -> str | None:
+def _same_on_every_rank(value):
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [value]
+        dist.broadcast_object_list(box, src=0, device=platform.device())
+        value = box[0]
+    return value
+
+
+def held_tag(url: str, call) -> str | None:
     return (call(url, "/weight_info", None, method="GET") or {}).get("weight_version")
 
 
