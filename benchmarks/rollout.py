@@ -3,8 +3,9 @@
 1. sampling throughput (generated tokens/s) for the same token-id prompts through the project's
    HTTP client against a running server, and through vLLM's own offline `LLM.generate`;
 2. weight sync time against writing the same tensors with `safetensors.save_file` alone: the
-   client's sync and the previous recipe (write, then pause, reload, reset_prefix_cache, resume
-   one after the other), side by side, with each part timed alone.
+   client's sync through files and the previous recipe (write, then pause, reload,
+   reset_prefix_cache, resume one after the other), each part timed alone, and the in-memory
+   sync (`--weight-transfer gloo`: no file), side by side against the same server.
 
     python benchmarks/rollout.py --model tiny      # Qwen3, hidden 128, 4x32 heads, 2 layers
     python benchmarks/rollout.py --model smollm2   # SmolLM2-135M from the GGUF in assets
@@ -36,7 +37,9 @@ from megatron_rmt.model.hf_mapping import load_hf_tensors_into_megatron, megatro
 from megatron_rmt.rollout.client import VLLMEngine
 from megatron_rmt.rollout.contract import RolloutRequest
 from megatron_rmt.rollout.serve import CPU_ENV, default_python, start_server
+from megatron_rmt.rollout.transports import GlooTransport
 from megatron_rmt.rollout.weight_sync import DiskWeightSync
+from megatron_rmt.rollout.weight_transfer import MemoryWeightSync
 
 TINY_SHAPE = [
     "--hidden-size", "128", "--ffn-hidden-size", "256", "--num-attention-heads", "4",
@@ -130,13 +133,19 @@ def sync_times(url, eos, model, m, vocab, sync_dir, reps):
     - `after`: the sync as the client runs it (`sync_weights`: the pause overlaps the write);
     - `before`: the previous recipe, one step after the other: write, pause, reload_weights,
       reset_prefix_cache, resume (each call also timed alone: `pause`, `reload`, ...);
+    - `memory`: the in-memory sync (gloo transfer group, pause, start, update, finish, resume);
     - `gather` (the HF tensors from the Megatron model), `write` (`DiskWeightSync.write`:
       gather, save, rename, clean-up) and `save_file` of the same tensors alone.
-    The two recipes alternate which goes first. Also returns the bytes written."""
+    The three recipes rotate which goes first. Also returns the bytes written."""
     weights = DiskWeightSync(model, m, vocab, sync_dir)
     engine = VLLMEngine([url], eos, weights=weights)
+    in_memory = VLLMEngine(
+        [url], eos, weights=MemoryWeightSync(model, m, vocab, GlooTransport(120.0))
+    )
+    in_memory.sync_weights(0)  # opens the transfer group once, as a run does at its start
     tensors = {k: v.detach().clone() for k, v in megatron_to_hf_tensors(model[0], m, vocab)}
-    times = {k: [] for k in ("after", "before", "write", *BEFORE_CALLS, "gather", "save_file")}
+    keys = ("after", "before", "memory", "write", *BEFORE_CALLS, "gather", "save_file")
+    times = {k: [] for k in keys}
 
     def timed(key, fn):
         t = time.perf_counter()
@@ -157,8 +166,14 @@ def sync_times(url, eos, model, m, vocab, sync_dir, reps):
             timed(key, lambda r=route: engine._call(url, r, body))
         times["before"].append(time.perf_counter() - start)
 
+    def memory(v):
+        timed("memory", lambda: in_memory.sync_weights(v))
+        if in_memory.loaded[url] != v:
+            raise RuntimeError(f"server did not take v{v} in memory")
+
+    recipes = [after, before, memory]
     for v in range(reps):
-        for recipe in (after, before) if v % 2 == 0 else (before, after):
+        for recipe in recipes[v % 3 :] + recipes[: v % 3]:
             recipe(v)
         timed("gather", lambda: [t.contiguous() for _, t in megatron_to_hf_tensors(model[0], m)])
         plain = os.path.join(sync_dir, f"plain{v}")
@@ -208,7 +223,7 @@ def main(argv=None) -> None:
             [rng.randrange(vocab) for _ in range(args.prompt_tokens)] for _ in range(args.prompts)
         ]
         t = time.perf_counter()
-        server = start_server(model_dir)
+        server = start_server(model_dir, weight_transfer="gloo")
         startup = time.perf_counter() - t
         try:
             if not args.sync_only:
@@ -252,10 +267,12 @@ def report_sync(args, t: dict, nbytes: int) -> None:
         f"{k} {ms[k]:.1f}" for k in ("gather", "save_file", "write", *BEFORE_CALLS)))  # fmt: skip
     for key, what in (
         ("before", "write, pause, reload, reset_prefix_cache, resume in turn"),
-        ("after", "sync_weights: pause during the write, no reset"),
+        ("after", "sync_weights through files: pause during the write, no reset"),
+        ("memory", "sync_weights in memory: gather, gloo transfer, no file"),
     ):
         print(f"  {key:<7}{ms[key]:>7.1f} ms = {t[key] / t['save_file']:.2f}x save_file  ({what})")
-    print("  target: sync <= 3x save_file")
+    print(f"  in memory / files: {t['memory'] / t['after']:.2f}x")
+    print("  targets: files <= 3x save_file; in memory <= 1.5x save_file and below files")
 
 
 if __name__ == "__main__":

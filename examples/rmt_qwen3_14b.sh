@@ -14,10 +14,12 @@
 # Check the memory first, on any machine: WORLD_SIZE=16 python -m megatron_rmt.train \
 #   --config configs/qwen3_14b.yaml --dry-run   (docs/memory.md)
 # Rollouts: one or more vLLM servers (ROLLOUT_URLS, space-separated), each started on its own
-# GPUs with `python -m megatron_rmt.rollout.serve --model HF_DIR --host 0.0.0.0 --
-# --gpu-memory-utilization 0.85` (it prints the URL other nodes reach it at), that can read
-# SYNC_DIR, where the trainer writes its weights every step. The trainer's embedded engine would
-# take ~20-35 minutes per step at 14B: it is used only with EMBEDDED_ROLLOUT=1.
+# GPUs with `python -m megatron_rmt.rollout.serve --model HF_DIR --host 0.0.0.0
+# --weight-transfer nccl -- --gpu-memory-utilization 0.85` (it prints the URL other nodes reach
+# it at). The trainer pushes its weights into them in memory every step (WEIGHT_TRANSFER=gloo for
+# CPU servers), or, with SYNC_DIR set, writes them there for the servers to read. The trainer's
+# embedded engine would take ~20-35 minutes per step at 14B: it is used only with
+# EMBEDDED_ROLLOUT=1.
 # Launch on every node with MASTER_ADDR, MASTER_PORT, NNODES, NODE_RANK set (e.g. by SLURM).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,8 +29,10 @@ cd "$(dirname "$0")/.."
 if [ ! -f "$DATA.idx" ] && [ -f "${DATA}_text_document.idx" ]; then DATA="${DATA}_text_document"; fi
 [ -f "$DATA.idx" ] || { echo "no indexed data at $DATA.idx (tools/preprocess_data.py output)" >&2; exit 1; }
 ROLLOUT=()
-if [ -n "${ROLLOUT_URLS:-}" ]; then
-  ROLLOUT=(--rollout-url $ROLLOUT_URLS --weight-sync-dir "${SYNC_DIR:?shared dir the servers read}")
+if [ -n "${ROLLOUT_URLS:-}" ] && [ -n "${SYNC_DIR:-}" ]; then  # a directory the servers share
+  ROLLOUT=(--rollout-url $ROLLOUT_URLS --weight-sync-dir "$SYNC_DIR")
+elif [ -n "${ROLLOUT_URLS:-}" ]; then  # remote servers: weights in memory (nccl on GPU servers)
+  ROLLOUT=(--rollout-url $ROLLOUT_URLS --weight-transfer "${WEIGHT_TRANSFER:-nccl}")
 elif [ "${EMBEDDED_ROLLOUT:-0}" != 1 ]; then
   echo "set ROLLOUT_URLS (vLLM servers, see above), or EMBEDDED_ROLLOUT=1 for the slow embedded engine" >&2
   exit 1

@@ -211,6 +211,12 @@ class RolloutConfig:
     rollout_max_concurrency: int = _f(16, "requests in flight per trainer replica")
     weight_sync_interval: int = _f(1, "push weights to the service every k steps")
     weight_sync_dir: str | None = _f(None, "directory the service reads synced weights from")
+    weight_transfer: str = _f(
+        "disk", "how weights reach the servers: files, or in memory", ("disk", "gloo", "nccl")
+    )
+    weight_transfer_address: str | None = _f(
+        None, "this host's address the servers reach (default: the route to each server)"
+    )
 
 
 @dataclass(frozen=True)
@@ -409,8 +415,7 @@ def validate(cfg: Config, world_size: int) -> None:
             )
     problems += _validate_rmt(r)
     problems += _validate_scale(cfg, dp)
-    if cfg.rollout.rollout_url and not cfg.rollout.weight_sync_dir:
-        problems.append("--rollout-url needs --weight-sync-dir, a directory the servers can read")
+    problems += _validate_rollout(cfg.rollout, cfg.parallel.distributed_timeout_minutes)
     if cfg.rollout.weight_sync_interval < 1:
         problems.append("weight_sync_interval must be at least 1")
     if o.lr_decay_style == "WSD" and not o.lr_wsd_decay_iters:
@@ -419,6 +424,23 @@ def validate(cfg: Config, world_size: int) -> None:
         problems.append("tokenizer_type HuggingFaceTokenizer needs --tokenizer-model DIR")
     if problems:
         raise ConfigError("invalid configuration: " + "; ".join(problems))
+
+
+def _validate_rollout(ro: RolloutConfig, timeout_minutes: int) -> list[str]:
+    problems = []
+    if ro.rollout_url and ro.weight_transfer == "disk" and not ro.weight_sync_dir:
+        problems.append(
+            "--rollout-url needs --weight-sync-dir (a directory the servers can read) or "
+            "--weight-transfer gloo|nccl"
+        )
+    wait = ro.rollout_timeout * (ro.rollout_retries + 1)
+    if ro.rollout_url and wait + 30 > 60 * timeout_minutes:
+        problems.append(
+            f"rollout_timeout x (rollout_retries + 1) = {wait:.0f} s must stay 30 s below "
+            f"distributed_timeout_minutes ({timeout_minutes} min): ranks wait in a collective "
+            "while rank 0 waits on the servers"
+        )
+    return problems
 
 
 def _validate_rmt(r: RMTConfig) -> list[str]:

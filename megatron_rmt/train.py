@@ -200,6 +200,7 @@ def train(run: Run, step_fn: Callable[[Run, int], dict]) -> None:
     totals, first_reward = dict(run.progress.totals), None
     for t in range(start, cfg.optim.train_iters):
         metrics = step_fn(run, t)
+        metrics.update(getattr(run.engine, "metrics", dict)())  # fleet.FleetEngine's counts
         for total, per_step in TOTALS.items():
             totals[total] = totals.get(total, 0) + int(metrics[per_step])
             metrics[total] = totals[total]

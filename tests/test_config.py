@@ -92,6 +92,23 @@ def test_config_is_frozen_and_round_trips_through_yaml():
         (["--curriculum-start", "0.5", "0.5", "0.5"], 1, "summing to 1"),
         (["--rpt-max-positions", "-1"], 1, "rpt_max_positions must be >= 0"),
         (["--lr-decay-style", "WSD"], 1, "WSD needs lr_wsd_decay_iters"),
+        (["--rollout-url", "http://h:1"], 1, "needs --weight-sync-dir"),
+        (
+            [
+                "--rollout-url",
+                "http://h:1",
+                "--weight-transfer",
+                "gloo",
+                "--rollout-timeout",
+                "40",
+                "--rollout-retries",
+                "1",
+                "--distributed-timeout-minutes",
+                "1",
+            ],
+            1,
+            "rollout_timeout x (rollout_retries + 1) = 80 s must stay 30 s below",
+        ),
     ],
 )
 def test_validation_messages(flags, world, message):

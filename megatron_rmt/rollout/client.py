@@ -23,6 +23,8 @@ Deliberate choices:
   failed a request (it may have been restarted with its original weights), is reloaded from the
   latest files before it serves again; a server that cannot be brought up to date is not used.
   So every result carries the version that produced it.
+- With a `MemoryWeightSync` (`--weight-transfer gloo|nccl`) the weights go through vLLM's
+  weight-transfer API instead (weight_transfer.py); a stale server waits for the next sync.
 - Without a weight sync (a frozen server, e.g. reference log-probs) results carry the version
   the trainer last announced.
 """
@@ -43,7 +45,9 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from megatron_rmt.rollout.contract import RolloutRequest, RolloutResult
+from megatron_rmt.rollout.transports import TRANSPORTS, transfer_timeout
 from megatron_rmt.rollout.weight_sync import DiskWeightSync
+from megatron_rmt.rollout.weight_transfer import MemoryWeightSync
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +80,7 @@ class VLLMEngine:
         max_concurrency: int = 16,
         api_key: str | None = None,
         backoff_s: float = 0.5,
-        weights: DiskWeightSync | None = None,
+        weights: DiskWeightSync | MemoryWeightSync | None = None,
         vocab_size: int | None = None,
     ):
         if not urls:
@@ -122,6 +126,11 @@ class VLLMEngine:
             return
         if not self.weights.due(version):
             return
+        if getattr(self.weights, "in_memory", False):  # weight_transfer.MemoryWeightSync
+            pushed = self.weights.push(version, self._live(), self._call)
+            self.loaded = dict.fromkeys(self.urls) | pushed
+            self.version = version
+            return
         with ThreadPoolExecutor(1) as pool:
             pausing = pool.submit(self._pause_all) if self.weights.is_reloader else None
             try:
@@ -132,9 +141,10 @@ class VLLMEngine:
                 raise
         paused = pausing.result() if pausing else {}
         self.loaded = self.weights.reload_from_rank0(
-            lambda: {
-                url: self._load_and_resume(url, path, version, paused[url]) for url in self.urls
-            }
+            lambda: (
+                dict.fromkeys(self.urls)
+                | {url: self._load_and_resume(url, path, version, e) for url, e in paused.items()}
+            )
         )
         self.weights_path, self.version = path, version
 
@@ -143,7 +153,7 @@ class VLLMEngine:
         return self._load_and_resume(url, path, version, self._pause(url))
 
     def _pause_all(self) -> dict[str, Exception | None]:
-        return {url: self._pause(url) for url in self.urls}
+        return {url: self._pause(url) for url in self._live()}
 
     def _pause(self, url: str) -> Exception | None:
         """Drain the server's requests (new ones queue until resume), then clear its KV and
@@ -177,12 +187,16 @@ class VLLMEngine:
     def _current_servers(self) -> list[str]:
         """The servers holding the current weights, after retrying the reload of stale ones."""
         if self.weights is None:
-            return self.urls
+            return self._live()
         with self._reloading:  # generate may run in several threads: one reload per stale server
-            for url in self.urls:
+            for url in self._live():
                 if self.loaded[url] != self.version and self.weights_path is not None:
                     self.loaded[url] = self.reload_server(url, self.weights_path, self.version)
-        return [u for u in self.urls if self.loaded[u] == self.version]
+        return [u for u in self._live() if self.loaded[u] == self.version]
+
+    def _live(self) -> list[str]:
+        """The servers to use and sync now (fleet.FleetEngine leaves out those found down)."""
+        return self.urls
 
     # -- sampling ---------------------------------------------------------------------------
 
@@ -292,18 +306,25 @@ def _parse_choice(c, max_tokens: int, vocab_size: int | None):
     return index, (list(ids), [float(x) for x in lps])
 
 
-def build_engine(cfg, trainable, tokenizer, vocab_size: int) -> VLLMEngine:
+def build_engine(cfg, trainable, tokenizer, vocab_size: int):
     """The engine `train.setup` uses when `--rollout-url` is set. `vocab_size` is the served
     model's vocabulary (its config.json `vocab_size`): Megatron's padding rows are cut to it.
     The API key, if the servers want one, comes from $MEGATRON_RMT_VLLM_API_KEY (not the config,
     which is logged and checkpointed). Raises before training if a server is unreachable."""
     r = cfg.rollout
-    if not r.weight_sync_dir:
-        raise ValueError("--rollout-url needs --weight-sync-dir: a directory the servers can read")
-    weights = DiskWeightSync(
-        trainable.model, cfg.model, vocab_size, r.weight_sync_dir, r.weight_sync_interval
-    )
-    engine = VLLMEngine(
+    if r.weight_transfer == "disk":
+        weights = DiskWeightSync(
+            trainable.model, cfg.model, vocab_size, r.weight_sync_dir, r.weight_sync_interval
+        )
+    else:
+        timeout = transfer_timeout(r.rollout_timeout)
+        transport = TRANSPORTS[r.weight_transfer](timeout, r.weight_transfer_address)
+        weights = MemoryWeightSync(
+            trainable.model, cfg.model, vocab_size, transport, r.weight_sync_interval
+        )
+    from megatron_rmt.rollout.fleet import FleetEngine  # a subclass of VLLMEngine
+
+    engine = FleetEngine(
         r.rollout_url,
         tokenizer.eod,
         timeout=r.rollout_timeout,

@@ -1,7 +1,8 @@
 """Start vLLM's OpenAI-compatible server as the rollout service, wait until it answers, stop it.
 
     python -m megatron_rmt.rollout.serve --model HF_DIR [--host 127.0.0.1] [--port N]
-        [--api-key K] [--python PY] [--device auto|cpu|gpu] [-- extra vLLM flags]
+        [--api-key K] [--python PY] [--device auto|cpu|gpu] [--weight-transfer gloo|nccl]
+        [-- extra vLLM flags]
 
 Prints the URL to pass as `--rollout-url`, then runs until SIGINT/SIGTERM and stops the server;
 if the server ends on its own, the launcher ends too (with its exit status). Tests and
@@ -37,10 +38,14 @@ Deliberate choices:
   (`socket.getfqdn()`, or `--advertise-host`), not the loopback address. Extra flags go to vLLM
   as they are, e.g. `-- --gpu-memory-utilization 0.85 --tensor-parallel-size 2` (vLLM's default
   takes 90% of the GPU).
+- `--weight-transfer gloo|nccl` adds `--weight-transfer-config {"backend": ...}`: the server then
+  takes in-memory weight updates (`gloo` needs this project installed in the server's venv: it
+  is a vLLM plugin, `megatron_rmt_vllm`).
 """
 
 import argparse
 import ctypes
+import json
 import os
 import shutil
 import signal
@@ -140,7 +145,14 @@ def on_gpu(device: str) -> bool:
 
 
 def server_command(
-    model: str, host: str, port: int, python: str, gpu: bool, api_key: str | None, extra: list
+    model: str,
+    host: str,
+    port: int,
+    python: str,
+    gpu: bool,
+    api_key: str | None,
+    extra: list,
+    weight_transfer: str | None = None,
 ) -> list[str]:
     cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model]
     cmd += ["--host", host, "--port", str(port), "--logprobs-mode", "processed_logprobs"]
@@ -148,6 +160,8 @@ def server_command(
         cmd += CPU_ARGS
     if api_key:  # the key itself goes by environment (server_env)
         cmd += ["--middleware", "rmt_key_guard.KeyGuard"]
+    if weight_transfer:
+        cmd += ["--weight-transfer-config", json.dumps({"backend": weight_transfer})]
     return cmd + list(extra)
 
 
@@ -191,6 +205,7 @@ def start_server(
     extra_args: tuple = (),
     startup_timeout: float = 300.0,
     log_path: str | None = None,
+    weight_transfer: str | None = None,
 ) -> ServerHandle:
     """Launch the server and return once /health answers; raises with the log tail if it dies
     or does not become healthy within `startup_timeout` seconds."""
@@ -200,7 +215,9 @@ def start_server(
     if log_path is None:
         fd, log_path = tempfile.mkstemp(prefix="vllm-server-", suffix=".log")
         os.close(fd)
-    cmd = server_command(model, host, port, python or default_python(), gpu, api_key, extra_args)
+    cmd = server_command(
+        model, host, port, python or default_python(), gpu, api_key, extra_args, weight_transfer
+    )
     with open(log_path, "w") as log:
         process = subprocess.Popen(
             cmd,
@@ -273,12 +290,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
     p.add_argument("--startup-timeout", type=float, default=300.0)
     p.add_argument("--log", help="server log file (default: a temporary file)")
+    p.add_argument(
+        "--weight-transfer", choices=["gloo", "nccl"],
+        help="accept in-memory weight updates over this backend (the trainer's --weight-transfer)",
+    )  # fmt: skip
     args, extra = p.parse_known_args(argv)
     extra = [a for a in extra if a != "--"]
     handle = start_server(
         args.model, host=args.host, port=args.port, api_key=args.api_key, python=args.python,
         device=args.device, extra_args=tuple(extra), startup_timeout=args.startup_timeout,
-        log_path=args.log,
+        log_path=args.log, weight_transfer=args.weight_transfer,
     )  # fmt: skip
     url = advertised_url(args.advertise_host or args.host, handle.url)
     print(f"vLLM rollout server ready: {url} (log {handle.log_path})", flush=True)
