@@ -2,6 +2,7 @@
 ranks' exit codes, instead of hanging the suite (its other ranks wait in a collective forever)."""
 
 import os
+import re
 import signal
 import time
 
@@ -50,7 +51,9 @@ def test_a_failing_rank_ends_its_waiting_peers():
     with pytest.raises(RuntimeError, match="rank one's assertion") as raised:
         spawn(raise_on_rank_one, 2)
     assert time.monotonic() - start < BOUND_S
-    assert f"rank 0: exit code {-signal.SIGTERM}" in str(raised.value)  # ended by the harness
+    # Rank 0 is ended by the harness, or first learns from gloo that its peer is gone and
+    # reports that itself: either way the call returned, and rank 0 is not left behind.
+    assert re.search(rf"rank 0: exit code ({-signal.SIGTERM}|0)\b", str(raised.value))
 
 
 def test_a_hung_worker_fails_the_call_at_its_timeout():

@@ -95,10 +95,9 @@ class FleetEngine(VLLMEngine):
             "return_token_ids": True,
         }  # fmt: skip
         try:
-            parse_completion(
-                self._call(url, "/v1/completions", body, timeout=self.probe_timeout), 1
-            )
-        except (OSError, ValueError, KeyError, TypeError):
+            reply = self._call(url, "/v1/completions", body, timeout=self.probe_timeout)
+            parse_completion(reply, 1, 1, self.vocab_size)
+        except (OSError, ValueError):  # unreachable, or an invalid reply (InvalidReply)
             return False
         return True
 
@@ -110,7 +109,7 @@ class FleetEngine(VLLMEngine):
             return True
         try:
             held = held_tag(url, lambda *a, **k: self._call(*a, **k, timeout=self.probe_timeout))
-        except OSError:
+        except (OSError, ValueError):
             return False
         return held == tag_of(self.loaded[url])
 
