@@ -496,12 +496,6 @@ def _validate_scale(cfg: Config, dp: int) -> list[str]:
             "overlap_param_gather needs the distributed optimizer: use_distributed_optimizer "
             "with DP > 1"
         )
-    elif p.overlap_param_gather:
-        problems.append(
-            "overlap_param_gather is not supported: it defers the parameter all-gather to the "
-            "next forward, but the weight sync to the rollout service reads the parameters "
-            "right after each optimizer step"
-        )
     if m.sequence_parallel and m.seq_length % p.tensor_model_parallel_size:
         problems.append(
             f"sequence_parallel needs seq_length {m.seq_length} divisible by TP "

@@ -268,6 +268,7 @@ def train_step(run: Run, t: int) -> dict:
     # 4. RL pass into the same gradient buffers, 5. one optimizer step, weight sync.
     rl, total_count, rl_tokens = rl_update(run, requests, results, adv)
     grad_norm, lr = step.optimizer_step(run.trainable)
+    step.gather_params(run.trainable)
     run.engine.sync_weights(t + 1)
 
     return step_metrics(
