@@ -227,6 +227,7 @@ class CheckpointConfig:
     no_load_optim: bool = _f(False, "load weights only (start of a new run from a checkpoint)")
     ref_load: str | None = _f(None, "KL reference weights (default: the run's starting weights)")
     keep_last_n_checkpoints: int | None = _f(None, "after a save, delete all but the newest N")
+    async_save: bool = _f(False, "write checkpoints in the background (published when done)")
 
 
 @dataclass(frozen=True)
