@@ -132,7 +132,9 @@ def _write(root: str, step: int, state: dict, cfg, with_rng: bool, keep=None, sa
     dist.barrier()
     _writer_queue_dies_with_us()
     in_background = {"async_sharded_save": True} if saves is not None else {}
-    request = dist_checkpointing.save({**state, "config": config_mod.to_yaml(cfg)}, tmp, **in_background)
+    request = dist_checkpointing.save(
+        {**state, "config": config_mod.to_yaml(cfg)}, tmp, **in_background
+    )
     if with_rng:
         torch.save(_rng_state(), os.path.join(tmp, f"rng_rank{rank:05d}.pt"))
 

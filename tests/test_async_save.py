@@ -36,7 +36,9 @@ def save_every_step(root, in_background):
                      "token", None, 64)  # fmt: skip
         step.optimizer_step(trainable)
         checkpoint.save(root, trainable, checkpoint.Progress(step=t + 1), cfg, saves)
-        seen.append((checkpoint.latest_step(root), os.path.isdir(checkpoint.iteration_dir(root, t + 1))))
+        seen.append(
+            (checkpoint.latest_step(root), os.path.isdir(checkpoint.iteration_dir(root, t + 1)))
+        )
     if saves is not None:
         saves.finish()
     resumed = _fresh(cfg)
