@@ -19,6 +19,8 @@ import os
 
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
+from megatron_rmt.checkpoint import die_with_parent
+
 
 class AsyncSaves:
     """The trainer's queue of background checkpoint writes. Every method is collective."""
@@ -49,7 +51,5 @@ class AsyncSaves:
 
 
 def _write_then_exit(parent_pid: int, write, *args, **kwargs) -> None:
-    from megatron_rmt.checkpoint import die_with_parent
-
     die_with_parent(parent_pid)
     write(*args, **kwargs)

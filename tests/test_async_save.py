@@ -4,10 +4,17 @@ from synchronous saves."""
 
 import dataclasses
 import os
+import signal
+import subprocess
+import sys
+import time
 
+import psutil
 import pytest
 import torch
+from conftest import ROOT
 from distributed import spawn
+from test_hardening_state import _alive
 from test_overlap_param_gather import _params
 from test_scale_features import _cfg, _fresh, _groups, _ntp_batch
 from test_train import _flags, _read, _train
@@ -83,3 +90,38 @@ def test_a_run_with_async_save_resumes_like_one_without(tiny_corpus, tmp_path):
     for x, y in zip(a, b, strict=True):
         for key in ("ntp_loss", "rl_loss", "grad_norm", "entropy_all", "reward"):
             assert x[key] == pytest.approx(y[key], rel=1e-6, abs=1e-9), key
+
+
+SLOW_WRITER = """
+import time
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncRequest
+from megatron_rmt import parallel
+from megatron_rmt.async_save import AsyncSaves
+parallel.init()
+AsyncSaves().schedule(AsyncRequest(time.sleep, (300,), []), publish=lambda: None)
+print("writing", flush=True)
+time.sleep(300)
+"""
+
+
+def test_the_background_writer_dies_with_the_trainer():
+    trainer = subprocess.Popen(
+        [sys.executable, "-c", SLOW_WRITER],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONWARNINGS="ignore", PYTHONPATH=ROOT, OMP_NUM_THREADS="1"),
+    )
+    try:
+        assert trainer.stdout.readline().strip() == "writing"
+        time.sleep(1)  # a writer that fails at its start is gone by now
+        writers = psutil.Process(trainer.pid).children(recursive=True)
+        assert writers and all(_alive(p) for p in writers)
+    finally:
+        trainer.send_signal(signal.SIGKILL)
+        trainer.wait()
+    deadline = time.monotonic() + 30
+    while (alive := [p for p in writers if _alive(p)]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for p in alive:  # never leave them behind, even when the test fails
+        p.kill()
+    assert not alive, [p.pid for p in alive]
