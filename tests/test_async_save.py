@@ -58,6 +58,7 @@ def save_every_step(root, in_background):
     return seen, checkpoint.latest_step(root), progress.step, same_state
 
 
+@pytest.mark.slow
 def test_async_saves_are_published_only_when_complete_and_resume_exactly(tmp_path):
     sync = spawn(save_every_step, 2, args=(str(tmp_path / "sync"), False))
     background = spawn(save_every_step, 2, args=(str(tmp_path / "async"), True))
