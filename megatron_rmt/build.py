@@ -37,6 +37,7 @@ def build_trainable(cfg: Config, vocab_size: int) -> Trainable:
         ddp_config=DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
             overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
+            overlap_param_gather=cfg.parallel.overlap_param_gather,
             use_distributed_optimizer=distributed_opt,
         ),
         module=module,
@@ -55,6 +56,7 @@ def build_trainable(cfg: Config, vocab_size: int) -> Trainable:
             bf16=cfg.model.bf16,
             params_dtype=torch.bfloat16 if cfg.model.bf16 else torch.float32,
             use_distributed_optimizer=distributed_opt,
+            overlap_param_gather=cfg.parallel.overlap_param_gather,
         ),
         [ddp],
     )

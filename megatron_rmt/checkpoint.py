@@ -29,6 +29,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 
 from megatron_rmt import config as config_mod
+from megatron_rmt import step
 from megatron_rmt.build import Trainable
 from megatron_rmt.checkpoint_safety import CheckpointError, check_checkpoint_files, read_rng_file
 
@@ -80,18 +81,22 @@ def latest_step(root: str) -> int | None:
         return None
 
 
-def save(root: str, trainable: Trainable, progress: Progress, cfg) -> str:
-    """Write a checkpoint of every rank's state; returns its directory."""
+def save(root: str, trainable: Trainable, progress: Progress, cfg, saves=None) -> str:
+    """Write a checkpoint of every rank's state, then prune to `--keep-last-n-checkpoints`;
+    returns its directory. With `saves` (async_save.AsyncSaves) the write continues in the
+    background and the checkpoint is published when `saves` finalises it."""
     # Before the first optimizer step there is no optimizer state: such a checkpoint holds the
     # model only, and loading it starts a fresh optimizer.
     with_optimizer = progress.step > 0
+    step.gather_params(trainable)  # a pending --overlap-param-gather
     state = _sharded_state(trainable, is_loading=False, with_optimizer=with_optimizer)
     state.update(
         scheduler=trainable.scheduler.state_dict(),
         progress=vars(progress).copy(),
         has_optimizer=with_optimizer,
     )
-    return _write(root, progress.step, state, cfg, with_rng=True)
+    keep = cfg.checkpoint.keep_last_n_checkpoints
+    return _write(root, progress.step, state, cfg, with_rng=True, keep=keep, saves=saves)
 
 
 def save_model(root: str, model, cfg) -> str:
@@ -113,8 +118,11 @@ def load_model(root: str, model) -> None:
     load_model_state(model, loaded["model"])
 
 
-def _write(root: str, step: int, state: dict, cfg, with_rng: bool) -> str:
-    """Every rank writes its shards into iter_N.tmp; rank 0 renames it, then moves the tracker."""
+def _write(root: str, step: int, state: dict, cfg, with_rng: bool, keep=None, saves=None) -> str:
+    """Every rank writes its shards into iter_N.tmp; then (at once, or when `saves` finalises
+    the background write) rank 0 renames it, moves the tracker and prunes."""
+    if saves is not None:
+        saves.finish()  # the previous save is published before this one starts
     final = iteration_dir(root, step)
     tmp = final + ".tmp"
     rank = dist.get_rank()
@@ -123,17 +131,29 @@ def _write(root: str, step: int, state: dict, cfg, with_rng: bool) -> str:
         os.makedirs(tmp)
     dist.barrier()
     _writer_queue_dies_with_us()
-    dist_checkpointing.save({**state, "config": config_mod.to_yaml(cfg)}, tmp)
+    in_background = {"async_sharded_save": True} if saves is not None else {}
+    request = dist_checkpointing.save(
+        {**state, "config": config_mod.to_yaml(cfg)}, tmp, **in_background
+    )
     if with_rng:
         torch.save(_rng_state(), os.path.join(tmp, f"rng_rank{rank:05d}.pt"))
-    dist.barrier()
-    if rank == 0:
-        with open(os.path.join(tmp, "config.yaml"), "w") as fh:
-            fh.write(config_mod.to_yaml(cfg))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        _write_tracker(root, step)
-    dist.barrier()
+
+    def publish():
+        dist.barrier()
+        if rank == 0:
+            with open(os.path.join(tmp, "config.yaml"), "w") as fh:
+                fh.write(config_mod.to_yaml(cfg))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            _write_tracker(root, step)
+            if keep:
+                prune(root, keep)
+        dist.barrier()
+
+    if saves is None:
+        publish()
+    else:
+        saves.schedule(request, publish)
     return final
 
 
@@ -310,7 +330,7 @@ def die_with_parent(parent_pid: int) -> None:
 def prune(root: str, keep: int) -> list[str]:
     """Delete all but the newest `keep` finished checkpoints under `root` (`--keep-last-n-
     checkpoints`); returns the deleted directories. Never the tracker's latest, nor one being
-    written (`.tmp`, `.partial`). Called by rank 0 after a save completed on every rank."""
+    written (`.tmp`, `.partial`). Called by rank 0 when a save is published."""
     latest = latest_step(root)
     steps = sorted(
         int(name[len("iter_") :])

@@ -273,6 +273,7 @@ def run(cfg: config.Config) -> list[float]:
 
 def _save(cfg, trainable, tokenizer, examples: list[Example], losses: list[float]) -> None:
     out = cfg.checkpoint.save
+    step.gather_params(trainable)
     path = checkpoint.save_model(out, trainable.model[0].module, cfg)
     if dist.get_rank() != 0:
         return

@@ -227,6 +227,7 @@ class CheckpointConfig:
     no_load_optim: bool = _f(False, "load weights only (start of a new run from a checkpoint)")
     ref_load: str | None = _f(None, "KL reference weights (default: the run's starting weights)")
     keep_last_n_checkpoints: int | None = _f(None, "after a save, delete all but the newest N")
+    async_save: bool = _f(False, "write checkpoints in the background (published when done)")
 
 
 @dataclass(frozen=True)
@@ -495,12 +496,6 @@ def _validate_scale(cfg: Config, dp: int) -> list[str]:
         problems.append(
             "overlap_param_gather needs the distributed optimizer: use_distributed_optimizer "
             "with DP > 1"
-        )
-    elif p.overlap_param_gather:
-        problems.append(
-            "overlap_param_gather is not supported: it defers the parameter all-gather to the "
-            "next forward, but the weight sync to the rollout service reads the parameters "
-            "right after each optimizer step"
         )
     if m.sequence_parallel and m.seq_length % p.tensor_model_parallel_size:
         problems.append(

@@ -81,6 +81,7 @@ def posttrain_step(run: train.Run, t: int) -> dict:
     step.zero_grads(run.trainable)
     rl, total_count, rl_tokens = train.rl_update(run, requests, results, adv)
     grad_norm, lr = step.optimizer_step(run.trainable)
+    step.gather_params(run.trainable)
     run.engine.sync_weights(t + 1)
 
     return step_metrics(

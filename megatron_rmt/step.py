@@ -353,6 +353,17 @@ def zero_grads(trainable: Trainable) -> None:
     trainable.optimizer.zero_grad()
 
 
+def gather_params(trainable: Trainable) -> None:
+    """Make every rank's parameters whole again after an optimizer step. With
+    `--overlap-param-gather` the distributed optimizer updates only this rank's shard and the
+    all-gather of the rest is left to the next forward's pre-hooks; whatever reads the
+    parameters outside a forward (the weight sync to the rollout service, a checkpoint save)
+    calls this first. It completes the gather synchronously; without the overlap, nothing to do."""
+    for chunk in trainable.model:
+        if chunk.ddp_config.overlap_param_gather:
+            chunk.start_param_sync(force_sync=True)
+
+
 def optimizer_step(trainable: Trainable) -> tuple[float, float]:
     """Finalise gradients once (DP reduce, embedding sync), step, advance the LR schedule.
     Returns (grad norm, learning rate used).

@@ -35,6 +35,7 @@ from megatron_rmt import (
     selection,
     step,
 )
+from megatron_rmt.async_save import AsyncSaves
 from megatron_rmt.build import Trainable, build_trainable
 from megatron_rmt.data import MicrobatchIterator, build_train_dataset, parse_data_path
 from megatron_rmt.metrics import MetricsWriter, step_metrics, train_flops_per_token
@@ -198,6 +199,7 @@ def train(run: Run, step_fn: Callable[[Run, int], dict]) -> None:
     start = run.progress.step
     writer = MetricsWriter(is_logger, log.metrics_file, log.tensorboard_dir, start_step=start)
     totals, first_reward = dict(run.progress.totals), None
+    saves = AsyncSaves() if cfg.checkpoint.async_save else None
     for t in range(start, cfg.optim.train_iters):
         metrics = step_fn(run, t)
         metrics.update(getattr(run.engine, "metrics", dict)())  # fleet.FleetEngine's counts
@@ -210,13 +212,14 @@ def train(run: Run, step_fn: Callable[[Run, int], dict]) -> None:
         run.progress = checkpoint.Progress(
             step=t + 1, consumed_samples=run.data.consumed_samples, totals=dict(totals)
         )
+        if saves is not None:
+            saves.poll()
         if cfg.checkpoint.save and _should_save(cfg, t + 1):
-            path = checkpoint.save(cfg.checkpoint.save, run.trainable, run.progress, cfg)
+            path = checkpoint.save(cfg.checkpoint.save, run.trainable, run.progress, cfg, saves)
             if is_logger:
-                print(f"saved checkpoint {path}", flush=True)
-            keep = cfg.checkpoint.keep_last_n_checkpoints
-            if keep and is_logger:  # the save above finished on every rank (its last barrier)
-                checkpoint.prune(cfg.checkpoint.save, keep)
+                print(f"{'saving' if saves else 'saved'} checkpoint {path}", flush=True)
+    if saves is not None:
+        saves.finish()  # the run's last save is published before it ends
     writer.close()
     if is_logger:
         reward = "never above 0" if first_reward is None else f"> 0 first at step {first_reward}"
@@ -268,6 +271,7 @@ def train_step(run: Run, t: int) -> dict:
     # 4. RL pass into the same gradient buffers, 5. one optimizer step, weight sync.
     rl, total_count, rl_tokens = rl_update(run, requests, results, adv)
     grad_norm, lr = step.optimizer_step(run.trainable)
+    step.gather_params(run.trainable)
     run.engine.sync_weights(t + 1)
 
     return step_metrics(

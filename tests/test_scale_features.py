@@ -181,7 +181,6 @@ def test_overlapped_grad_reduce_gives_the_same_step():
           "--recompute-num-layers", "3"], "exceeds the 2 layers"),
         (["--sequence-parallel"], "sequence_parallel needs tensor_model_parallel_size > 1"),
         (["--overlap-param-gather", "--no-use-distributed-optimizer"], "distributed optimizer"),
-        (["--overlap-param-gather"], "overlap_param_gather is not supported"),
         (["--rl-micro-batch-rows", "0"], "rl_micro_batch_rows must be at least 1"),
         (["--keep-last-n-checkpoints", "0"], "keep_last_n_checkpoints must be at least 1"),
         (["--tensor-model-parallel-size", "2", "--num-attention-heads", "4",
