@@ -1,7 +1,8 @@
 """Save and resume training with megatron.core.dist_checkpointing.
 
-A checkpoint is `{dir}/iter_{step:07d}/`: model and optimizer as sharded tensors (so it loads at
-any TP/PP/DP), and a common part written once: scheduler, step (which drives B_t and p(t)), data
+A checkpoint is `{dir}/iter_{step:07d}/`: model and optimizer as sharded tensors (the model loads
+at any TP/PP/DP; the distributed optimizer's state, sharded over DP, in Megatron-LM's default
+`dp_reshardable` format, at the same TP/PP: change those with `--no-load-optim`), and a common part written once: scheduler, step (which drives B_t and p(t)), data
 position (consumed samples) and the resolved config. Each rank's RNG states sit beside it and are
 restored when the layout is unchanged (all randomness of the method is also seeded by step).
 
@@ -34,7 +35,7 @@ from megatron_rmt.build import Trainable
 from megatron_rmt.checkpoint_safety import CheckpointError, check_checkpoint_files, read_rng_file
 
 TRACKER = "latest_checkpointed_iteration.txt"
-_OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_sharded_model_space"}
+_OPTIM_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
 @dataclass
@@ -170,6 +171,8 @@ def load(root: str, trainable: Trainable, load_optimizer: bool = True) -> Progre
     _agree(check_checkpoint_files, path)
     common = dist_checkpointing.load_common_state_dict(path)
     with_optimizer = load_optimizer and common.get("has_optimizer", False)
+    if with_optimizer:
+        _start_empty_adam_state(trainable.optimizer)
     wanted = _sharded_state(trainable, True, with_optimizer)
     wanted["model"] = model_state_to_load(trainable.model[0].module, path, wanted["model"])
     loaded = dist_checkpointing.load(wanted, path)
@@ -177,7 +180,8 @@ def load(root: str, trainable: Trainable, load_optimizer: bool = True) -> Progre
     if not with_optimizer:
         trainable.optimizer.reload_model_params()
         return Progress()
-    trainable.optimizer.load_state_dict(loaded["optimizer"])
+    with torch.no_grad():  # megatron-core copies into the main params in place
+        trainable.optimizer.load_state_dict(loaded["optimizer"])
     trainable.scheduler.load_state_dict(common["scheduler"])
     rng_file = os.path.join(path, f"rng_rank{dist.get_rank():05d}.pt")
     saved_rng = _agree(read_rng_file, rng_file)
@@ -208,6 +212,25 @@ def load_model_state(model, state: dict) -> None:
     wrong = [k for k in missing if not k.endswith("_extra_state")] + list(unexpected)
     if wrong:
         raise RuntimeError(f"checkpoint does not match the model: {wrong[:10]}")
+
+
+def _start_empty_adam_state(optimizer) -> None:
+    """Megatron's distributed optimizer describes its state for loading by reading every
+    parameter's Adam `step`, which torch's Adam (no apex / TE, e.g. on CPU) creates only at its
+    first step: give a never-stepped one the state that step starts from (step 0, zero moments);
+    the load then overwrites it."""
+    for chained in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(chained, "optimizer", None)
+        if type(inner) not in (torch.optim.Adam, torch.optim.AdamW):
+            continue
+        for group in inner.param_groups:
+            for p in group["params"]:
+                if not inner.state[p]:
+                    inner.state[p].update(
+                        step=torch.tensor(0.0),
+                        exp_avg=torch.zeros_like(p.data),
+                        exp_avg_sq=torch.zeros_like(p.data),
+                    )
 
 
 def _sharded_state(trainable: Trainable, is_loading: bool, with_optimizer: bool) -> dict:

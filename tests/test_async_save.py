@@ -25,11 +25,11 @@ from megatron_rmt.config import CheckpointConfig
 from megatron_rmt.problems import rl_microbatches
 
 
-def save_every_step(root, in_background):
+def save_every_step(root, in_background, distributed_optimizer=False):
     """Three DP 2 steps, each saved; returns what the tracker and the
     directory showed right after each save call, the tracker at the end, and whether the
     parameters and optimizer state loaded from the last checkpoint equal the trainer's."""
-    cfg = _cfg(1, parallel_kw={"use_distributed_optimizer": False})
+    cfg = _cfg(1, parallel_kw={"use_distributed_optimizer": distributed_optimizer})
     cfg = dataclasses.replace(cfg, checkpoint=CheckpointConfig(save=root, async_save=in_background))
     trainable = _fresh(cfg)
     saves = AsyncSaves() if in_background else None
@@ -52,10 +52,37 @@ def save_every_step(root, in_background):
     progress = checkpoint.load(root, resumed)
     main = [g["params"][0].detach().clone() for g in trainable.optimizer.param_groups]
     main_resumed = [g["params"][0].detach() for g in resumed.optimizer.param_groups]
-    same_state = torch.equal(_params(resumed), _params(trainable)) and all(
-        torch.equal(a, b) for a, b in zip(main, main_resumed, strict=True)
+    moments = [_adam_state(trainable), _adam_state(resumed)]
+    same_state = (
+        torch.equal(_params(resumed), _params(trainable))
+        and all(torch.equal(a, b) for a, b in zip(main, main_resumed, strict=True))
+        and len(moments[0]) > 0
+        and all(torch.equal(a, b) for a, b in zip(*moments, strict=True))
     )
     return seen, checkpoint.latest_step(root), progress.step, same_state
+
+
+def _adam_state(trainable) -> list[torch.Tensor]:
+    """This rank's Adam moments (its shard with the distributed optimizer), in a fixed order."""
+    inner = getattr(trainable.optimizer, "optimizer", trainable.optimizer)
+    return [
+        state[key].detach().clone()
+        for group in inner.param_groups
+        for p in group["params"]
+        for state in [inner.state[p]]
+        for key in ("exp_avg", "exp_avg_sq")
+        if key in state
+    ]
+
+
+def test_the_distributed_optimizer_saves_and_resumes_at_dp2(tmp_path):
+    """DP 2 with the optimizer state sharded over DP (the 14B configs' setting): the checkpoint
+    holds every rank's shard and a resume restores it exactly."""
+    for seen, latest, resumed_step, same in spawn(
+        save_every_step, 2, args=(str(tmp_path / "ckpt"), False, True)
+    ):
+        assert seen == [(1, True), (2, True), (3, True)]
+        assert (latest, resumed_step, same) == (3, 3, True)
 
 
 @pytest.mark.slow
