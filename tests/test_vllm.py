@@ -613,14 +613,19 @@ def rmt_run_with_a_hung_server(argv, server_pid):
 def test_a_hung_server_costs_one_timeout_per_step_and_rl_resumes(server, tiny_corpus, tmp_path):
     """In memory (gloo), timeout 3 s, one retry: step 2's requests hang on the stopped server
     (two timeouts, then NTP-only, and the sync skips it), step 3's probe finds it down, step 4
-    finds it back but stale (it is pushed the weights at that step's sync), steps 5-6 sample."""
+    finds it back but stale (it is pushed the weights at that step's sync), steps 5-6 sample.
+    A server of its own: the session's may still hold transfer groups of earlier tests' trainers."""
     timeout, retries, metrics = 3.0, 1, str(tmp_path / "m.jsonl")
+    own = start_server(server.model_dir, python=server.python, weight_transfer="gloo")
     argv = _flags(tiny_corpus, [
-        "--train-iters", "7", "--metrics-file", metrics, "--rollout-url", server.url,
+        "--train-iters", "7", "--metrics-file", metrics, "--rollout-url", own.url,
         "--weight-transfer", "gloo", "--rollout-timeout", str(timeout),
         "--rollout-retries", str(retries),
     ])  # fmt: skip
-    spawn(rmt_run_with_a_hung_server, 1, args=(argv, server.pid))
+    try:
+        spawn(rmt_run_with_a_hung_server, 1, args=(argv, own.process.pid))
+    finally:
+        own.stop()
     with open(metrics) as fh:
         rows = [json.loads(line) for line in fh]
     assert [m["step"] for m in rows] == list(range(7))
