@@ -34,7 +34,38 @@ from megatron_rmt.config import ModelConfig
 from megatron_rmt.model.hf_mapping import megatron_to_hf_tensors
 
 
-class DiskWeightSync:
+class WeightSyncSchedule:
+    """What every weight sync shares: this rank's model chunks, how to name and cut them for the
+    servers, and when a sync is due (the first call, then every `interval` versions)."""
+
+    def __init__(
+        self,
+        model: list,
+        model_cfg: ModelConfig,
+        vocab_rows: int,
+        interval: int = 1,
+        dtype: torch.dtype | None = None,
+        bucket_bytes: int = 1 << 30,
+    ):
+        self.model = model  # this rank's model chunks (DDP-wrapped is fine)
+        self.model_cfg = model_cfg
+        self.vocab_rows = vocab_rows  # the served model's vocabulary: Megatron's padding is cut
+        self.interval = interval
+        self.dtype = dtype  # None keeps the parameters' dtype
+        self.bucket_bytes = bucket_bytes
+        self._first = True
+
+    @property
+    def is_reloader(self) -> bool:
+        """This rank talks to the servers (global rank 0)."""
+        return _rank() == 0
+
+    def due(self, version: int) -> bool:
+        first, self._first = self._first, False
+        return first or version % self.interval == 0
+
+
+class DiskWeightSync(WeightSyncSchedule):
     def __init__(
         self,
         model: list,
@@ -45,23 +76,8 @@ class DiskWeightSync:
         dtype: torch.dtype | None = None,
         bucket_bytes: int = 1 << 30,
     ):
-        self.model = model  # this rank's model chunks (DDP-wrapped is fine)
-        self.model_cfg = model_cfg
-        self.vocab_rows = vocab_rows  # the served model's vocabulary: Megatron's padding is cut
+        super().__init__(model, model_cfg, vocab_rows, interval, dtype, bucket_bytes)
         self.sync_dir = os.path.abspath(sync_dir)
-        self.interval = interval
-        self.dtype = dtype  # None keeps the parameters' dtype
-        self.bucket_bytes = bucket_bytes
-        self._first = True
-
-    @property
-    def is_reloader(self) -> bool:
-        """This rank tells the servers to reload (global rank 0)."""
-        return _rank() == 0
-
-    def due(self, version: int) -> bool:
-        first, self._first = self._first, False
-        return first or version % self.interval == 0
 
     def write(self, version: int) -> str:
         """Collective: write this version's weights; returns the directory once complete."""

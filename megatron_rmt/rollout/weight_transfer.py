@@ -34,12 +34,12 @@ from megatron.core import parallel_state as ps
 from megatron_rmt import platform
 from megatron_rmt.config import ModelConfig
 from megatron_rmt.model.hf_mapping import megatron_to_hf_tensors
-from megatron_rmt.rollout.weight_sync import _rank
+from megatron_rmt.rollout.weight_sync import WeightSyncSchedule, _rank
 
 log = logging.getLogger(__name__)
 
 
-class MemoryWeightSync:
+class MemoryWeightSync(WeightSyncSchedule):
     in_memory = True
 
     def __init__(
@@ -52,24 +52,10 @@ class MemoryWeightSync:
         dtype: torch.dtype | None = None,
         bucket_bytes: int = 1 << 30,
     ):
-        self.model = model
-        self.model_cfg = model_cfg
-        self.vocab_rows = vocab_rows
+        super().__init__(model, model_cfg, vocab_rows, interval, dtype, bucket_bytes)
         self.transport = transport
-        self.interval = interval
-        self.dtype = dtype
-        self.bucket_bytes = bucket_bytes
         self.tag = _same_on_every_rank(uuid.uuid4().hex[:12])  # as the servers report it
         self.held: dict[str, str | None] = {}  # url -> the tag it was last given
-        self._first = True
-
-    @property
-    def is_reloader(self) -> bool:
-        return _rank() == 0
-
-    def due(self, version: int) -> bool:
-        first, self._first = self._first, False
-        return first or version % self.interval == 0
 
     def push(self, version: int, urls: list[str], call) -> dict[str, int | None]:
         """Collective: every server gets this version's weights; url -> version now held."""
