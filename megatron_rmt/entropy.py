@@ -58,14 +58,7 @@ def vocab_parallel_ce_entropy(
     The token dimensions may be stored in any order (e.g. a `[b, s, v]` view of `[s, b, v]`
     memory): the work follows the memory order, so such a view is never copied.
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
-    if chunk_tokens < 1:
-        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
-    if logits.shape[:-1] != labels.shape:
-        raise ValueError(f"logits {tuple(logits.shape)} do not match labels {tuple(labels.shape)}")
-    if tp_group is not None and dist.get_world_size(tp_group) == 1:
-        tp_group = None
+    tp_group = _checked_group("logits", logits, labels, temperature, chunk_tokens, tp_group)
     order = _memory_order(logits)
     loss, entropy = _FusedCEEntropy.apply(
         logits.permute(*order, -1),
@@ -77,6 +70,20 @@ def vocab_parallel_ce_entropy(
     )
     back = sorted(range(len(order)), key=order.__getitem__)  # inverse permutation
     return loss.permute(*back).contiguous(), entropy.permute(*back).contiguous()
+
+
+def _checked_group(name: str, x, labels, temperature: float, chunk_tokens: int, tp_group):
+    """The kernels' shared argument checks (ValueError); returns `tp_group`, None when it is one
+    rank (nothing to reduce)."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    if x.shape[:-1] != labels.shape:
+        raise ValueError(f"{name} {tuple(x.shape)} do not match labels {tuple(labels.shape)}")
+    if tp_group is not None and dist.get_world_size(tp_group) == 1:
+        return None
+    return tp_group
 
 
 def _memory_order(logits: torch.Tensor) -> list[int]:

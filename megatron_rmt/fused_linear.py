@@ -34,7 +34,13 @@ instead, and each chunk of `chunk_tokens` positions is projected, reduced and dr
 import torch
 import torch.distributed as dist
 
-from megatron_rmt.entropy import _local_targets, _memory_order, _shifted_stats, _vocab_offset
+from megatron_rmt.entropy import (
+    _checked_group,
+    _local_targets,
+    _memory_order,
+    _shifted_stats,
+    _vocab_offset,
+)
 
 
 def linear_ce_entropy(
@@ -56,14 +62,7 @@ def linear_ce_entropy(
     chunk's softmax, and the backward only corrects the positions where it was wrong (the few
     chosen RL positions): no recompute. Exact for any gradient: with more than half the
     positions wrong the backward recomputes every chunk."""
-    if temperature <= 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
-    if chunk_tokens < 1:
-        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
-    if hidden.shape[:-1] != labels.shape:
-        raise ValueError(f"hidden {tuple(hidden.shape)} do not match labels {tuple(labels.shape)}")
-    if tp_group is not None and dist.get_world_size(tp_group) == 1:
-        tp_group = None
+    tp_group = _checked_group("hidden", hidden, labels, temperature, chunk_tokens, tp_group)
     # A Float16Module hands the last stage's output over in fp32; the projection runs in the
     # weight's dtype (a lossless round trip for bf16 hidden states).
     hidden = hidden.to(weight.dtype)
