@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import ROOT
 from distributed import spawn
-from test_hardening_state import _alive
+from test_hardening_state import _alive, _survivors
 from test_overlap_param_gather import _params
 from test_scale_features import _cfg, _fresh, _groups, _ntp_batch
 from test_train import _flags, _read, _train
@@ -147,9 +147,5 @@ def test_the_background_writer_dies_with_the_trainer():
     finally:
         trainer.send_signal(signal.SIGKILL)
         trainer.wait()
-    deadline = time.monotonic() + 30
-    while (alive := [p for p in writers if _alive(p)]) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    for p in alive:  # never leave them behind, even when the test fails
-        p.kill()
+    alive = _survivors(writers)
     assert not alive, [p.pid for p in alive]

@@ -383,12 +383,19 @@ def test_checkpoint_helper_processes_die_with_the_trainer(tmp_path):
     finally:
         saver.send_signal(signal.SIGKILL)
         saver.wait()
-    deadline = time.monotonic() + 30
-    while (alive := [p for p in helpers if _alive(p)]) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    for p in alive:  # never leave them behind, even when the test fails
-        p.kill()
+    alive = _survivors(helpers)
     assert not alive, [p.pid for p in alive]
+
+
+def _survivors(procs: list, within_s: float = 30.0) -> list:
+    """Those of `procs` still alive after `within_s` seconds; killed, so that none is ever left
+    behind, even when the test fails."""
+    deadline = time.monotonic() + within_s
+    while (alive := [p for p in procs if _alive(p)]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for p in alive:
+        p.kill()
+    return alive
 
 
 def _alive(p: psutil.Process) -> bool:
