@@ -304,6 +304,34 @@ def test_in_memory_push_loads_the_same_bits_as_the_file_reload(server, tiny_corp
     assert pushed.logprobs == reloaded.logprobs  # exactly equal floats
 
 
+def push_then_die(argv):
+    """A trainer that opens its transfer group, pushes v0 (set-up), and is killed."""
+    train.setup(config.parse(argv))
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def rmt_run(argv):
+    problems.score = _alternating_rewards(problems.score)  # this worker process only
+    train.train(train.setup(config.parse(argv)), train.train_step)
+
+
+def test_a_new_trainer_replaces_the_transfer_group_of_a_killed_one(server, tiny_corpus, tmp_path):
+    """The server still holds the group of a trainer that died without closing it; the next
+    trainer's `/init_weight_transfer_engine` replaces it: every step samples from its weights."""
+    metrics = str(tmp_path / "m.jsonl")
+    argv = _flags(tiny_corpus, ["--rollout-url", server.url, "--weight-transfer", "gloo",
+                                "--rollout-timeout", "5", "--train-iters", "2"])  # fmt: skip
+    with pytest.raises(RuntimeError, match="exit code -9"):
+        spawn(push_then_die, 1, args=(argv,))
+    spawn(rmt_run, 1, args=([*argv, "--metrics-file", metrics],))
+    with open(metrics) as fh:
+        rows = [json.loads(line) for line in fh]
+    assert [m["step"] for m in rows] == [0, 1]
+    for m in rows:
+        assert m["rollout_failed"] == 0 and m["rl_positions"] > 0
+        assert 0 < m["logprob_gap"] < 2e-3  # sampled from this trainer's pushes
+
+
 @pytest.mark.gpu
 def test_nccl_push_loads_the_same_bits_as_the_file_reload(tiny_corpus, tmp_path):
     """vLLM's own nccl backend on a GPU server (written from vLLM 0.32's sources; not run on the
@@ -346,7 +374,9 @@ class FaultyService:
                 _kill_group(self.pid, signal.SIGKILL)
                 self.done.add("kill")
             if version == self.restart_at and "restart" not in self.done:
-                handle = start_server(self.model_dir, python=self.python, port=self.port)
+                handle = start_server(  # as the session started it: later tests push in memory
+                    self.model_dir, python=self.python, port=self.port, weight_transfer="gloo"
+                )
                 self.pid = handle.process.pid
                 self.done.add("restart")
         return self.inner.generate(requests)
@@ -613,19 +643,14 @@ def rmt_run_with_a_hung_server(argv, server_pid):
 def test_a_hung_server_costs_one_timeout_per_step_and_rl_resumes(server, tiny_corpus, tmp_path):
     """In memory (gloo), timeout 3 s, one retry: step 2's requests hang on the stopped server
     (two timeouts, then NTP-only, and the sync skips it), step 3's probe finds it down, step 4
-    finds it back but stale (it is pushed the weights at that step's sync), steps 5-6 sample.
-    A server of its own: the session's may still hold transfer groups of earlier tests' trainers."""
+    finds it back but stale (it is pushed the weights at that step's sync), steps 5-6 sample."""
     timeout, retries, metrics = 3.0, 1, str(tmp_path / "m.jsonl")
-    own = start_server(server.model_dir, python=server.python, weight_transfer="gloo")
     argv = _flags(tiny_corpus, [
-        "--train-iters", "7", "--metrics-file", metrics, "--rollout-url", own.url,
+        "--train-iters", "7", "--metrics-file", metrics, "--rollout-url", server.url,
         "--weight-transfer", "gloo", "--rollout-timeout", str(timeout),
         "--rollout-retries", str(retries),
     ])  # fmt: skip
-    try:
-        spawn(rmt_run_with_a_hung_server, 1, args=(argv, own.process.pid))
-    finally:
-        own.stop()
+    spawn(rmt_run_with_a_hung_server, 1, args=(argv, server.pid))
     with open(metrics) as fh:
         rows = [json.loads(line) for line in fh]
     assert [m["step"] for m in rows] == list(range(7))

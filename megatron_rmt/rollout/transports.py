@@ -15,13 +15,16 @@ loading a bucket on a loaded host can take longer than one rollout request.
 One group per server (world size 1 + that server's workers): a server that dies or restarts is
 reconnected alone, the others keep theirs. `connect` runs the server's
 `/init_weight_transfer_engine` while the trainer joins, as both sides rendezvous together; `send`
-runs `/update_weights` (the workers receive) while the trainer broadcasts one bucket.
+runs `/update_weights` (the workers receive) while the trainer broadcasts one bucket. A server
+call that fails ends the operation at once (a server without the backend answers HTTP 500): the
+trainer's side, which that server will never join, is abandoned to its own timeout, and the
+server is reconnected with a fresh group next time.
 """
 
 import datetime
 import socket
+import threading
 import urllib.parse
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.distributed as dist
@@ -37,13 +40,37 @@ def local_address_towards(url: str) -> str:
         return s.getsockname()[0]
 
 
-def _while(call_in_background, foreground):
-    """Run `foreground()` while `call_in_background()` runs in a thread; both must succeed."""
-    with ThreadPoolExecutor(1) as pool:
-        future = pool.submit(call_in_background)
-        result = foreground()
-        future.result()
-    return result
+def _while(server_call, transfer):
+    """Run the trainer's side of a `transfer` (in a daemon thread) while the `server_call` runs
+    here; both must succeed. A server call that fails raises at once: the transfer, which that
+    server will never join, is left to end by its own timeout instead of being waited for (a
+    server started without the backend answers HTTP 500 within milliseconds)."""
+    outcome, done = {}, threading.Event()
+
+    def run():
+        try:
+            outcome["result"] = transfer()
+        except BaseException as e:  # re-raised below once the server call has succeeded
+            outcome["error"] = e
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name="weight-transfer", daemon=True).start()
+    server_call()
+    done.wait()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+def _init_on_server(url: str, call, info: dict, backend: str, wait: dict) -> None:
+    try:
+        call(url, "/init_weight_transfer_engine", {"init_info": info}, **wait)
+    except OSError as e:
+        raise OSError(
+            f"{url} did not open a {backend} weight transfer (is it serving with "
+            f"`--weight-transfer {backend}`, see megatron_rmt.rollout.serve?): {e}"
+        ) from e
 
 
 class GlooTransport:
@@ -66,7 +93,7 @@ class GlooTransport:
             "rank_offset": 1, "timeout_s": self.timeout_s,
         }  # fmt: skip
         self.groups[url] = _while(
-            lambda: call(url, "/init_weight_transfer_engine", {"init_info": info}, **self.wait),
+            lambda: _init_on_server(url, call, info, self.backend, self.wait),
             lambda: wire.open_group(store, 0, 1 + workers, self.timeout_s),
         )
 
@@ -107,7 +134,7 @@ class NcclTransport:
             "packed_num_buffers": 2,
         }  # fmt: skip
         self.groups[url] = _while(
-            lambda: call(url, "/init_weight_transfer_engine", {"init_info": info}, **self.wait),
+            lambda: _init_on_server(url, call, info, self.backend, self.wait),
             lambda: trainer_init(info),
         )
 
