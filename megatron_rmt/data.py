@@ -25,7 +25,9 @@ Deliberate choices:
 - Every rank builds the dataset (each replica rank reads its own windows); the builder lets
   global rank 0 write the index cache first, so build_train_dataset is collective when
   torch.distributed is initialised. The cache goes next to the data (`<dir>/cache`), or to
-  `$XDG_CACHE_HOME/megatron_rmt/datasets` when that directory is not writable.
+  `$XDG_CACHE_HOME/megatron_rmt/datasets` when that directory is not writable. A node that
+  cannot see rank 0's cache directory (no shared filesystem) builds its own copy first
+  (`node_cache.py`).
 - megatron-core 0.16's BlendedDataset asks torch.distributed for the rank unguarded, so outside
   a distributed run (tests, tools) a private world-of-one gloo group on an in-memory store
   stands in while the datasets are built, and is torn down right after.
@@ -42,6 +44,7 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import DType, IndexedDataset
 from megatron.core.datasets.utils import get_blend_from_list
 
+from megatron_rmt import node_cache
 from megatron_rmt.config import UserError
 
 
@@ -139,12 +142,17 @@ def build_train_dataset(
     `seq_length` tokens (+1 for the shifted labels). `tokenizer` needs `eod` and `vocab_size`."""
     prefixes, weights = parse_data_path(data_path)
     check_eod(prefixes, tokenizer, checked=True)
+    cache_dir = os.path.abspath(cache_dir or default_cache_dir(prefixes))
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        kwargs = dict(data_path=data_path, split=split, seq_length=seq_length,
+                      num_samples=num_samples, seed=seed, tokenizer=tokenizer, cache_dir=cache_dir)  # fmt: skip
+        node_cache.ensure_on_every_node(cache_dir, kwargs)
     config = GPTDatasetConfig(
         random_seed=seed,
         sequence_length=seq_length,
         blend=(prefixes, weights),
         split=split,
-        path_to_cache=cache_dir or default_cache_dir(prefixes),
+        path_to_cache=cache_dir,
         tokenizer=tokenizer,
         reset_position_ids=False,
         reset_attention_mask=False,

@@ -225,3 +225,40 @@ def test_distributed_build_and_dp_split(shards):
     for ids, sums in ((ids0, sums0), (ids1, sums1)):
         want = [sum(int(dataset[i]["tokens"].sum()) for i in ids[k : k + 2]) for k in (0, 2)]
         assert sums == want
+
+
+def _samples_on_nodes(corpus: str, root: str, own_filesystem: bool):
+    """Runs in each gloo rank, from its own "node" directory (`own_filesystem`: a copy of the
+    shard there, so no rank sees another's files) or from one shared directory: build the
+    dataset from the relative prefix "data"; the node-cache builds this rank ran, its first
+    samples' tokens and its cache directory's files."""
+    import shutil
+
+    from megatron_rmt import node_cache
+
+    rank = torch.distributed.get_rank()
+    node = os.path.join(root, f"node{rank}" if own_filesystem else "shared")
+    os.makedirs(node, exist_ok=True)
+    if rank == 0 or own_filesystem:
+        for ext in (".bin", ".idx"):
+            shutil.copy(corpus + ext, os.path.join(node, "data" + ext))
+    torch.distributed.barrier()
+    os.chdir(node)
+    builds, build_alone = [], node_cache.build_in_a_world_of_one
+    node_cache.build_in_a_world_of_one = lambda kwargs: builds.append(1) or build_alone(kwargs)
+    dataset = build(["data"])
+    tokens = [dataset[i]["tokens"].tolist() for i in range(5)]
+    return len(builds), tokens, sorted(os.listdir("cache"))
+
+
+@pytest.mark.parametrize("own_filesystem", [True, False])
+def test_every_node_gets_the_index_cache(shards, tmp_path, own_filesystem):
+    """Megatron writes the cache on global rank 0 only: a node without a filesystem shared with
+    it builds its own copy (before: rank 1 stopped with `No such file ... document_index.npy`),
+    and a node that shares it builds nothing."""
+    ranks = spawn(_samples_on_nodes, 2, args=(shards[0], str(tmp_path), own_filesystem))
+    (builds0, tokens0, files0), (builds1, tokens1, files1) = ranks
+    assert (builds0, builds1) == ((0, 1) if own_filesystem else (0, 0))
+    assert tokens0 == tokens1  # the same windows from either node's cache
+    assert files0 == files1 and any(f.endswith("document_index.npy") for f in files0)
+    assert not any(f.startswith(".seen-by-rank0") for f in files0)  # the marker is gone

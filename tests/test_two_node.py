@@ -1,11 +1,11 @@
 """Two "nodes" on one machine: two `torchrun --nnodes 2` invocations meeting at a c10d rendezvous
 on 127.0.0.1, one trainer rank each (DP = 2 across the nodes), one real vLLM server per node, the
 weights pushed in memory (gloo), each node in its own working directory with its own copy of the
-data and index cache. After step 0 both trainer ranks are frozen (SIGSTOP) while node 1's server
-is killed and started again (that takes longer than a tiny run's steps), then they go on: the
-run finishes, the restarted server is brought to the current weights and is back in the fleet
-at the last step, and every step samples (the other server covers while node 1's is stale).
-"""
+data (the trainer builds the index cache on each node itself). After step 0 both trainer ranks
+are frozen (SIGSTOP) while node 1's server is killed and started again (that takes longer than a
+tiny run's steps), then they go on: the run finishes, the restarted server is brought to the
+current weights and is back in the fleet at the last step, and every step samples (the other
+server covers while node 1's is stale)."""
 
 import json
 import os
@@ -44,27 +44,13 @@ def _flags(urls):
     ]  # fmt: skip
 
 
-# Megatron's GPTDataset writes its index cache on global rank 0 only; the other ranks read it.
-# Without a shared filesystem each node stages its data and that cache itself, before the run.
-STAGE = """
-import sys
-from megatron_rmt import config, data, tokenizer
-cfg = config.parse(sys.argv[1:])
-d = cfg.data
-data.build_train_dataset(d.data_path, d.split, cfg.model.seq_length,
-                         cfg.optim.train_iters * d.global_batch_size, cfg.parallel.seed,
-                         tokenizer.tokenizer_of(d), d.data_cache_path)
-"""
-
-
 def _node(workdir, corpus, urls, rdzv_port):
-    """One node's trainer: its own directory, data copy and index cache, metrics file and log."""
+    """One node's trainer: its own directory, data copy, metrics file and log; the rank that lands
+    on the node without global rank 0 builds the index cache there itself (node_cache.py)."""
     os.makedirs(workdir)
     for ext in (".bin", ".idx"):
         shutil.copy(corpus + ext, os.path.join(workdir, "data" + ext))
     env = dict(os.environ, PYTHONPATH=ROOT, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
-    subprocess.run([sys.executable, "-c", STAGE, *_flags(urls)], cwd=workdir, env=env, check=True,
-                   capture_output=True)  # fmt: skip
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
         "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{rdzv_port}",

@@ -1,0 +1,81 @@
+"""The dataset index cache on every node, with or without a filesystem shared with global rank 0.
+
+Megatron-Core's GPTDataset writes its document / sample / shuffle indices on global rank 0 only;
+the other ranks wait at a barrier, then read them from `path_to_cache`. A node that does not see
+rank 0's directory (node-local disks, no shared filesystem) would stop with
+`No such file ... document_index.npy`. `ensure_on_every_node` runs before Megatron's builder:
+rank 0 leaves a marker file in the cache directory; every rank that cannot see it needs a copy of
+its own, and the lowest such rank per (host, directory) builds it, in a fresh interpreter where
+the process is a world of one (`python -m megatron_rmt.node_cache`, its arguments pickled on
+stdin), so Megatron's builder writes the cache there exactly as it would on rank 0. Every other
+rank waits at the closing barrier, so the collective timeout bounds that build, as it bounds
+rank 0's own.
+"""
+
+import logging
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import uuid
+
+import torch.distributed as dist
+
+from megatron_rmt import platform
+from megatron_rmt.config import UserError
+
+log = logging.getLogger(__name__)
+
+
+def ensure_on_every_node(cache_dir: str, build_kwargs: dict) -> None:
+    """Collective. `build_kwargs`: `data.build_train_dataset`'s arguments (cache_dir included)."""
+    cache_dir = os.path.abspath(cache_dir)
+    rank = dist.get_rank()
+    nonce = [uuid.uuid4().hex if rank == 0 else None]
+    dist.broadcast_object_list(nonce, src=0, device=platform.device())
+    marker = os.path.join(cache_dir, f".seen-by-rank0-{nonce[0]}")
+    if rank == 0:
+        os.makedirs(cache_dir, exist_ok=True)
+        open(marker, "w").close()
+    dist.barrier()
+    views = [None] * dist.get_world_size()
+    dist.all_gather_object(views, (os.path.exists(marker), socket.gethostname(), cache_dir))
+    if rank == 0:  # every rank has looked
+        os.remove(marker)
+    builders: dict[tuple, int] = {}
+    for r, (sees, host, path) in enumerate(views):
+        if not sees:
+            builders.setdefault((host, path), r)
+    if rank in builders.values():
+        log.warning(
+            "rank %d: rank 0's dataset index cache is not visible in %s; building this node's "
+            "copy", rank, cache_dir,
+        )  # fmt: skip
+        build_in_a_world_of_one(build_kwargs)
+    dist.barrier()
+
+
+def build_in_a_world_of_one(build_kwargs: dict) -> None:
+    # The child imports what this process can (the tokenizer's class, for one).
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p or os.getcwd() for p in sys.path))
+    done = subprocess.run(
+        [sys.executable, "-m", "megatron_rmt.node_cache"],
+        input=pickle.dumps(build_kwargs), capture_output=True, env=env,
+    )  # fmt: skip
+    if done.returncode != 0:
+        tail = done.stderr.decode(errors="replace")[-2000:]
+        raise UserError(
+            f"building the dataset index cache in {build_kwargs['cache_dir']} on "
+            f"{socket.gethostname()} failed (exit code {done.returncode}):\n{tail}"
+        )
+
+
+def main() -> None:
+    from megatron_rmt.data import build_train_dataset
+
+    build_train_dataset(**pickle.load(sys.stdin.buffer))
+
+
+if __name__ == "__main__":
+    main()
