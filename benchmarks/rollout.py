@@ -5,7 +5,8 @@
 2. weight sync time against writing the same tensors with `safetensors.save_file` alone: the
    client's sync through files and the previous recipe (write, then pause, reload,
    reset_prefix_cache, resume one after the other), each part timed alone, and the in-memory
-   sync (`--weight-transfer gloo`: no file), side by side against the same server.
+   sync (`--weight-transfer gloo`: no file), side by side against the same server; and the
+   floor under all of them: vLLM reloading the same tensors already in its worker's memory.
 
     python benchmarks/rollout.py --model tiny      # Qwen3, hidden 128, 4x32 heads, 2 layers
     python benchmarks/rollout.py --model smollm2   # SmolLM2-135M from the GGUF in assets
@@ -48,7 +49,8 @@ TINY_SHAPE = [
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOLLM2_GGUF = "/work/shared/assets/models/SmolLM2-135M-Instruct.Q4_1.gguf"
 
-OFFLINE = """
+# An offline vLLM engine with the server's CPU settings, for the scripts below.
+OFFLINE_LLM = """
 import json, sys, time
 from vllm import LLM, SamplingParams
 from vllm.inputs import TokensPrompt
@@ -56,6 +58,11 @@ a = json.loads(sys.argv[1])
 llm = LLM(model=a["model"], enforce_eager=True, dtype="float32", max_model_len=1024,
           kv_cache_memory_bytes=64 << 20, distributed_executor_backend="uni",
           logprobs_mode="processed_logprobs", enable_chunked_prefill=False)
+"""
+
+OFFLINE = (
+    OFFLINE_LLM
+    + """
 prompts = [TokensPrompt(prompt_token_ids=p) for p in a["prompts"]]
 params = [SamplingParams(n=a["n"], max_tokens=a["max_tokens"], temperature=1.0, seed=i,
                          logprobs=0, stop_token_ids=[a["eos"]], detokenize=False)
@@ -69,6 +76,32 @@ for _ in range(a["reps"]):
     tokens = sum(len(c.token_ids) for o in out for c in o.outputs)
 print("RESULT " + json.dumps({"tokens": tokens, "times": times}))
 """
+)
+
+# vLLM's own reload of the served weights from tensors already in the worker's memory: what any
+# transport's update costs the server after the bytes arrived (the floor of every sync path).
+RELOAD_FLOOR = (
+    OFFLINE_LLM
+    + """
+def reload(worker):
+    import glob, time
+    from safetensors.torch import load_file
+    from vllm.model_executor.model_loader.reload import (
+        finalize_layerwise_reload, initialize_layerwise_reload)
+    model, tensors = worker.model_runner.model, {}
+    for path in glob.glob(a["model"] + "/*.safetensors"):
+        tensors.update(load_file(path))
+    times = []
+    for _ in range(a["reps"]):
+        t = time.perf_counter()
+        initialize_layerwise_reload(model)
+        model.load_weights(iter(tensors.items()))
+        finalize_layerwise_reload(model, worker.model_runner.model_config)
+        times.append(time.perf_counter() - t)
+    return times
+print("RESULT " + json.dumps({"times": llm.collective_rpc(reload)[0]}))
+"""
+)
 
 
 def megatron_model(kind: str):
@@ -184,17 +217,22 @@ def sync_times(url, eos, model, m, vocab, sync_dir, reps):
     return {k: statistics.median(x) for k, x in times.items()}, nbytes
 
 
-def offline_throughput(model_dir, eos, prompts, n, max_tokens, reps):
-    args = dict(model=model_dir, eos=eos, prompts=prompts, n=n, max_tokens=max_tokens, reps=reps)
-    env = dict(os.environ, **CPU_ENV)
+def offline_vllm(script: str, **args) -> dict:
+    """Run `script` (an OFFLINE_LLM script) in the vLLM interpreter; its RESULT line."""
     out = subprocess.run(
-        [default_python(), "-c", OFFLINE, json.dumps(args)],
-        env=env, capture_output=True, text=True, check=False,
+        [default_python(), "-c", script, json.dumps(args)],
+        env=dict(os.environ, **CPU_ENV), capture_output=True, text=True, check=False,
     )  # fmt: skip
     line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
     if not line:
         raise RuntimeError(f"offline vLLM run failed:\n{out.stderr[-3000:]}")
-    r = json.loads(line[0][len("RESULT ") :])
+    return json.loads(line[0][len("RESULT ") :])
+
+
+def offline_throughput(model_dir, eos, prompts, n, max_tokens, reps):
+    r = offline_vllm(
+        OFFLINE, model=model_dir, eos=eos, prompts=prompts, n=n, max_tokens=max_tokens, reps=reps
+    )
     return r["tokens"], r["times"]
 
 
@@ -235,6 +273,9 @@ def main(argv=None) -> None:
             )
         finally:
             server.stop()
+        floor = statistics.median(
+            offline_vllm(RELOAD_FLOOR, model=model_dir, reps=args.sync_reps)["times"]
+        )
         if not args.sync_only:
             offline = offline_throughput(
                 model_dir, eos, prompts, args.n, args.max_tokens, args.reps
@@ -245,7 +286,7 @@ def main(argv=None) -> None:
     print(f"model {args.model}, server start {startup:.1f} s")
     if client:
         report_throughput(args, client, offline)
-    report_sync(args, *sync)
+    report_sync(args, *sync, floor)
 
 
 def report_throughput(args, client, offline) -> None:
@@ -260,7 +301,7 @@ def report_throughput(args, client, offline) -> None:
     print(f"client / offline: {rate['client'] / rate['offline']:.1%} (target >= 95%)")
 
 
-def report_sync(args, t: dict, nbytes: int) -> None:
+def report_sync(args, t: dict, nbytes: int, floor: float) -> None:
     ms = {k: v * 1e3 for k, v in t.items()}
     print(f"weight sync of {nbytes / 2**20:.1f} MiB, median of {args.sync_reps} (ms):")
     print("  parts alone: " + ", ".join(
@@ -272,6 +313,8 @@ def report_sync(args, t: dict, nbytes: int) -> None:
     ):
         print(f"  {key:<7}{ms[key]:>7.1f} ms = {t[key] / t['save_file']:.2f}x save_file  ({what})")
     print(f"  in memory / files: {t['memory'] / t['after']:.2f}x")
+    print(f"  floor: vLLM reloading the same tensors from its own memory (offline, no transfer) "
+          f"{floor * 1e3:.1f} ms = {floor / t['save_file']:.2f}x save_file")  # fmt: skip
     print("  targets: files <= 3x save_file; in memory <= 1.5x save_file and below files")
 
 
