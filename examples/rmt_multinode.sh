@@ -12,15 +12,22 @@
 # default nccl): no shared filesystem is needed. Global rank 0 opens the transfer group, so the
 # servers must reach the first trainer node on a free TCP port (GLOO_SOCKET_IFNAME / NCCL_*
 # select the interface; --weight-transfer-address overrides the address the servers are given).
-# Every other flag (model, data, batch, ...) is passed through to megatron_rmt.train.
+# Settings (environment): NNODES, RDZV_HOST (required), RDZV_PORT (29500), RUN_ID (rmt),
+# NPROC_PER_NODE (8), LOCAL_ADDR (the address the other nodes reach this one at, when its
+# hostname does not resolve to it). Every flag is passed through to megatron_rmt.train; relative
+# paths in them are relative to the directory the script is run from.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 : "${NNODES:?number of trainer nodes}" "${RDZV_HOST:?a trainer node every node can reach}"
 : "${RDZV_PORT:=29500}" "${RUN_ID:=rmt}" "${NPROC_PER_NODE:=8}"
 ROLLOUT=()
 if [ -n "${ROLLOUT_URLS:-}" ]; then
-  ROLLOUT=(--rollout-url $ROLLOUT_URLS --weight-transfer "${WEIGHT_TRANSFER:-nccl}")
+  read -r -a URLS <<< "$ROLLOUT_URLS"
+  ROLLOUT=(--rollout-url "${URLS[@]}" --weight-transfer "${WEIGHT_TRANSFER:-nccl}")
 fi
+LOCAL=()
+[ -z "${LOCAL_ADDR:-}" ] || LOCAL=(--local-addr "$LOCAL_ADDR")
 exec torchrun --nnodes "$NNODES" --nproc-per-node "$NPROC_PER_NODE" \
-  --rdzv-backend c10d --rdzv-endpoint "$RDZV_HOST:$RDZV_PORT" --rdzv-id "$RUN_ID" \
+  --rdzv-backend c10d --rdzv-endpoint "$RDZV_HOST:$RDZV_PORT" --rdzv-id "$RUN_ID" "${LOCAL[@]}" \
   -m megatron_rmt.train "${ROLLOUT[@]}" "$@"

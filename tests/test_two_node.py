@@ -27,6 +27,7 @@ from megatron_rmt.rollout.serve import start_server
 
 pytestmark = pytest.mark.slow
 STEPS = 4  # the restarted server is pushed the weights at step 2's sync, serves at step 3
+VENV_PATH = os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]  # torchrun, python
 
 
 def _port():
@@ -35,28 +36,35 @@ def _port():
         return s.getsockname()[1]
 
 
-def _flags(urls):
+def flags(steps):
+    """The run's own flags; the servers and the transfer come from the launch script's settings."""
     return [
         "--config", f"{ROOT}/configs/tiny_cpu.yaml", *GPT2, *SHAPE, "--data-path", "data",
         "--budget-initial", "4", "--max-response-tokens", "16", "--group-size", "4",
-        "--train-iters", str(STEPS), "--metrics-file", "metrics.jsonl", "--rollout-url", *urls,
-        "--weight-transfer", "gloo", "--rollout-timeout", "20", "--rollout-retries", "1",
+        "--train-iters", str(steps), "--metrics-file", "metrics.jsonl", "--rollout-timeout", "20",
+        "--rollout-retries", "1",
     ]  # fmt: skip
 
 
-def _node(workdir, corpus, urls, rdzv_port):
-    """One node's trainer: its own directory, data copy, metrics file and log; the rank that lands
-    on the node without global rank 0 builds the index cache there itself (node_cache.py)."""
+def staged_node(workdir, corpus):
+    """A node's working directory with its own copy of the data (no shared filesystem)."""
     os.makedirs(workdir)
     for ext in (".bin", ".idx"):
         shutil.copy(corpus + ext, os.path.join(workdir, "data" + ext))
-    env = dict(os.environ, PYTHONPATH=ROOT, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
-        "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{rdzv_port}",
-        "--rdzv-id", "two-node-test", "--local-addr", "127.0.0.1",
-        "-m", "megatron_rmt.train", *_flags(urls),
-    ]  # fmt: skip
+
+
+def _node(workdir, corpus, urls, rdzv_port):
+    """One node's trainer, launched as users do (examples/rmt_multinode.sh): its own directory,
+    data copy, metrics file and log; the rank that lands on the node without global rank 0
+    builds the index cache there itself (node_cache.py)."""
+    staged_node(workdir, corpus)
+    env = dict(
+        os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", NNODES="2",
+        NPROC_PER_NODE="1", RDZV_HOST="127.0.0.1", RDZV_PORT=str(rdzv_port),
+        RUN_ID="two-node-test", LOCAL_ADDR="127.0.0.1", ROLLOUT_URLS=" ".join(urls),
+        WEIGHT_TRANSFER="gloo", PATH=VENV_PATH,
+    )  # fmt: skip
+    cmd = ["bash", f"{ROOT}/examples/rmt_multinode.sh", *flags(STEPS)]
     log = open(os.path.join(workdir, "train.log"), "w")  # noqa: SIM115 (closed by the test)
     proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)  # fmt: skip
