@@ -52,7 +52,7 @@ from megatron.core import parallel_state as ps
 from megatron_rmt import budget as budget_mod
 from megatron_rmt import checkpoint, config, parallel, prompts, step
 from megatron_rmt.build import build_trainable
-from megatron_rmt.data import parse_data_path
+from megatron_rmt.data import agree_on_every_rank, parse_data_path
 from megatron_rmt.evaluate import draw_positions, stats_in_groups
 from megatron_rmt.evaluation import forward
 from megatron_rmt.evaluation.documents import read_documents
@@ -220,9 +220,10 @@ def main(argv: list[str] | None = None) -> None:
     cfg = config.parse(argv)
     if not cfg.data.data_path or not cfg.checkpoint.load or not cfg.checkpoint.save:
         raise config.ConfigError("coldstart needs --data-path (training shards), --load and --save")
-    parse_data_path(cfg.data.data_path)  # bad shards stop here, before the model is built
     init_distributed(cfg)
     try:
+        # Bad shards on any node stop every rank here, before the model is built.
+        agree_on_every_rank(lambda: parse_data_path(cfg.data.data_path))
         with save_lock(cfg.checkpoint.save):
             run(cfg)
     finally:

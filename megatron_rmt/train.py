@@ -37,7 +37,12 @@ from megatron_rmt import (
 )
 from megatron_rmt.async_save import AsyncSaves
 from megatron_rmt.build import Trainable, build_trainable
-from megatron_rmt.data import MicrobatchIterator, build_train_dataset, parse_data_path
+from megatron_rmt.data import (
+    MicrobatchIterator,
+    agree_on_every_rank,
+    build_train_dataset,
+    parse_data_path,
+)
 from megatron_rmt.metrics import MetricsWriter, step_metrics, train_flops_per_token
 from megatron_rmt.model import padded_vocab_size
 from megatron_rmt.reference import build_reference
@@ -135,11 +140,11 @@ def setup(cfg: config.Config, engine: RolloutEngine | None = None) -> Run:
 
 
 def check_data(cfg: config.Config) -> None:
-    """Every shard of --data-path and --decay-data-path, before anything is built: a missing,
-    empty or truncated file stops the run here, by name (data.DataError)."""
-    for data_path in (cfg.data.data_path, cfg.data.decay_data_path):
-        if data_path:
-            parse_data_path(data_path)
+    """Every shard of --data-path and --decay-data-path, on every rank, before anything is
+    built: a missing, empty or truncated file on any node stops every rank here, by name and
+    node (data.DataError)."""
+    paths = [p for p in (cfg.data.data_path, cfg.data.decay_data_path) if p]
+    agree_on_every_rank(lambda: [parse_data_path(p) for p in paths])
 
 
 def model_vocab(cfg: config.Config, tokenizer) -> int:

@@ -262,3 +262,30 @@ def test_every_node_gets_the_index_cache(shards, tmp_path, own_filesystem):
     assert tokens0 == tokens1  # the same windows from either node's cache
     assert files0 == files1 and any(f.endswith("document_index.npy") for f in files0)
     assert not any(f.startswith(".seen-by-rank0") for f in files0)  # the marker is gone
+
+
+def _check_where_rank1_lacks_the_data(corpus: str, root: str):
+    """Each rank in its own "node" directory; rank 1's has no data. What each rank's check says."""
+    import shutil
+
+    rank = torch.distributed.get_rank()
+    node = os.path.join(root, f"node{rank}")
+    os.makedirs(node)
+    if rank == 0:
+        for ext in (".bin", ".idx"):
+            shutil.copy(corpus + ext, os.path.join(node, "data" + ext))
+    os.chdir(node)
+    try:
+        data.agree_on_every_rank(lambda: data.parse_data_path(["data"]))
+    except data.DataError as e:
+        return str(e)
+    return None
+
+
+def test_a_shard_missing_on_one_node_stops_every_rank(shards, tmp_path):
+    """Without agreement rank 0 would go on into the next collective and wait there for rank 1
+    until the timeout (10-60 minutes); now both stop at once, naming rank 1 and its host."""
+    errors = spawn(_check_where_rank1_lacks_the_data, 2, args=(shards[0], str(tmp_path)))
+    assert errors[0] == errors[1]
+    assert errors[0].startswith("rank 1 on ") and "no data.bin/.idx" in errors[0]
+    assert "rank 0" not in errors[0]
