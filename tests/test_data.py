@@ -5,6 +5,7 @@ length whose last token is EOD, so every expected value can be recomputed by a p
 """
 
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -227,23 +228,29 @@ def test_distributed_build_and_dp_split(shards):
         assert sums == want
 
 
+def _enter_node(root: str, name: str, corpus: str | None) -> None:
+    """Collective: work from `root/name` (a "node"), with a copy of `corpus` there as `data`
+    when given; every rank has its files in place before any rank goes on."""
+    node = os.path.join(root, name)
+    os.makedirs(node, exist_ok=True)
+    if corpus is not None:
+        for ext in (".bin", ".idx"):
+            shutil.copy(corpus + ext, os.path.join(node, "data" + ext))
+    torch.distributed.barrier()
+    os.chdir(node)
+
+
 def _samples_on_nodes(corpus: str, root: str, own_filesystem: bool):
     """Runs in each gloo rank, from its own "node" directory (`own_filesystem`: a copy of the
     shard there, so no rank sees another's files) or from one shared directory: build the
     dataset from the relative prefix "data"; the node-cache builds this rank ran, its first
     samples' tokens and its cache directory's files."""
-    import shutil
 
     from megatron_rmt import node_cache
 
     rank = torch.distributed.get_rank()
-    node = os.path.join(root, f"node{rank}" if own_filesystem else "shared")
-    os.makedirs(node, exist_ok=True)
-    if rank == 0 or own_filesystem:
-        for ext in (".bin", ".idx"):
-            shutil.copy(corpus + ext, os.path.join(node, "data" + ext))
-    torch.distributed.barrier()
-    os.chdir(node)
+    _enter_node(root, f"node{rank}" if own_filesystem else "shared",
+                corpus if rank == 0 or own_filesystem else None)  # fmt: skip
     builds, build_alone = [], node_cache.build_in_a_world_of_one
     node_cache.build_in_a_world_of_one = lambda kwargs: builds.append(1) or build_alone(kwargs)
     dataset = build(["data"])
@@ -266,15 +273,9 @@ def test_every_node_gets_the_index_cache(shards, tmp_path, own_filesystem):
 
 def _check_where_rank1_lacks_the_data(corpus: str, root: str):
     """Each rank in its own "node" directory; rank 1's has no data. What each rank's check says."""
-    import shutil
 
     rank = torch.distributed.get_rank()
-    node = os.path.join(root, f"node{rank}")
-    os.makedirs(node)
-    if rank == 0:
-        for ext in (".bin", ".idx"):
-            shutil.copy(corpus + ext, os.path.join(node, "data" + ext))
-    os.chdir(node)
+    _enter_node(root, f"node{rank}", corpus if rank == 0 else None)
     try:
         data.agree_on_every_rank(lambda: data.parse_data_path(["data"]))
     except data.DataError as e:

@@ -44,6 +44,14 @@ def test_a_server_without_the_backend_fails_the_connect_at_once():
     assert server.url not in transport.groups
 
 
+def _join_as_the_worker(info: dict):
+    """What the server's one worker does on `/init_weight_transfer_engine`: join as rank 1."""
+    store = wire.client_store(
+        info["master_address"], info["master_port"], info["world_size"], TIMEOUT_S
+    )
+    return wire.open_group(store, 1, info["world_size"], TIMEOUT_S)
+
+
 class JoinsThenRefusesUpdates:
     """Joins the trainer's group as its one worker (rank 1), then answers every
     `/update_weights` with HTTP 500 without receiving anything."""
@@ -54,11 +62,7 @@ class JoinsThenRefusesUpdates:
 
     def answer(self, path, body):
         if path == "/init_weight_transfer_engine":
-            info = body["init_info"]
-            store = wire.client_store(
-                info["master_address"], info["master_port"], info["world_size"], TIMEOUT_S
-            )
-            self.group = wire.open_group(store, 1, info["world_size"], TIMEOUT_S)
+            self.group = _join_as_the_worker(body["init_info"])
             return 200, b"{}"
         if path == "/update_weights":
             return 500, json.dumps({"error": "out of memory"}).encode()
@@ -87,11 +91,7 @@ def test_a_transfer_both_sides_complete_returns_its_result():
 
     def answer(path, body):
         if path == "/init_weight_transfer_engine":
-            info = body["init_info"]
-            store = wire.client_store(
-                info["master_address"], info["master_port"], info["world_size"], TIMEOUT_S
-            )
-            received["group"] = wire.open_group(store, 1, info["world_size"], TIMEOUT_S)
+            received["group"] = _join_as_the_worker(body["init_info"])
         elif path == "/update_weights":
             received.update(wire.receive(received["group"], body["update_info"]))
         return 200, b"{}"
