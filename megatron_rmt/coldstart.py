@@ -52,7 +52,7 @@ from megatron.core import parallel_state as ps
 from megatron_rmt import budget as budget_mod
 from megatron_rmt import checkpoint, config, parallel, prompts, step
 from megatron_rmt.build import build_trainable
-from megatron_rmt.data import agree_on_every_rank, parse_data_path
+from megatron_rmt.data import DataError, parse_data_path
 from megatron_rmt.evaluate import draw_positions, stats_in_groups
 from megatron_rmt.evaluation import forward
 from megatron_rmt.evaluation.documents import read_documents
@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     init_distributed(cfg)
     try:
         # Bad shards on any node stop every rank here, before the model is built.
-        agree_on_every_rank(lambda: parse_data_path(cfg.data.data_path))
+        parallel.agree(lambda: parse_data_path(cfg.data.data_path), DataError)
         with save_lock(cfg.checkpoint.save):
             run(cfg)
     finally:

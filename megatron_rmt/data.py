@@ -20,7 +20,7 @@ Deliberate choices:
 - Every shard is checked when `--data-path` is parsed, from its header and file sizes alone
   (`check_shard`): a missing file, an empty, truncated or foreign `.idx`, and a `.bin` shorter
   than its index says stop the run at set-up with the file's name (DataError, a UserError). The
-  entry points check on every rank and agree (`agree_on_every_rank`): a file missing on one node
+  entry points check on every rank and agree (`parallel.agree`): a file missing on one node
   stops all ranks at once with that node's name.
 - `loss_mask` is GPTDataset's with `eod_mask_loss`: 0 where the input token is EOD (its label is
   the next document's first token, which no context predicts) and where the label is padding.
@@ -37,9 +37,7 @@ Deliberate choices:
 
 import contextlib
 import os
-import socket
 import struct
-from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -72,28 +70,6 @@ def parse_data_path(data_path: list[str]) -> tuple[list[str], list[float] | None
     for prefix in prefixes:
         check_shard(prefix)
     return prefixes, weights
-
-
-def agree_on_every_rank(check: Callable[[], object]) -> None:
-    """Run `check` (e.g. `parse_data_path`) on every rank, each on its own copy of the files
-    (nodes without a shared filesystem have one each). Collective when torch.distributed is
-    initialised: when any rank's check raises DataError, every rank raises one naming the ranks
-    and hosts that failed, instead of the others going on into a collective that waits for the
-    failed rank until its timeout."""
-    try:
-        check()
-        error = None
-    except DataError as e:
-        error = str(e)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        views = [None] * dist.get_world_size()
-        dist.all_gather_object(views, (socket.gethostname(), error))
-        failed = [f"rank {r} on {host}: {e}" for r, (host, e) in enumerate(views) if e]
-        if failed:
-            more = f" (and {len(failed) - 3} more ranks)" if len(failed) > 3 else ""
-            raise DataError("; ".join(failed[:3]) + more)
-    elif error is not None:
-        raise DataError(error)
 
 
 _MAGIC = b"MMIDIDX\x00\x00"  # an index's first bytes (megatron.core.datasets.indexed_dataset)

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from megatron_rmt import config, parallel, prompts, selection
 from megatron_rmt.budget import budget_deviation
-from megatron_rmt.data import agree_on_every_rank, check_shard
+from megatron_rmt.data import DataError, check_shard
 from megatron_rmt.evaluation import evalset, forward, ntr, report
 from megatron_rmt.evaluation.documents import read_documents
 from megatron_rmt.jsonl import InputError
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.command == "build-set" and not os.path.isfile(args.eval_data):
             # A bad shard on any node stops every rank here, before the model is built.
-            agree_on_every_rank(lambda: check_shard(args.eval_data))
+            parallel.agree(lambda: check_shard(args.eval_data), DataError)
         (build_set if args.command == "build-set" else run)(args, cfg)
     finally:
         parallel.destroy()

@@ -8,8 +8,8 @@ rank 0 leaves a marker file in the cache directory; every rank that cannot see i
 its own, and the lowest such rank per (host, directory) builds it, in a fresh interpreter where
 the process is a world of one (`python -m megatron_rmt.node_cache`, its arguments pickled on
 stdin), so Megatron's builder writes the cache there exactly as it would on rank 0. Every other
-rank waits at the closing barrier, so the collective timeout bounds that build, as it bounds
-rank 0's own.
+rank waits for it in the closing collective, so the collective timeout bounds that build, as it
+bounds rank 0's own; a build that fails stops every rank with its error.
 """
 
 import logging
@@ -22,23 +22,22 @@ import uuid
 
 import torch.distributed as dist
 
-from megatron_rmt import platform
+from megatron_rmt import parallel, platform
 from megatron_rmt.config import UserError
 
 log = logging.getLogger(__name__)
 
 
 def ensure_on_every_node(cache_dir: str, build_kwargs: dict) -> None:
-    """Collective. `build_kwargs`: `data.build_train_dataset`'s arguments (cache_dir included)."""
+    """Collective. `build_kwargs`: `data.build_train_dataset`'s arguments (cache_dir included).
+    A failure on any rank (rank 0 cannot write the directory, a node's build fails) stops every
+    rank with it (`parallel.agree`)."""
     cache_dir = os.path.abspath(cache_dir)
     rank = dist.get_rank()
     nonce = [uuid.uuid4().hex if rank == 0 else None]
     dist.broadcast_object_list(nonce, src=0, device=platform.device())
     marker = os.path.join(cache_dir, f".seen-by-rank0-{nonce[0]}")
-    if rank == 0:
-        os.makedirs(cache_dir, exist_ok=True)
-        open(marker, "w").close()
-    dist.barrier()
+    parallel.agree(lambda: rank == 0 and _leave(marker), UserError)
     views = [None] * dist.get_world_size()
     dist.all_gather_object(views, (os.path.exists(marker), socket.gethostname(), cache_dir))
     if rank == 0:  # every rank has looked
@@ -52,8 +51,19 @@ def ensure_on_every_node(cache_dir: str, build_kwargs: dict) -> None:
             "rank %d: rank 0's dataset index cache is not visible in %s; building this node's "
             "copy", rank, cache_dir,
         )  # fmt: skip
-        build_in_a_world_of_one(build_kwargs)
-    dist.barrier()
+    parallel.agree(lambda: rank in builders.values() and build_in_a_world_of_one(build_kwargs),
+                   UserError)  # fmt: skip
+
+
+def _leave(marker: str) -> None:
+    try:
+        os.makedirs(os.path.dirname(marker), exist_ok=True)
+        open(marker, "w").close()
+    except OSError as e:
+        raise UserError(
+            f"cannot write the dataset index cache directory {os.path.dirname(marker)} "
+            f"(--data-cache-path): {e}"
+        ) from e
 
 
 def build_in_a_world_of_one(build_kwargs: dict) -> None:

@@ -8,6 +8,8 @@ Everything distributed starts here and nowhere else. Ranks are laid out the Mega
 import datetime
 import os
 import random
+import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -139,6 +141,30 @@ def all_reduce_sum_dp(values: list[float]) -> list[float]:
     if ps.get_data_parallel_world_size() > 1:
         dist.all_reduce(t, group=ps.get_data_parallel_group())
     return t.tolist()
+
+
+def agree(check: Callable[[], object], error: type[Exception]) -> None:
+    """Run `check` on every rank, each on its own node's files. When it raises `error` on any
+    rank, every rank raises `error` naming the ranks and hosts it failed on, instead of the
+    others going on into a collective that waits for the failed rank until its timeout.
+    Collective when torch.distributed is initialised (it also serves as a barrier)."""
+    caught = None
+    try:
+        check()
+    except error as e:
+        caught = e
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        if caught is not None:
+            raise caught
+        return
+    views = [None] * dist.get_world_size()
+    dist.all_gather_object(views, (socket.gethostname(), None if caught is None else str(caught)))
+    failed = [
+        f"rank {r} on {host}: {message}" for r, (host, message) in enumerate(views) if message
+    ]
+    if failed:
+        more = f" (and {len(failed) - 3} more ranks)" if len(failed) > 3 else ""
+        raise error("; ".join(failed[:3]) + more) from caught
 
 
 def _free_port() -> int:

@@ -37,12 +37,7 @@ from megatron_rmt import (
 )
 from megatron_rmt.async_save import AsyncSaves
 from megatron_rmt.build import Trainable, build_trainable
-from megatron_rmt.data import (
-    MicrobatchIterator,
-    agree_on_every_rank,
-    build_train_dataset,
-    parse_data_path,
-)
+from megatron_rmt.data import DataError, MicrobatchIterator, build_train_dataset, parse_data_path
 from megatron_rmt.metrics import MetricsWriter, step_metrics, train_flops_per_token
 from megatron_rmt.model import padded_vocab_size
 from megatron_rmt.reference import build_reference
@@ -144,7 +139,7 @@ def check_data(cfg: config.Config) -> None:
     built: a missing, empty or truncated file on any node stops every rank here, by name and
     node (data.DataError)."""
     paths = [p for p in (cfg.data.data_path, cfg.data.decay_data_path) if p]
-    agree_on_every_rank(lambda: [parse_data_path(p) for p in paths])
+    parallel.agree(lambda: [parse_data_path(p) for p in paths], DataError)
 
 
 def model_vocab(cfg: config.Config, tokenizer) -> int:

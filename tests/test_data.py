@@ -13,7 +13,7 @@ import torch
 from distributed import spawn
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-from megatron_rmt import data
+from megatron_rmt import data, parallel
 
 EOD = 0
 SEQ = 32
@@ -277,7 +277,7 @@ def _check_where_rank1_lacks_the_data(corpus: str, root: str):
     rank = torch.distributed.get_rank()
     _enter_node(root, f"node{rank}", corpus if rank == 0 else None)
     try:
-        data.agree_on_every_rank(lambda: data.parse_data_path(["data"]))
+        parallel.agree(lambda: data.parse_data_path(["data"]), data.DataError)
     except data.DataError as e:
         return str(e)
     return None
@@ -290,3 +290,25 @@ def test_a_shard_missing_on_one_node_stops_every_rank(shards, tmp_path):
     assert errors[0] == errors[1]
     assert errors[0].startswith("rank 1 on ") and "no data.bin/.idx" in errors[0]
     assert "rank 0" not in errors[0]
+
+
+def _build_where_rank1_cannot(corpus: str, root: str):
+    """Each rank in its own "node" directory; rank 1's cache build fails (its interpreter exits
+    with an error). What each rank's dataset build says."""
+    from megatron_rmt import node_cache
+
+    rank = torch.distributed.get_rank()
+    _enter_node(root, f"node{rank}", corpus)
+    if rank == 1:
+        node_cache.sys.executable = "/bin/false"
+    try:
+        build(["data"])
+    except data.UserError as e:
+        return str(e)
+    return None
+
+
+def test_a_failed_node_cache_build_stops_every_rank(shards, tmp_path):
+    errors = spawn(_build_where_rank1_cannot, 2, args=(shards[0], str(tmp_path)))
+    assert errors[0] == errors[1] and errors[0] is not None
+    assert errors[0].startswith("rank 1 on ") and "building the dataset index cache" in errors[0]

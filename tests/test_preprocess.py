@@ -143,6 +143,31 @@ def test_ctrl_c_in_process_leaves_nothing(tmp_path, monkeypatch):
 
 
 @pytest.mark.usefixtures("assets")
+def test_a_ctrl_c_swallowed_where_it_landed_still_stops_the_run(tmp_path, monkeypatch):
+    """A real SIGINT whose KeyboardInterrupt is caught and dropped where Python raised it (as
+    Python does in an at-fork hook while the worker pool starts): the run must not commit."""
+    path = write_lines(tmp_path / "in.jsonl", [good(f"doc {i}") for i in range(400)])
+    original = preprocess_data.DocumentEncoder.encode_line
+    calls = []
+
+    def swallowing(self, raw):
+        calls.append(raw)
+        if len(calls) == 300:
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(1.0)  # the handler runs here
+            except KeyboardInterrupt:
+                pass
+        return original(self, raw)
+
+    monkeypatch.setattr(preprocess_data.DocumentEncoder, "encode_line", swallowing)
+    with pytest.raises(KeyboardInterrupt):
+        run(path, tmp_path / "out" / "corpus")
+    assert os.listdir(tmp_path / "out") == []
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+
+@pytest.mark.usefixtures("assets")
 def test_sigint_with_workers_leaves_nothing(tmp_path):
     """A real Ctrl-C (SIGINT) while two workers are busy on ~11 MB of MATH text."""
     folder = tmp_path / "inputs"

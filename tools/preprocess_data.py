@@ -22,7 +22,11 @@ Deliberate choices:
   which `--eod-token eos` reproduces. The trainer's --eod-token must name the same one.
 - --workers N > 1 tokenizes in N forked processes over chunks of lines, read back in input
   order, so the output does not depend on N; --workers 1 runs in-process (no IPC at all).
-  Workers ignore SIGINT: the parent alone handles Ctrl-C and stops them.
+  Workers ignore SIGINT: the parent alone handles Ctrl-C and stops them. Python raises the
+  KeyboardInterrupt wherever the main thread is when it handles the signal, and some places
+  swallow it (an at-fork hook inside the pool's start: the signal mask covers the main thread
+  only, so a tokenizer thread can take the signal for it); the parent also remembers the signal
+  and checks between chunks and before the commit, so a Ctrl-C is never lost.
 """
 
 import argparse
@@ -33,6 +37,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -222,6 +227,20 @@ def _ignore_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+_SIGINT_SEEN = threading.Event()
+
+
+def _on_sigint(signum, frame) -> None:
+    _SIGINT_SEEN.set()
+    raise KeyboardInterrupt
+
+
+def _stop_if_interrupted() -> None:
+    """A Ctrl-C whose KeyboardInterrupt was swallowed where it was raised."""
+    if _SIGINT_SEEN.is_set():
+        raise KeyboardInterrupt
+
+
 def _encode_chunk(task):
     """[(line_number, bytes of the line, encode_line result)] for one chunk of one file."""
     path, lines = task
@@ -276,6 +295,9 @@ def preprocess(args: argparse.Namespace) -> Stats:
     global _ENCODER
     _ENCODER = encoder
     pool = None
+    _SIGINT_SEEN.clear()
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, _on_sigint) if in_main else None
     try:
         if args.workers == 1:
             results = map(_encode_chunk, read_chunks(paths))
@@ -296,11 +318,14 @@ def preprocess(args: argparse.Namespace) -> Stats:
         if stats.documents == 0:
             why = f"all {stats.bad_lines} bad and skipped" if stats.bad_lines else "all blank"
             raise BadInputError(f"{args.input}: no documents in the input (its lines: {why})")
+        _stop_if_interrupted()
         stats.outputs = writer.commit()
     except BaseException:
         writer.abort()
         raise
     finally:
+        if in_main:
+            signal.signal(signal.SIGINT, previous)
         _ENCODER = None
         if pool is not None:
             pool.terminate()
@@ -316,6 +341,7 @@ def _write_all(results, writer: ShardWriter, total, skip_bad_lines: bool, log_in
     start, next_log = time.perf_counter(), log_interval
     with bar:
         for path, chunk in results:
+            _stop_if_interrupted()
             for number, nbytes, outcome in chunk:
                 stats.bytes += nbytes
                 if outcome is None:
