@@ -161,10 +161,15 @@ def test_a_ctrl_c_swallowed_where_it_landed_still_stops_the_run(tmp_path, monkey
         return original(self, raw)
 
     monkeypatch.setattr(preprocess_data.DocumentEncoder, "encode_line", swallowing)
-    with pytest.raises(KeyboardInterrupt):
-        run(path, tmp_path / "out" / "corpus")
+    # Ctrl-C handled as in a foreground process (a suite started in the background ignores it).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run(path, tmp_path / "out" / "corpus")
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert os.listdir(tmp_path / "out") == []
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
 
 
 @pytest.mark.usefixtures("assets")
@@ -180,7 +185,10 @@ def test_sigint_with_workers_leaves_nothing(tmp_path):
     argv = [sys.executable, SCRIPT, "--input", str(folder), "--output-prefix", str(out / "c")]
     argv += ["--json-keys", "solution", "--tokenizer-type", "HuggingFaceTokenizer"]
     argv += ["--tokenizer-model", QWEN3, "--workers", "2"]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # The script as started from a terminal: a suite run in the background (`cmd &` in a
+    # script) ignores SIGINT, and a child would inherit that and rightly keep ignoring it.
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     while proc.poll() is None and not (out.is_dir() and os.listdir(out)):
         time.sleep(0.05)  # wait for the temporary output: work has started
     assert proc.poll() is None, "finished before it could be interrupted"

@@ -26,7 +26,8 @@ Deliberate choices:
   KeyboardInterrupt wherever the main thread is when it handles the signal, and some places
   swallow it (an at-fork hook inside the pool's start: the signal mask covers the main thread
   only, so a tokenizer thread can take the signal for it); the parent also remembers the signal
-  and checks between chunks and before the commit, so a Ctrl-C is never lost.
+  and checks between chunks and before the commit, so a Ctrl-C is never lost. Started with
+  SIGINT ignored (a background job of a script), it keeps ignoring it, as Python does.
 """
 
 import argparse
@@ -296,8 +297,11 @@ def preprocess(args: argparse.Namespace) -> Stats:
     _ENCODER = encoder
     pool = None
     _SIGINT_SEEN.clear()
-    in_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGINT, _on_sigint) if in_main else None
+    # Not where Ctrl-C is ignored (a background job of a script): that stays as it is.
+    previous = signal.getsignal(signal.SIGINT)
+    remember = threading.current_thread() is threading.main_thread() and callable(previous)
+    if remember:
+        signal.signal(signal.SIGINT, _on_sigint)
     try:
         if args.workers == 1:
             results = map(_encode_chunk, read_chunks(paths))
@@ -324,7 +328,7 @@ def preprocess(args: argparse.Namespace) -> Stats:
         writer.abort()
         raise
     finally:
-        if in_main:
+        if remember:
             signal.signal(signal.SIGINT, previous)
         _ENCODER = None
         if pool is not None:
