@@ -30,7 +30,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 
 from megatron_rmt import config as config_mod
-from megatron_rmt import step
+from megatron_rmt import parallel, step
 from megatron_rmt.build import Trainable
 from megatron_rmt.checkpoint_safety import CheckpointError, check_checkpoint_files, read_rng_file
 
@@ -114,7 +114,7 @@ def save_model(root: str, model, cfg) -> str:
 def load_model(root: str, model) -> None:
     """Load only the weights of the latest checkpoint under `root` into a bare model stage."""
     path = _latest_dir(root)
-    _agree(check_checkpoint_files, path)
+    parallel.agree(lambda: check_checkpoint_files(path), CheckpointError)
     loaded = dist_checkpointing.load({"model": model_state_to_load(model, path)}, path)
     load_model_state(model, loaded["model"])
 
@@ -168,7 +168,7 @@ def _latest_dir(root: str) -> str:
 def load(root: str, trainable: Trainable, load_optimizer: bool = True) -> Progress:
     """Load the latest checkpoint under `root` into `trainable`; returns where to continue."""
     path = _latest_dir(root)
-    _agree(check_checkpoint_files, path)
+    parallel.agree(lambda: check_checkpoint_files(path), CheckpointError)
     common = dist_checkpointing.load_common_state_dict(path)
     with_optimizer = load_optimizer and common.get("has_optimizer", False)
     if with_optimizer:
@@ -184,7 +184,7 @@ def load(root: str, trainable: Trainable, load_optimizer: bool = True) -> Progre
         trainable.optimizer.load_state_dict(loaded["optimizer"])
     trainable.scheduler.load_state_dict(common["scheduler"])
     rng_file = os.path.join(path, f"rng_rank{dist.get_rank():05d}.pt")
-    saved_rng = _agree(read_rng_file, rng_file)
+    saved_rng = parallel.agree(lambda: read_rng_file(rng_file), CheckpointError)
     if saved_rng is not None:  # checkpoints without RNG files (converted ones) keep the seed's
         _restore_rng(saved_rng)
     return Progress(**common["progress"])
@@ -294,22 +294,6 @@ def _restore_rng(saved: dict) -> None:
     get_cuda_rng_tracker().set_states(saved["tracker"])
     if "cuda" in saved and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(saved["cuda"])
-
-
-def _agree(read, path: str):
-    """`read(path)` on every rank; if any rank raises a UserError, every rank raises the
-    first one, so that all of them stop instead of waiting on the failed one."""
-    value, error = None, None
-    try:
-        value = read(path)
-    except config_mod.UserError as e:
-        error = str(e)
-    errors = [None] * dist.get_world_size()
-    dist.all_gather_object(errors, error)
-    first = next((e for e in errors if e is not None), None)
-    if first is not None:
-        raise CheckpointError(first)
-    return value
 
 
 _MANAGERS = []  # keeps the results queue's manager alive while this process lives

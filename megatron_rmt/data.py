@@ -148,7 +148,7 @@ def build_train_dataset(
     if dist.is_initialized() and dist.get_world_size() > 1:
         kwargs = dict(data_path=data_path, split=split, seq_length=seq_length,
                       num_samples=num_samples, seed=seed, tokenizer=tokenizer, cache_dir=cache_dir)  # fmt: skip
-        node_cache.ensure_on_every_node(cache_dir, kwargs)
+        node_cache.ensure_on_every_node(kwargs)
     config = GPTDatasetConfig(
         random_seed=seed,
         sequence_length=seq_length,

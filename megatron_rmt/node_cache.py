@@ -28,11 +28,11 @@ from megatron_rmt.config import UserError
 log = logging.getLogger(__name__)
 
 
-def ensure_on_every_node(cache_dir: str, build_kwargs: dict) -> None:
-    """Collective. `build_kwargs`: `data.build_train_dataset`'s arguments (cache_dir included).
-    A failure on any rank (rank 0 cannot write the directory, a node's build fails) stops every
-    rank with it (`parallel.agree`)."""
-    cache_dir = os.path.abspath(cache_dir)
+def ensure_on_every_node(build_kwargs: dict) -> None:
+    """Collective. `build_kwargs`: `data.build_train_dataset`'s arguments, `cache_dir` an
+    absolute path. A failure on any rank (rank 0 cannot write the directory, a node's build
+    fails) stops every rank with it (`parallel.agree`)."""
+    cache_dir = build_kwargs["cache_dir"]
     rank = dist.get_rank()
     nonce = [uuid.uuid4().hex if rank == 0 else None]
     dist.broadcast_object_list(nonce, src=0, device=platform.device())

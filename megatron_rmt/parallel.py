@@ -11,6 +11,7 @@ import random
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -19,6 +20,8 @@ from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
 
 from megatron_rmt import platform
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -143,20 +146,21 @@ def all_reduce_sum_dp(values: list[float]) -> list[float]:
     return t.tolist()
 
 
-def agree(check: Callable[[], object], error: type[Exception]) -> None:
-    """Run `check` on every rank, each on its own node's files. When it raises `error` on any
-    rank, every rank raises `error` naming the ranks and hosts it failed on, instead of the
-    others going on into a collective that waits for the failed rank until its timeout.
-    Collective when torch.distributed is initialised (it also serves as a barrier)."""
-    caught = None
+def agree(check: Callable[[], T], error: type[Exception]) -> T:
+    """`check()` on every rank (each on its own node's files, or only one rank acting); its
+    value. When it raises `error` on any rank, every rank raises `error` naming the ranks and
+    hosts it failed on, instead of the others going on into a collective that waits for the
+    failed rank until its timeout. Collective when torch.distributed is initialised (it also
+    serves as a barrier)."""
+    value, caught = None, None
     try:
-        check()
+        value = check()
     except error as e:
         caught = e
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         if caught is not None:
             raise caught
-        return
+        return value
     views = [None] * dist.get_world_size()
     dist.all_gather_object(views, (socket.gethostname(), None if caught is None else str(caught)))
     failed = [
@@ -165,6 +169,7 @@ def agree(check: Callable[[], object], error: type[Exception]) -> None:
     if failed:
         more = f" (and {len(failed) - 3} more ranks)" if len(failed) > 3 else ""
         raise error("; ".join(failed[:3]) + more) from caught
+    return value
 
 
 def _free_port() -> int:

@@ -25,6 +25,7 @@ import time
 
 import torch.distributed as dist
 
+from megatron_rmt import parallel
 from megatron_rmt.config import UserError
 
 LOCK_NAME = "writer.lock"
@@ -41,16 +42,7 @@ def save_lock(root: str | None):
     if not root:
         yield
         return
-    lock, error = None, None
-    if dist.get_rank() == 0:
-        try:
-            lock = acquire(root)
-        except SaveDirLocked as e:
-            error = str(e)
-    outcome = [error]
-    dist.broadcast_object_list(outcome, src=0)
-    if outcome[0] is not None:
-        raise SaveDirLocked(outcome[0])
+    lock = parallel.agree(lambda: acquire(root) if dist.get_rank() == 0 else None, SaveDirLocked)
     try:
         yield
     finally:

@@ -124,19 +124,28 @@ def test_skip_bad_lines_counts_and_keeps_the_rest(tmp_path, capsys):
     assert [ds[i].tolist() for i in range(len(ds))] == [tok.encode(t) + [tok.eod] for t in texts]
 
 
-@pytest.mark.usefixtures("assets")
-def test_ctrl_c_in_process_leaves_nothing(tmp_path, monkeypatch):
+def _input_interrupted_at_line_300(tmp_path, monkeypatch, interrupt):
+    """400 documents whose encoding calls `interrupt()` at the 300th line; their path."""
     path = write_lines(tmp_path / "in.jsonl", [good(f"doc {i}") for i in range(400)])
     original = preprocess_data.DocumentEncoder.encode_line
     calls = []
 
-    def interrupted(self, raw):
+    def encode_line(self, raw):
         calls.append(raw)
         if len(calls) == 300:
-            raise KeyboardInterrupt
+            interrupt()
         return original(self, raw)
 
-    monkeypatch.setattr(preprocess_data.DocumentEncoder, "encode_line", interrupted)
+    monkeypatch.setattr(preprocess_data.DocumentEncoder, "encode_line", encode_line)
+    return path
+
+
+@pytest.mark.usefixtures("assets")
+def test_ctrl_c_in_process_leaves_nothing(tmp_path, monkeypatch):
+    def ctrl_c():
+        raise KeyboardInterrupt
+
+    path = _input_interrupted_at_line_300(tmp_path, monkeypatch, ctrl_c)
     with pytest.raises(KeyboardInterrupt):
         run(path, tmp_path / "out" / "corpus")
     assert os.listdir(tmp_path / "out") == []
@@ -146,21 +155,15 @@ def test_ctrl_c_in_process_leaves_nothing(tmp_path, monkeypatch):
 def test_a_ctrl_c_swallowed_where_it_landed_still_stops_the_run(tmp_path, monkeypatch):
     """A real SIGINT whose KeyboardInterrupt is caught and dropped where Python raised it (as
     Python does in an at-fork hook while the worker pool starts): the run must not commit."""
-    path = write_lines(tmp_path / "in.jsonl", [good(f"doc {i}") for i in range(400)])
-    original = preprocess_data.DocumentEncoder.encode_line
-    calls = []
 
-    def swallowing(self, raw):
-        calls.append(raw)
-        if len(calls) == 300:
-            try:
-                os.kill(os.getpid(), signal.SIGINT)
-                time.sleep(1.0)  # the handler runs here
-            except KeyboardInterrupt:
-                pass
-        return original(self, raw)
+    def swallowed_sigint():
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1.0)  # the handler runs here
+        except KeyboardInterrupt:
+            pass
 
-    monkeypatch.setattr(preprocess_data.DocumentEncoder, "encode_line", swallowing)
+    path = _input_interrupted_at_line_300(tmp_path, monkeypatch, swallowed_sigint)
     # Ctrl-C handled as in a foreground process (a suite started in the background ignores it).
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
