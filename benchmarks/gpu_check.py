@@ -46,7 +46,7 @@ def _copy_local_into_te(local: torch.nn.Module, te: torch.nn.Module) -> None:
 
 
 def te_vs_local() -> None:
-    from megatron_rmt import parallel, problems, step
+    from megatron_rmt import parallel, rl_batch
     from megatron_rmt.config import ModelConfig
     from megatron_rmt.model.builder import build_model
     from megatron_rmt.model.logits import forward_logits
@@ -69,10 +69,9 @@ def te_vs_local() -> None:
             else:  # a shared-prefix group through each spec's masked core attention
                 from rl_pass import group
 
-                requests, results, adv = group(96, 8, (8, 24), 512)
-                (mb,) = problems.shared_prefix_microbatches(requests, results, adv, pad_id=0)
-                mb = {k: v.cuda() for k, v in mb.items()}
-                out = {k: step.rl_logits(m, mb) for k, m in models.items()}
+                (mb,) = rl_batch.shared_prefix_batches([group(96, 8, (8, 24), 512)], 0)
+                mb = mb.to("cuda")
+                out = {k: mb.logits(m) for k, m in models.items()}
         a, b = out["local"].float(), out["transformer_engine"].float()
         rel = float((a - b).abs().max() / a.abs().max())
         result(f"TE vs local logits ({layout})", f"max rel diff {rel:.1e}", "< 1e-2 (TF32)")
@@ -81,7 +80,7 @@ def te_vs_local() -> None:
 def mfu() -> None:
     from step_model import Shape
 
-    from megatron_rmt import parallel, step
+    from megatron_rmt import parallel, selection, step
     from megatron_rmt.build import build_trainable
     from megatron_rmt.config import Config, ModelConfig
 
@@ -96,7 +95,7 @@ def mfu() -> None:
         "position_ids": torch.arange(seq)[None], "context_len": torch.arange(1, seq + 1)[None],
         "sample_ids": torch.tensor([0]),
     }  # fmt: skip
-    sel = step.Selector(None, (1.0, 0.0, 0.0), 1, None, 0, 1, 0)
+    sel = selection.Selector(None, (1.0, 0.0, 0.0), 1, None, 0, 1, 0)
     for chunk in (0, 1024):  # the logits path, then the fused linear + CE + entropy
         step.ntp_pass(trainable, [mb] * 2, sel, 1.0, 4096, fused_linear_chunk=chunk)  # warm-up
         torch.cuda.synchronize()

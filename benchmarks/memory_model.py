@@ -68,9 +68,10 @@ def measure(case_index: int) -> dict:
     """Run in a fresh process: the steady-state peak of one step, measured and predicted."""
     import torch
 
-    from megatron_rmt import memory, parallel, step
+    from megatron_rmt import memory, parallel, selection, step
     from megatron_rmt.build import build_trainable
     from megatron_rmt.config import Config, DataConfig, OptimConfig
+    from megatron_rmt.rl_batch import RowsBatch
 
     name, path, overrides, micro, rows, length = CASES[case_index]
     torch.set_num_threads(1)
@@ -81,7 +82,7 @@ def measure(case_index: int) -> dict:
     vocab = _vocab(m)
     baseline = _rss("VmRSS")
     trainable = build_trainable(cfg, vocab)
-    selector = step.Selector(None, (1.0, 0.0, 0.0), 1, (0.5, 1.0, 1.5), 0, 1, 0)
+    selector = selection.Selector(None, (1.0, 0.0, 0.0), 1, (0.5, 1.0, 1.5), 0, 1, 0)
     g = torch.Generator().manual_seed(0)
     for t in range(2):
         if t == 1:
@@ -97,17 +98,19 @@ def measure(case_index: int) -> dict:
             "sample_ids": torch.arange(micro),
         }
         rl_tokens = torch.randint(0, vocab, (rows, length + 1), generator=g)
-        group = {
-            "tokens": rl_tokens[:, :-1],
-            "labels": rl_tokens[:, 1:],
-            "resp_mask": torch.ones(rows, length),
-            "old_logp": torch.zeros(rows, length),
-            "advantages": torch.randn(rows, generator=g),
-        }
-        step.zero_grads(trainable)
+        group = RowsBatch(
+            tokens=rl_tokens[:, :-1],
+            labels=rl_tokens[:, 1:],
+            resp_mask=torch.ones(rows, length),
+            old_logp=torch.zeros(rows, length),
+            advantages=torch.randn(rows, generator=g),
+        )
+        trainable.zero_grads()
         step.ntp_pass(trainable, [ntp], selector, 0.1, 16)
-        step.rl_pass(trainable, [group], float(rows * length), 1.0, "token", None, 16)
-        step.optimizer_step(trainable)
+        step.rl_pass(
+            trainable, [group], float(rows * length), step.RLSettings(1.0, "token", None, 16)
+        )
+        trainable.optimizer_step()
     measured = _rss("VmHWM") - baseline
     params = memory.count_params(trainable.model[0].module)
     work = memory.Workload(micro * m.seq_length, rows, length)

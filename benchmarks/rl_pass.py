@@ -28,9 +28,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def group(prefix: int, g: int, lengths: tuple[int, int], vocab: int):
-    """One request, its G responses (with rollout log-probs) and advantages, seeded by `prefix`."""
+    """One group (problems.Group): a request, its G responses (with rollout log-probs) and
+    advantages, seeded by `prefix`."""
     import torch
 
+    from megatron_rmt.problems import Group
     from megatron_rmt.rollout.contract import RolloutRequest, RolloutResult
 
     gen = torch.Generator().manual_seed(prefix)
@@ -40,7 +42,7 @@ def group(prefix: int, g: int, lengths: tuple[int, int], vocab: int):
     logps = [(-torch.rand(n, generator=gen)).tolist() for n in sizes]
     adv = torch.randn(1, g, generator=gen)
     request = RolloutRequest(prompt, g, lengths[1], 1.0, 1.0, 0)
-    return [request], [RolloutResult(responses, logps, 0)], adv
+    return Group(None, request, RolloutResult(responses, logps, 0), adv[0])
 
 
 def measure(args) -> dict:
@@ -49,7 +51,7 @@ def measure(args) -> dict:
     import torch
     import yaml
 
-    from megatron_rmt import parallel, platform, problems, step
+    from megatron_rmt import parallel, platform, rl_batch, step
     from megatron_rmt.build import build_trainable
     from megatron_rmt.config import Config, ModelConfig
 
@@ -63,15 +65,16 @@ def measure(args) -> dict:
     parallel.init()
     torch.manual_seed(0)
     trainable = build_trainable(Config(model=model), model.vocab_size)
-    requests, results, adv = group(args.one_prefix, args.group, tuple(args.response), 49152)
-    build = {"rows": problems.rl_microbatches, "shared": problems.shared_prefix_microbatches}
-    mbs = build[args.one_layout](requests, results, adv, pad_id=0)
-    tokens = sum(int(len(r)) for r in results[0].responses)
+    one = group(args.one_prefix, args.group, tuple(args.response), 49152)
+    build = {"rows": rl_batch.rows_batches, "shared": rl_batch.shared_prefix_batches}
+    mbs = build[args.one_layout]([one], 0)
+    tokens = sum(int(len(r)) for r in one.result.responses)
+    settings = step.RLSettings(1.0, "token", None, 16)
     cuda = platform.cuda_available()
 
     def one_pass():
-        step.zero_grads(trainable)
-        out = step.rl_pass(trainable, mbs, float(tokens), 1.0, "token", None, 16)
+        trainable.zero_grads()
+        out = step.rl_pass(trainable, mbs, float(tokens), settings)
         if cuda:
             torch.cuda.synchronize()
         return out
@@ -91,7 +94,7 @@ def measure(args) -> dict:
         peak = torch.cuda.max_memory_allocated() - base
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    row_tokens = int(mbs[0]["tokens"].numel())
+    row_tokens = int(mbs[0].tokens.numel())
     return {"time": statistics.median(times), "peak": peak, "loss": loss, "tokens": row_tokens}
 
 

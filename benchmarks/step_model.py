@@ -87,7 +87,7 @@ def measure_model(name: str, model_cfg, seq: int, repeats: int) -> dict:
     import torch
     from rl_pass import group
 
-    from megatron_rmt import problems, step
+    from megatron_rmt import rl_batch, selection, step
     from megatron_rmt.build import build_trainable
     from megatron_rmt.config import Config
 
@@ -99,7 +99,7 @@ def measure_model(name: str, model_cfg, seq: int, repeats: int) -> dict:
         fn()  # warm-up
         times = []
         for _ in range(repeats):
-            step.zero_grads(trainable)
+            trainable.zero_grads()
             t0 = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t0)
@@ -111,13 +111,13 @@ def measure_model(name: str, model_cfg, seq: int, repeats: int) -> dict:
         "position_ids": torch.arange(seq)[None], "context_len": torch.arange(1, seq + 1)[None],
         "sample_ids": torch.tensor([0]),
     }]  # fmt: skip
-    sel = step.Selector(None, (1.0, 0.0, 0.0), 1, None, 0, 1, 0)
+    sel = selection.Selector(None, (1.0, 0.0, 0.0), 1, None, 0, 1, 0)
     t_ntp = timed(lambda: step.ntp_pass(trainable, ntp_mb, sel, 1.0, 1024)) / seq
 
     def rl_time(prefix: int, resp: int) -> float:
-        requests, results, adv = group(prefix, 8, (resp, resp), v)
-        mbs = problems.shared_prefix_microbatches(requests, results, adv, pad_id=0)
-        return timed(lambda: step.rl_pass(trainable, mbs, 8.0 * resp, 1.0, "token", None, 1024))
+        mbs = rl_batch.shared_prefix_batches([group(prefix, 8, (resp, resp), v)], 0)
+        settings = step.RLSettings(1.0, "token", None, 1024)
+        return timed(lambda: step.rl_pass(trainable, mbs, 8.0 * resp, settings))
 
     p1, p2, r1, r2 = seq // 4, seq, seq // 32, seq // 8
     per_prefix = (rl_time(p2, r1) - rl_time(p1, r1)) / (p2 - p1)
@@ -151,7 +151,7 @@ def measured_part(args) -> list[dict]:
     import torch
     import yaml
 
-    from megatron_rmt import parallel, problems, step  # noqa: F401 (imported before init)
+    from megatron_rmt import parallel, rl_batch, step  # noqa: F401 (imported before init)
     from megatron_rmt.build import build_trainable  # noqa: F401
     from megatron_rmt.config import ModelConfig
 

@@ -65,7 +65,7 @@ def main() -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
 
-    from megatron_rmt import config, parallel, step, train
+    from megatron_rmt import config, launch, parallel, selection, step, train
 
     torch.set_num_threads(1)
     data = args.data_path or corpus(tempfile.mkdtemp())
@@ -74,16 +74,16 @@ def main() -> None:
     parallel.init()
     rows = {}
     for variant in ("ntp", "rmt"):
-        run = train.setup(config.parse([*base, "--rmt-variant", variant]))
+        run = launch.setup(config.parse([*base, "--rmt-variant", variant]))
         train.train_step(run, 0)  # warm-up
         times = [train.train_step(run, t)["step_time"] for t in range(1, args.steps + 1)]
         rows[variant] = statistics.median(times)
 
     # The NTP pass alone, with and without selection, over identical microbatches.
-    run = train.setup(config.parse([*base, "--rmt-variant", "rmt"]))
+    run = launch.setup(config.parse([*base, "--rmt-variant", "rmt"]))
     mbs = [next(run.data) for _ in range(run.cfg.num_microbatches)]
     r = run.cfg.rmt
-    sel = step.Selector(
+    sel = selection.Selector(
         mode="curriculum",
         probs=(0.5, 0.4, 0.1),
         k_per_unit=r.positions_per_sequence,
@@ -104,7 +104,7 @@ def main() -> None:
     samples = {name: [] for name in passes}
     for i in range(args.steps + 1):
         for name, fn in passes.items():
-            step.zero_grads(run.trainable)
+            run.trainable.zero_grads()
             t0 = time.perf_counter()
             fn()
             if i:

@@ -30,7 +30,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 
 from megatron_rmt import config as config_mod
-from megatron_rmt import parallel, step
+from megatron_rmt import parallel
 from megatron_rmt.build import Trainable
 from megatron_rmt.checkpoint_safety import CheckpointError, check_checkpoint_files, read_rng_file
 
@@ -89,7 +89,7 @@ def save(root: str, trainable: Trainable, progress: Progress, cfg, saves=None) -
     # Before the first optimizer step there is no optimizer state: such a checkpoint holds the
     # model only, and loading it starts a fresh optimizer.
     with_optimizer = progress.step > 0
-    step.gather_params(trainable)  # a pending --overlap-param-gather
+    trainable.gather_params()  # a pending --overlap-param-gather (nothing if done already)
     state = _sharded_state(trainable, is_loading=False, with_optimizer=with_optimizer)
     state.update(
         scheduler=trainable.scheduler.state_dict(),

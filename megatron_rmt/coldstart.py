@@ -12,7 +12,7 @@ skip it (the reproduction scripts' COLDSTART=0).
 
 1. Positions: the trainer's candidates (enough context, not EOD) of the *training* shards,
    cut into the trainer's windows, bucketed by the model's own entropy; `coldstart_per_level`
-   drawn per level (`evaluate.draw_positions`, the evaluation set's sampler).
+   drawn per level (`evaluation.positions`, the evaluation set's sampler).
 2. Targets: the model's own top candidates at each position (one forward, vocab-parallel
    top-k). The think block lists them, most probable first, cut to exactly B tokens, and the
    box holds the model's top-1 guess. The true next token is never read, so nothing of any
@@ -50,16 +50,17 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from megatron_rmt import budget as budget_mod
-from megatron_rmt import checkpoint, config, parallel, prompts, step
+from megatron_rmt import checkpoint, config, parallel, prompts, selection, step
 from megatron_rmt.build import build_trainable
 from megatron_rmt.data import DataError, parse_data_path
-from megatron_rmt.evaluate import draw_positions, stats_in_groups
 from megatron_rmt.evaluation import forward
 from megatron_rmt.evaluation.documents import read_documents
+from megatron_rmt.evaluation.positions import draw_positions
 from megatron_rmt.jsonl import InputError
+from megatron_rmt.launch import init_distributed, model_vocab
 from megatron_rmt.save_lock import save_lock
+from megatron_rmt.schedule import position_ids
 from megatron_rmt.tokenizer import tokenizer_of
-from megatron_rmt.train import init_distributed, model_vocab
 
 
 @dataclass(frozen=True)
@@ -158,7 +159,7 @@ def sft_microbatch(examples: list[Example], length: int, pad_id: int) -> dict:
         "tokens": inputs,
         "labels": tokens[:, 1:],
         "loss_mask": mask,
-        "position_ids": step.position_ids(inputs),
+        "position_ids": position_ids(inputs),
     }
 
 
@@ -202,7 +203,7 @@ def training_examples(cfg: config.Config, tokenizer, model: list) -> list[Exampl
     batches = forward.padded_microbatches(
         rows, masks, length, cfg.data.micro_batch_size, tokenizer.eod
     )
-    stats = stats_in_groups(
+    stats = forward.stats_in_groups(
         model, batches, tokenizer.vocab_size, r.entropy_chunk_tokens, False,
         cs.coldstart_candidates,
     )  # fmt: skip
@@ -252,14 +253,14 @@ def run(cfg: config.Config) -> list[float]:
     cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, train_iters=len(steps)))
     trainable = build_trainable(cfg, vocab)
     checkpoint.load(cfg.checkpoint.load, trainable, load_optimizer=False)
-    sft_only = step.Selector(None, (1.0, 0.0, 0.0), 0, None, tokenizer.eod, 0, 0)
+    sft_only = selection.Selector(None, (1.0, 0.0, 0.0), 0, None, tokenizer.eod, 0, 0)
     losses = []
     for t, microbatches in enumerate(steps):
-        step.zero_grads(trainable)
+        trainable.zero_grads()
         outcome = step.ntp_pass(
             trainable, microbatches, sft_only, 1.0, cfg.rmt.entropy_chunk_tokens
         )
-        grad_norm, _ = step.optimizer_step(trainable)
+        grad_norm, _ = trainable.optimizer_step()
         n, loss = parallel.all_reduce_sum_dp([outcome.ntp_tokens, outcome.ntp_loss_sum])
         losses.append(loss / max(n, 1))
         if dist.get_rank() == 0:
@@ -274,7 +275,7 @@ def run(cfg: config.Config) -> list[float]:
 
 def _save(cfg, trainable, tokenizer, examples: list[Example], losses: list[float]) -> None:
     out = cfg.checkpoint.save
-    step.gather_params(trainable)
+    trainable.gather_params()
     path = checkpoint.save_model(out, trainable.model[0].module, cfg)
     if dist.get_rank() != 0:
         return

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
-VARIANTS = ("rmt", "no_dtb", "no_cas", "no_ntp", "rpt", "ntp")
+from megatron_rmt.variants import VARIANTS
 
 
 class UserError(Exception):
@@ -150,7 +150,7 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class RMTConfig:
-    rmt_variant: str = _f("rmt", "method variant (paper ablations and baselines)", VARIANTS)
+    rmt_variant: str = _f("rmt", "method variant (paper ablations and baselines)", tuple(VARIANTS))
     entropy_thresholds: list[float] = _f([0.5, 1.0, 1.5], "easy/medium/hard cut-offs in nats")
     bucket_mode: str = _f("fixed", "fixed thresholds or per-batch quantiles", ("fixed", "quantile"))
     min_context: int = _f(16, "document tokens a position needs before it to be a candidate")

@@ -37,7 +37,9 @@ Deliberate choices:
 
 import contextlib
 import os
+import pickle
 import struct
+import sys
 
 import torch
 import torch.distributed as dist
@@ -282,3 +284,7 @@ class MicrobatchIterator:
             "context_len": context_lengths(tokens, self._eod),  # [b, s]
             "sample_ids": sample_ids,
         }
+
+
+if __name__ == "__main__":  # node_cache.py: a node's own index cache, built as a world of one
+    build_train_dataset(**pickle.load(sys.stdin.buffer))

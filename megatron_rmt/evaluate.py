@@ -38,13 +38,13 @@ from megatron_rmt.budget import budget_deviation
 from megatron_rmt.data import DataError, check_shard
 from megatron_rmt.evaluation import evalset, forward, ntr, report
 from megatron_rmt.evaluation.documents import read_documents
+from megatron_rmt.evaluation.positions import draw_positions
 from megatron_rmt.jsonl import InputError
-from megatron_rmt.problems import CONTINUATION_TOKENS
-from megatron_rmt.rollout.client import build_engine
+from megatron_rmt.launch import init_distributed, model_vocab, served_vocab
 from megatron_rmt.rollout.contract import RolloutEngine
 from megatron_rmt.rollout.embedded import EmbeddedEngine
+from megatron_rmt.rollout.engines import build_engine
 from megatron_rmt.tokenizer import tokenizer_of
-from megatron_rmt.train import init_distributed, model_vocab, served_vocab
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -114,22 +114,6 @@ def _tokenizer_and_model(cfg: config.Config):
     return tokenizer, forward.build_eval_model(cfg.model, vocab, cfg.checkpoint.load)
 
 
-def stats_in_groups(
-    model, batches: list[dict], vocab_size: int, chunk_tokens: int, with_argmax: bool,
-    top_k: int = 0,
-) -> list[dict]:  # fmt: skip
-    """`forward.position_stats` over groups of microbatches, with a progress bar on rank 0."""
-    out = []
-    group = 32  # microbatches per schedule call: progress without a long pipeline bubble
-    bar = tqdm(total=len(batches), desc="forward", unit="mb", disable=dist.get_rank() != 0)
-    with bar:
-        for first in range(0, len(batches), group):
-            part = batches[first : first + group]
-            out += forward.position_stats(model, part, vocab_size, chunk_tokens, with_argmax, top_k)
-            bar.update(len(part))
-    return out
-
-
 def build_set(args, cfg: config.Config) -> None:
     """Proxy entropies of every candidate of the held-out documents, levels, the seeded draw;
     rank 0 writes the set."""
@@ -158,66 +142,6 @@ def build_set(args, cfg: config.Config) -> None:
     if dist.get_rank() == 0:
         evalset.write_set(args.output, header, positions)
         print(f"wrote {len(positions)} positions to {args.output}: {_counts(header)}", flush=True)
-
-
-def draw_positions(
-    cfg: config.Config, tokenizer, model: list, docs: list[list[int]], per_level: int, seed: int,
-    micro_batch: int, source: str,
-) -> tuple[list[evalset.EvalPosition], dict]:  # fmt: skip
-    """The model's entropy at every candidate position of `docs` (cut into the trainer's
-    windows), levels by the trainer's rules, and `per_level` positions per level drawn with
-    `seed`. Returns the positions (document order) and the thresholds and counts."""
-    r = cfg.rmt
-    windows = evalset.document_windows(docs, cfg.model.seq_length)
-    rows = [w for _, _, w in windows]
-    masks = [_candidates(w, tokenizer.eod, r.min_context) for w in rows]
-    found = [(i, j) for i, m in enumerate(masks) for j, ok in enumerate(m) if ok]
-    if not found:
-        raise InputError(f"{source}: no candidate positions (min_context {r.min_context})")
-    length = max(len(w) - 1 for w in rows)
-    batches = forward.padded_microbatches(rows, masks, length, micro_batch, tokenizer.eod)
-    stats = stats_in_groups(model, batches, tokenizer.vocab_size, r.entropy_chunk_tokens, False)
-    entropy = torch.cat([s["entropy"] for s in stats])  # [m], in the order of `found`
-    every = torch.ones_like(entropy, dtype=torch.bool)
-    thresholds = tuple(r.entropy_thresholds)
-    if r.bucket_mode == "quantile":  # over the whole held-out set at once
-        thresholds = selection.quantile_thresholds(entropy, every)
-    levels = selection.difficulty_levels(entropy, every, thresholds)
-    keep = evalset.sample_per_level(levels, per_level, seed).tolist()
-    positions = []
-    for k in keep:
-        doc, start, window = windows[found[k][0]]
-        j = found[k][1]
-        positions.append(
-            evalset.EvalPosition(
-                doc=doc,
-                offset=start + j,
-                prefix_ids=window[: j + 1],
-                target_id=window[j + 1],
-                target_text=tokenizer.token_text(window[j + 1]),
-                continuation_ids=window[j + 1 : j + 1 + CONTINUATION_TOKENS],
-                entropy=float(entropy[k]),
-                level=int(levels[k]),
-            )
-        )
-    counts = {
-        "thresholds": list(thresholds),
-        "candidates": len(found),
-        "available": [int((levels == d).sum()) for d in range(len(selection.LEVELS))],
-        "sampled": [sum(p.level == d for p in positions) for d in range(len(selection.LEVELS))],
-    }
-    return positions, counts
-
-
-def _candidates(window: list[int], eod: int, min_context: int) -> list[bool]:
-    """The trainer's candidate rule on one window (its context restarts at the window start)."""
-    ids = torch.tensor(window)
-    tokens, labels = ids[None, :-1], ids[None, 1:]  # [1, s]
-    context = torch.arange(1, tokens.shape[1] + 1)[None]  # [1, s]
-    mask = selection.candidate_mask(
-        context, torch.ones_like(context), tokens, labels, eod_id=eod, min_context=min_context
-    )
-    return mask[0].tolist()
 
 
 def _counts(header: dict) -> str:
@@ -283,7 +207,7 @@ def _evaluate(args, cfg, tokenizer, model, all_positions, indices, engine) -> di
     masks = [[False] * (len(p.prefix_ids) - 1) + [True] for p in positions]
     length = max(len(p.prefix_ids) for p in positions)
     batches = forward.padded_microbatches(rows, masks, length, args.eval_micro_batch, tokenizer.eod)
-    stats = stats_in_groups(
+    stats = forward.stats_in_groups(
         model, batches, tokenizer.vocab_size, cfg.rmt.entropy_chunk_tokens, True
     )
     target = torch.tensor([p.target_id for p in positions])

@@ -105,8 +105,6 @@ def step_metrics(
     rl,
     scored,
     zero_groups,
-    total_rl_count,
-    rl_tokens,
     ntp_time,
     flops_per_token,
     budget,
@@ -125,7 +123,7 @@ def step_metrics(
     `failed`: every rollout request failed, the step trained NTP only; `dropped`: requests that
     failed (the step trained without them); `invalid`: rollout replies rejected (both from
     `dispatch.StepRollouts`); a non-finite `grad_norm` means the optimizer step was skipped
-    (`step.optimizer_step`).
+    (`build.Trainable.optimizer_step`).
 
     Every rank calls this (it all-reduces); only the logging rank writes the result."""
     from megatron_rmt import parallel
@@ -168,8 +166,8 @@ def step_metrics(
 
     return {
         "ntp_loss": mean(g["ntp_sum"], g["ntp_tok"]),
-        "rl_loss": mean(g["rl_sum"], total_rl_count),
-        "kl": mean(g["kl_sum"], total_rl_count),  # KL(pi || pi_ref) estimate, 0 without KL
+        "rl_loss": mean(g["rl_sum"], rl.total_count),
+        "kl": mean(g["kl_sum"], rl.total_count),  # KL(pi || pi_ref) estimate, 0 without KL
         "reward": mean(g["reward"], g["samples"]),
         "reward_match": mean(g["match"], g["samples"]),
         "reward_length": mean(g["length"], g["samples"]),
@@ -180,7 +178,7 @@ def step_metrics(
         "p_easy": probs[0],
         "p_medium": probs[1],
         "p_hard": probs[2],
-        "rl_tokens": rl_tokens,  # response tokens in L_RL over all DP ranks
+        "rl_tokens": rl.total_tokens,  # response tokens in L_RL over all DP ranks
         "rl_tokens_trained": g["rl_tok"],  # of those, in groups with a nonzero advantage
         "ntp_tokens": g["ntp_tok"],
         "rl_positions": g["chosen"],

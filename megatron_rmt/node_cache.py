@@ -6,8 +6,7 @@ rank 0's directory (node-local disks, no shared filesystem) would stop with
 `No such file ... document_index.npy`. `ensure_on_every_node` runs before Megatron's builder:
 rank 0 leaves a marker file in the cache directory; every rank that cannot see it needs a copy of
 its own, and the lowest such rank per (host, directory) builds it, in a fresh interpreter where
-the process is a world of one (`python -m megatron_rmt.node_cache`, its arguments pickled on
-stdin), so Megatron's builder writes the cache there exactly as it would on rank 0. Every other
+the process is a world of one (`python -m megatron_rmt.data`, its arguments pickled on stdin), so Megatron's builder writes the cache there exactly as it would on rank 0. Every other
 rank waits for it in the closing collective, so the collective timeout bounds that build, as it
 bounds rank 0's own; a build that fails stops every rank with its error.
 """
@@ -70,7 +69,7 @@ def build_in_a_world_of_one(build_kwargs: dict) -> None:
     # The child imports what this process can (the tokenizer's class, for one).
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p or os.getcwd() for p in sys.path))
     done = subprocess.run(
-        [sys.executable, "-m", "megatron_rmt.node_cache"],
+        [sys.executable, "-m", "megatron_rmt.data"],  # data.py's __main__: the build
         input=pickle.dumps(build_kwargs), capture_output=True, env=env,
     )  # fmt: skip
     if done.returncode != 0:
@@ -79,13 +78,3 @@ def build_in_a_world_of_one(build_kwargs: dict) -> None:
             f"building the dataset index cache in {build_kwargs['cache_dir']} on "
             f"{socket.gethostname()} failed (exit code {done.returncode}):\n{tail}"
         )
-
-
-def main() -> None:
-    from megatron_rmt.data import build_train_dataset
-
-    build_train_dataset(**pickle.load(sys.stdin.buffer))
-
-
-if __name__ == "__main__":
-    main()

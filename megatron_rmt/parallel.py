@@ -86,6 +86,12 @@ def layout_of_this_rank() -> Layout:
     )
 
 
+def mix_seed(seed: int, index: int) -> int:
+    """One seed per (seed, index) pair: the selection draw of a microbatch, the sampling of a
+    step's i-th rollout request."""
+    return seed * 1_000_003 + index
+
+
 def seed_everything(seed: int, layout: Layout) -> None:
     """Seed Python, NumPy and torch, offset per pipeline stage (as Megatron-LM does), and the
     tensor-parallel RNG tracker (one stream shared by the replica, one per TP rank)."""

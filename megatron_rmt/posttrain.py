@@ -10,8 +10,8 @@ problems. Each step t of T:
      (a remote service gets them all at once, from the replica's talker).
   3. Reward 1 when the final \\boxed{} answer after </think> equals the gold answer
      (rewards.math_answer_reward), else 0; GRPO's group-normalised advantages.
-  4. The trainer's own RL pass (with KL to a reference when --kl-beta > 0), optimizer step, LR
-     schedule, weight sync, metrics and checkpoints (train.rl_update, train.train).
+  4. The trainer's own step tail: RL pass (with KL to a reference when --kl-beta > 0), optimizer
+     step, LR schedule, weight sync (loop.finish_step); metrics and checkpoints (loop.run_steps).
 Deliberate simplifications: no NTP term and no entropy selection (there is no pretraining text
 here); the metrics are the trainer's, where `match_acc` is the accuracy on the step's problems
 and the NTP and curriculum fields stay 0.
@@ -21,11 +21,12 @@ import os
 import sys
 import time
 
-from megatron_rmt import config, grpo, parallel, problems, prompts, rewards, step, train
+from megatron_rmt import config, grpo, loop, parallel, problems, prompts, rewards, step
+from megatron_rmt.launch import Run, init_distributed, rollout_seed, setup
 from megatron_rmt.math_data import MathProblem, ProblemStream, read_problems
 from megatron_rmt.metrics import step_metrics
 from megatron_rmt.rollout.contract import RolloutEngine, RolloutRequest
-from megatron_rmt.rollout.dispatch import StepRollouts, served
+from megatron_rmt.rollout.dispatch import StepRollouts
 from megatron_rmt.save_lock import save_lock
 
 
@@ -35,10 +36,10 @@ def main(argv: list[str] | None = None, engine: RolloutEngine | None = None) -> 
     if not cfg.data.prompt_data:
         raise config.ConfigError("--prompt-data is required: a JSONL of math problems")
     math_problems = read_problems(cfg.data.prompt_data)  # a bad file fails before any work
-    train.init_distributed(cfg)
+    init_distributed(cfg)
     try:
         with save_lock(cfg.checkpoint.save):
-            run = train.setup(cfg, engine)
+            run = setup(cfg, engine)
             run.data = ProblemStream(
                 math_problems,
                 cfg.data.global_batch_size,
@@ -47,16 +48,17 @@ def main(argv: list[str] | None = None, engine: RolloutEngine | None = None) -> 
                 cfg.parallel.seed,
                 run.progress.consumed_samples,
             )
-            train.train(run, posttrain_step)
+            loop.run_steps(run, posttrain_step)
     finally:
         parallel.destroy()
 
 
-def posttrain_step(run: train.Run, t: int) -> dict:
+def posttrain_step(run: Run, t: int) -> dict:
     """One GRPO step on this replica's problems; returns the metrics (reduced over DP)."""
     r = run.cfg.rmt
     start = time.perf_counter()
     batch: list[MathProblem] = next(run.data)
+    run.trainable.zero_grads()
 
     # 1-2. Prompts, G samples each.
     make_requests = _request_maker(run, t)
@@ -68,35 +70,29 @@ def posttrain_step(run: train.Run, t: int) -> dict:
     results = rollouts.results(requests)
     rollout_latency = time.perf_counter() - start
     failed = results is None  # the service failed: nothing to learn from this step
-    batch, requests, results = served(batch, requests, results)
+    groups = problems.served(batch, requests, results)
 
     # 3. Rewards: the final boxed answer against the gold one; group advantages.
     def reward(i: int, text: str, think: int) -> rewards.RewardParts:
-        return rewards.math_answer_reward(text, batch[i].answer)
+        return rewards.math_answer_reward(text, groups[i].problem.answer)
 
-    scored = problems.score_responses(results, run.tokenizer, run.template, reward)
+    scored = problems.score_responses(groups, run.tokenizer, run.template, reward)
     adv, zero_groups = grpo.group_advantages(scored.rewards, delta=r.advantage_delta)
 
     # 4. RL pass, one optimizer step, weight sync.
-    step.zero_grads(run.trainable)
-    rl, total_count, rl_tokens = train.rl_update(run, requests, results, adv)
-    grad_norm, lr = step.optimizer_step(run.trainable)
-    step.gather_params(run.trainable)
-    run.engine.sync_weights(t + 1)
+    update = loop.finish_step(run, t, problems.with_advantages(groups, adv))
 
     return step_metrics(
         ntp=step.NTPOutcome(),
-        rl=rl,
+        rl=update.rl,
         scored=scored,
         zero_groups=zero_groups,
-        total_rl_count=total_count,
-        rl_tokens=rl_tokens,
         ntp_time=0.0,
         flops_per_token=0.0,
         budget=None,
         probs=(0.0, 0.0, 0.0),
-        grad_norm=grad_norm,
-        lr=lr,
+        grad_norm=update.grad_norm,
+        lr=update.lr,
         failed=failed,
         invalid=rollouts.invalid,
         dropped=rollouts.dropped,
@@ -106,10 +102,10 @@ def posttrain_step(run: train.Run, t: int) -> dict:
     )
 
 
-def _request_maker(run: train.Run, t: int):
+def _request_maker(run: Run, t: int):
     """Step t's requests: the math prompt of each problem, G samples, seeded per replica."""
     r = run.cfg.rmt
-    seed = train.rollout_seed(run, t)
+    seed = rollout_seed(run, t)
 
     def make(batch: list[MathProblem], first: int) -> list[RolloutRequest]:
         ids = [prompts.encode_prompt(run.tokenizer, run.template, p.text, None) for p in batch]

@@ -1,5 +1,6 @@
 """Next-token-reasoning problems: from chosen positions to rollout requests, from responses to
-rewards, advantages and the RL microbatches.
+rewards; one `Group` record carries each chosen position from selection to the RL batch
+(rl_batch.py builds the microbatches from the groups).
 
 A chosen position j of a window asks: given the document prefix up to and including token j,
 what is token j+1 (the label at j)? The prompt holds that prefix (as text, see prompts.py) with
@@ -7,14 +8,16 @@ the budget sentence; each of the G responses is scored by its final prediction (
 match, or RPT's byte-prefix match) and, with the dynamic budget, by its reasoning length.
 """
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from megatron_rmt import budget as budget_mod
 from megatron_rmt import prompts, rewards
-from megatron_rmt.model.shared_prefix import PROMPT as PROMPT_SEGMENT
+from megatron_rmt.parallel import mix_seed
 from megatron_rmt.rollout.contract import RolloutRequest, RolloutResult
 
 CONTINUATION_TOKENS = 8  # true tokens kept after the target, for RPT's prefix reward
@@ -27,6 +30,31 @@ class Problem:
     continuation_ids: list[int]  # tokens j+1, j+2, ... within the window
     entropy: float  # predictive entropy at j (nats)
     level: int  # 0 easy, 1 medium, 2 hard (NOT_CANDIDATE: an RPT position below tau_easy)
+
+
+@dataclass(frozen=True)
+class Group:
+    """One chosen position (or post-training's math problem) from selection to the RL batch:
+    the problem, its rollout request, the engine's result and the G responses' advantages."""
+
+    problem: Any  # Problem, or math_data.MathProblem in post-training
+    request: RolloutRequest
+    result: RolloutResult
+    advantages: torch.Tensor | None = None  # [G], once scored
+
+
+def served(chosen: list, requests: list[RolloutRequest], results: list | None) -> list[Group]:
+    """The groups of the requests that have a result (`results` as dispatch.StepRollouts gives
+    them: None for a request that failed, or None if all did)."""
+    if results is None:
+        return []
+    triples = zip(chosen, requests, results, strict=True)
+    return [Group(p, q, r) for p, q, r in triples if r is not None]
+
+
+def with_advantages(groups: list[Group], adv: torch.Tensor) -> list[Group]:
+    """`adv` [n, G] (grpo.group_advantages of the groups' rewards), one row per group."""
+    return [dataclasses.replace(g, advantages=adv[i]) for i, g in enumerate(groups)]
 
 
 @dataclass(frozen=True)
@@ -93,15 +121,14 @@ def sample_requests(
             max_tokens=max_tokens,
             temperature=rmt.rollout_temperature,
             top_p=rmt.rollout_top_p,
-            seed=seed * 1_000_003 + i,
+            seed=mix_seed(seed, i),
         )
         for i, ids in enumerate(prompt_ids, start=first)
     ]
 
 
 def score(
-    problems: list[Problem],
-    results: list[RolloutResult],
+    groups: list[Group],
     tokenizer,
     template,
     budget: int | None,
@@ -110,10 +137,8 @@ def score(
 ) -> Scored:
     """Next-token rewards of every response. prefix_match: RPT's byte-prefix reward instead of
     exact match; budget None: no length reward (r = r_match)."""
-    if len(problems) != len(results):
-        raise ValueError(f"{len(problems)} problems but {len(results)} rollout results")
-    targets = [tokenizer.token_text(p.target_id) for p in problems]
-    continuations = [[tokenizer.token_text(t) for t in p.continuation_ids] for p in problems]
+    targets = [tokenizer.token_text(g.problem.target_id) for g in groups]
+    continuations = [[tokenizer.token_text(t) for t in g.problem.continuation_ids] for g in groups]
 
     def reward(i: int, text: str, think: int) -> rewards.RewardParts:
         if prefix_match:
@@ -123,32 +148,32 @@ def score(
             text, targets[i], think, budget, w=w, r_max=r_max, fold_case=fold
         )
 
-    return score_responses(results, tokenizer, template, reward)
+    return score_responses(groups, tokenizer, template, reward)
 
 
 def score_responses(
-    results: list[RolloutResult],
+    groups: list[Group],
     tokenizer,
     template,
     reward: Callable[[int, str, int], rewards.RewardParts],
 ) -> Scored:
-    """Score every response of every request with `reward(request index, text, thinking
-    tokens)`, where text is the template's response prefix + the sampled text and thinking
-    tokens are counted on the sampled ids (`think_tokens`)."""
+    """Score every response of every group with `reward(group index, text, thinking tokens)`,
+    where text is the template's response prefix + the sampled text and thinking tokens are
+    counted on the sampled ids (`think_tokens`)."""
     rows = []
-    for i, result in enumerate(results):
+    for group in groups:
         row = []
-        for response in result.responses:
+        for response in group.result.responses:
             ids = [t for t in response if t != tokenizer.eod]
             text = template.response_prefix + tokenizer.decode(ids)
             think = think_tokens(tokenizer, ids, template.response_prefix)
-            parts = reward(i, text, think)
+            parts = reward(len(rows), text, think)
             row.append(
                 (parts.total, parts.match, parts.length, think, len(response), not parts.parsed)
             )
         rows.append(row)
-    group = len(results[0].responses) if results else 0
-    t = torch.tensor(rows, dtype=torch.float64).reshape(len(results), group, 6)  # [n, G, 6]
+    size = len(groups[0].result.responses) if groups else 0
+    t = torch.tensor(rows, dtype=torch.float64).reshape(len(groups), size, 6)  # [n, G, 6]
     return Scored(
         rewards=t[..., 0],
         match=t[..., 1],
@@ -181,137 +206,3 @@ def think_tokens(tokenizer, sampled: list[int], prefix: str) -> int:
         else:
             lo = mid + 1
     return lo
-
-
-def rl_microbatches(
-    requests: list[RolloutRequest],
-    results: list[RolloutResult],
-    adv: torch.Tensor,  # [n, G]
-    pad_id: int,
-    rows: int | None = None,
-    length_multiple: int = 1,
-) -> list[dict]:
-    """The RL microbatches: prompt + response rows, label position i predicting token i+1;
-    `resp_mask` marks the labels that are response tokens.
-
-    Default (`rows` None): one microbatch per group (its G rows), all padded on the right to the
-    step's longest sequence so the pipeline schedule sees one shape. With `rows`, each group's
-    rows are split into microbatches of at most that many rows (`split_rows`), each padded only
-    to its own longest row. Lengths are rounded up to `length_multiple` (TP, with sequence
-    parallelism). The loss is a per-token (or per-sequence) sum over a global count, so either
-    layout gives the same total loss."""
-    if not requests:
-        return []
-    pairs = list(zip(requests, results, strict=True))
-    if rows is None:
-        # The last token of the longest sequence is only ever a label, never an input.
-        length = max(len(q.prompt_ids) + len(r) for q, res in pairs for r in res.responses) - 1
-        return [
-            _rows_microbatch(req, res, range(len(res.responses)), adv[i], pad_id, length,
-                             length_multiple)
-            for i, (req, res) in enumerate(pairs)
-        ]  # fmt: skip
-    return split_rows(pairs, adv, pad_id, rows, length_multiple)
-
-
-def split_rows(
-    pairs: list, adv: torch.Tensor, pad_id: int, rows: int, length_multiple: int = 1
-) -> list[dict]:
-    """Each group's rows, longest first, in microbatches of at most `rows` rows, each padded to
-    its own longest row: less padding and at most `rows` x length activations at once."""
-    out = []
-    for i, (req, res) in enumerate(pairs):
-        order = sorted(range(len(res.responses)), key=lambda k: -len(res.responses[k]))
-        for start in range(0, len(order), rows):
-            part = order[start : start + rows]
-            length = len(req.prompt_ids) + len(res.responses[part[0]]) - 1
-            out.append(_rows_microbatch(req, res, part, adv[i], pad_id, length, length_multiple))
-    return out
-
-
-def shared_prefix_microbatches(
-    requests: list[RolloutRequest],
-    results: list[RolloutResult],
-    adv: torch.Tensor,  # [n, G]
-    pad_id: int,
-    multiple: int = 1,
-) -> list[dict]:
-    """One microbatch per group as one row (model/shared_prefix.py): the prompt once, then each
-    response without its last token (only ever a label). Per row `[1, S]`: tokens, position_ids
-    (each response continues from the prompt's end), segments (0 prompt, k + 1 response k, -1
-    padding) and rows `[1, G * L]`, the position whose logits predict each response token; the
-    per-token tensors are `[G, L]` over the responses alone, as `rl_microbatches`' are over
-    whole rows: labels, resp_mask, old_logp. S and L are the step's largest, so the pipeline
-    schedule sees one shape; S is rounded up to `multiple` (TP under sequence parallelism)."""
-    if not requests:
-        return []
-    pairs = list(zip(requests, results, strict=True))
-    seq = max(
-        len(q.prompt_ids) + sum(max(len(r) - 1, 0) for r in res.responses) for q, res in pairs
-    )
-    seq = -(-seq // multiple) * multiple
-    longest = max(max(len(r) for r in res.responses) for _, res in pairs)
-    width = max(longest, 1)
-    out = []
-    for i, (req, res) in enumerate(pairs):
-        g, p = len(res.responses), len(req.prompt_ids)
-        tokens = torch.full((seq,), pad_id, dtype=torch.long)
-        positions = torch.zeros(seq, dtype=torch.long)
-        segments = torch.full((seq,), -1, dtype=torch.long)
-        rows = torch.zeros(g, width, dtype=torch.long)
-        labels = torch.full((g, width), pad_id, dtype=torch.long)
-        resp_mask = torch.zeros(g, width)
-        old_logp = torch.zeros(g, width)
-        tokens[:p] = torch.tensor(req.prompt_ids)
-        positions[:p] = torch.arange(p)
-        segments[:p] = PROMPT_SEGMENT
-        start = p
-        for k, (resp, lps) in enumerate(zip(res.responses, res.logprobs, strict=True)):
-            n = len(resp)
-            inputs = max(n - 1, 0)
-            tokens[start : start + inputs] = torch.tensor(resp[:inputs], dtype=torch.long)
-            positions[start : start + inputs] = torch.arange(p, p + inputs)
-            segments[start : start + inputs] = k + 1
-            # Token t is predicted by the prompt's last position (t = 0) or by token t - 1.
-            rows[k, :n] = torch.cat([torch.tensor([p - 1]), torch.arange(start, start + inputs)])
-            labels[k, :n] = torch.tensor(resp, dtype=torch.long)
-            resp_mask[k, :n] = 1.0
-            old_logp[k, :n] = torch.tensor(lps)
-            start += inputs
-        out.append(
-            {
-                "tokens": tokens.unsqueeze(0),
-                "position_ids": positions.unsqueeze(0),
-                "segments": segments.unsqueeze(0),
-                "rows": rows.reshape(1, -1),
-                "labels": labels,
-                "resp_mask": resp_mask,
-                "old_logp": old_logp,
-                "advantages": adv[i].float(),  # [G]
-            }
-        )
-    return out
-
-
-def _rows_microbatch(req, res, part, adv_row, pad_id: int, length: int, multiple: int) -> dict:
-    """The rows `part` of one group as a microbatch of `length` label positions (rounded up to
-    `multiple`)."""
-    length = -(-length // multiple) * multiple
-    g = len(part)
-    tokens = torch.full((g, length + 1), pad_id, dtype=torch.long)  # [g, L+1]
-    resp_mask = torch.zeros(g, length)  # [g, L]
-    old_logp = torch.zeros(g, length)  # [g, L]
-    p = len(req.prompt_ids)
-    for row, k in enumerate(part):
-        resp, lps = res.responses[k], res.logprobs[k]
-        tokens[row, :p] = torch.tensor(req.prompt_ids)
-        tokens[row, p : p + len(resp)] = torch.tensor(resp, dtype=torch.long)
-        resp_mask[row, p - 1 : p - 1 + len(resp)] = 1.0
-        old_logp[row, p - 1 : p - 1 + len(resp)] = torch.tensor(lps)
-    return {
-        "tokens": tokens[:, :-1],
-        "labels": tokens[:, 1:],
-        "resp_mask": resp_mask,
-        "old_logp": old_logp,
-        "advantages": adv_row[list(part)].float(),  # [g]
-    }

@@ -23,9 +23,14 @@ Paper section 4.2 (curriculum-based adaptive sampling, CAS) with the choices it 
 - Baseline RPT (`rpt_positions`) trains on every candidate its own entropy filter keeps
   (entropy >= its threshold, no levels, no curriculum), optionally capped per unit by a uniform
   draw to bound a step's rollouts.
+`Selector` and `choose` put these together as the NTP pass applies them to one microbatch.
 """
 
+from dataclasses import dataclass
+
 import torch
+
+from megatron_rmt.parallel import mix_seed
 
 NOT_CANDIDATE = -1
 LEVELS = ("easy", "medium", "hard")
@@ -186,3 +191,43 @@ def select_positions(
     if mode == "uniform":
         return sample_uniform(levels != NOT_CANDIDATE, k, generator, units)
     raise ValueError(f"unknown selection mode {mode!r}")
+
+
+@dataclass(frozen=True)
+class Selector:
+    """How the NTP pass picks RL positions this step (None mode: plain NTP, nothing picked)."""
+
+    mode: str | None  # "curriculum", "uniform", "all" (RPT) or None
+    probs: tuple[float, float, float]
+    k_per_unit: int  # positions per unit; for "all", the cap per unit (0: every kept position)
+    thresholds: tuple[float, float, float] | None  # None: per-microbatch quantiles
+    eod_id: int
+    min_context: int
+    seed: int
+    unit: str = "window"  # "document" or "window" (unit_ids)
+    rpt_threshold: float = 0.5  # "all": RPT's entropy filter, nats
+
+
+def choose(batch: dict, entropy: torch.Tensor, sel: Selector):
+    """One microbatch's C as a [b, s] bool mask and the difficulty level of every position."""
+    if sel.mode is None:
+        none = torch.zeros_like(entropy, dtype=torch.bool)
+        return none, torch.full_like(entropy, NOT_CANDIDATE, dtype=torch.long)
+    cand = candidate_mask(
+        batch["context_len"],
+        batch["loss_mask"],
+        batch["tokens"],
+        batch["labels"],
+        eod_id=sel.eod_id,
+        min_context=sel.min_context,
+    )
+    thresholds = sel.thresholds or quantile_thresholds(entropy, cand)
+    levels = difficulty_levels(entropy, cand, thresholds)
+    # Seeded by the samples themselves: every TP rank (and a resumed run) draws the same C.
+    gen = torch.Generator().manual_seed(mix_seed(sel.seed, int(batch["sample_ids"][0])))
+    units = unit_ids(batch["context_len"], sel.unit)
+    if sel.mode == "all":  # RPT: levels are only reported (NOT_CANDIDATE below tau_easy)
+        chosen = rpt_positions(entropy, cand, sel.rpt_threshold, sel.k_per_unit, gen, units)
+    else:
+        chosen = select_positions(levels, sel.mode, sel.probs, sel.k_per_unit, gen, units)
+    return chosen, levels

@@ -11,6 +11,7 @@ import time
 
 import psutil
 import pytest
+import rl_groups
 import torch
 from conftest import ROOT
 from distributed import spawn
@@ -22,7 +23,7 @@ from test_train import _flags, _read, _train
 from megatron_rmt import checkpoint, parallel, step
 from megatron_rmt.async_save import AsyncSaves
 from megatron_rmt.config import CheckpointConfig
-from megatron_rmt.problems import rl_microbatches
+from megatron_rmt.selection import Selector
 
 
 def save_every_step(root, in_background, distributed_optimizer=False):
@@ -34,14 +35,14 @@ def save_every_step(root, in_background, distributed_optimizer=False):
     trainable = _fresh(cfg)
     saves = AsyncSaves() if in_background else None
     rank = parallel.layout_of_this_rank().dp_rank
-    selector = step.Selector(None, (1.0, 0.0, 0.0), 1, (0.5, 1.0, 1.5), 0, 1, 0)
+    selector = Selector(None, (1.0, 0.0, 0.0), 1, (0.5, 1.0, 1.5), 0, 1, 0)
     seen = []
     for t in range(3):
-        step.zero_grads(trainable)
+        trainable.zero_grads()
         step.ntp_pass(trainable, [_ntp_batch(2 * t + rank)], selector, 0.1, 64)
-        step.rl_pass(trainable, rl_microbatches(*_groups(t + 10 * rank), pad_id=0), 40.0, 1.0,
-                     "token", None, 64)  # fmt: skip
-        step.optimizer_step(trainable)
+        rl = rl_groups.rows(*_groups(t + 10 * rank), pad_id=0)
+        step.rl_pass(trainable, rl, 40.0, rl_groups.settings())
+        trainable.optimizer_step()
         checkpoint.save(root, trainable, checkpoint.Progress(step=t + 1), cfg, saves)
         seen.append(
             (checkpoint.latest_step(root), os.path.isdir(checkpoint.iteration_dir(root, t + 1)))

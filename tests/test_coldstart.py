@@ -9,7 +9,7 @@ import torch
 from conftest import GPT2, ROOT
 from distributed import spawn
 
-from megatron_rmt import checkpoint, coldstart, config, prompts, train
+from megatron_rmt import checkpoint, coldstart, config, launch, prompts
 from megatron_rmt.evaluation import forward
 from megatron_rmt.tokenizer import tokenizer_of
 
@@ -103,7 +103,7 @@ def cold_start_tiny(tmp: str, corpus: str):
     ]  # fmt: skip
     cfg = config.parse([*flags, "--load", f"{tmp}/base"], world_size=1)
     tokenizer = tokenizer_of(cfg.data)
-    vocab = train.model_vocab(cfg, tokenizer)
+    vocab = launch.model_vocab(cfg, tokenizer)
     model = forward.build_eval_model(cfg.model, vocab, None)
     checkpoint.save_model(f"{tmp}/base", model[0], cfg)
     examples = coldstart.training_examples(cfg, tokenizer, model)

@@ -9,6 +9,7 @@ from megatron_rmt import step
 from megatron_rmt.build import build_trainable
 from megatron_rmt.config import Config, ModelConfig
 from megatron_rmt.fused_linear import linear_ce_entropy
+from megatron_rmt.selection import Selector
 
 VOCAB, HIDDEN = 96, 16
 
@@ -108,10 +109,10 @@ def ntp_both_ways(tied: bool):
         for w in windows
     ]
     # One RL position chosen per window: its CE leaves the loss (the kernel's correction).
-    sel = step.Selector("uniform", (1.0, 0.0, 0.0), 1, (0.5, 1.0, 1.5), 0, 1, 0)
+    sel = Selector("uniform", (1.0, 0.0, 0.0), 1, (0.5, 1.0, 1.5), 0, 1, 0)
     out = []
     for chunk in (0, 5):
-        step.zero_grads(trainable)
+        trainable.zero_grads()
         outcome = step.ntp_pass(trainable, mbs, sel, 0.3, 1024, fused_linear_chunk=chunk)
         grads = [p.main_grad.clone() for p in trainable.model[0].module.parameters()]
         assert len(outcome.problems) == 4 or not ps.is_pipeline_last_stage()

@@ -30,7 +30,7 @@ from test_serve import launched, wait_group_gone
 from test_train import ScriptedEngine, _flags
 from test_vllm import _vllm_python, build_hf_model
 
-from megatron_rmt import config, parallel, step, train
+from megatron_rmt import build, config, launch, parallel, train
 from megatron_rmt.rollout import client
 from megatron_rmt.rollout.contract import RolloutRequest
 
@@ -121,7 +121,7 @@ def one_step_per_reply(argv, kinds):
     try:
         for kind in kinds:
             parallel.seed_everything(cfg.parallel.seed, parallel.layout_of_this_rank())
-            run = train.setup(cfg)
+            run = launch.setup(cfg)
             current.update(kind=kind, calls=itertools.count(), tokenizer=run.tokenizer)
             run.engine = client.VLLMEngine(
                 [server.url], run.tokenizer.eod, retries=0, vocab_size=SERVED_VOCAB
@@ -214,21 +214,21 @@ def test_a_broken_control_route_is_a_failure_of_that_server(route, broken):
 def step_with_a_poisoned_gradient(argv):
     """One step whose gradient turns NaN on the last rank only (after the DP reduction, in one
     TP shard), then a clean step: parameters, metrics and LR-schedule progress of both."""
-    run = train.setup(config.parse(argv))
+    run = launch.setup(config.parse(argv))
     run.engine = ScriptedEngine(run.tokenizer)
     params = lambda: [p.detach().clone() for p in run.trainable.model[0].parameters()]  # noqa: E731
-    before, finalize = params(), step.finalize_model_grads
+    before, finalize = params(), build.finalize_model_grads
 
     def poisoned(model, num_tokens):
         finalize(model, num_tokens)
         if torch.distributed.get_rank() == torch.distributed.get_world_size() - 1:
             next(model[0].parameters()).main_grad.view(-1)[0] = math.nan
 
-    step.finalize_model_grads = poisoned
+    build.finalize_model_grads = poisoned
     try:
         skipped = train.train_step(run, 0)
     finally:
-        step.finalize_model_grads = finalize
+        build.finalize_model_grads = finalize
     after_skip, lr_steps = params(), run.trainable.scheduler.num_steps
     grads_zero = all(
         not buffer.grad_data.any()

@@ -25,7 +25,7 @@ from conftest import GPT2, ROOT
 from distributed import spawn
 from test_train import ScriptedEngine, _flags, _read
 
-from megatron_rmt import checkpoint, coldstart, config, posttrain, train
+from megatron_rmt import checkpoint, coldstart, config, launch, posttrain, train
 from megatron_rmt.save_lock import LOCK_NAME, SaveDirLocked, acquire, release, save_lock
 from megatron_rmt.tokenizer import tokenizer_of
 
@@ -87,7 +87,7 @@ def _refusal(root, trainable) -> tuple[str, bool] | None:
 
 
 def rng_files_hold_tensors_only(argv, root, marker):
-    run = train.setup(config.parse(argv))
+    run = launch.setup(config.parse(argv))
     run.engine = ScriptedEngine(run.tokenizer)
     train.train_step(run, 0)
     checkpoint.save(root, run.trainable, checkpoint.Progress(step=1), run.cfg)
@@ -280,7 +280,7 @@ def test_truncated_bin_stops_at_set_up_before_the_model(tiny_corpus, tmp_path, m
 
     monkeypatch.setattr(train, "build_trainable", no_model)
     with pytest.raises(config.UserError, match=f"{prefix}.bin: truncated"):
-        train.setup(config.parse(_flags(prefix)))
+        launch.setup(config.parse(_flags(prefix)))
 
 
 def _args(args, tiny_corpus, tmp_path):

@@ -8,7 +8,7 @@ import torch
 from distributed import spawn
 from test_train import ScriptedEngine, _flags, save_initial
 
-from megatron_rmt import config, train
+from megatron_rmt import config, launch, train
 
 COMPARED = ("ntp_loss", "rl_loss", "grad_norm", "reward", "entropy_all", "logprob_gap")
 COUNTED = ("ntp_tokens", "rl_positions", "rl_tokens", "rl_tokens_trained")
@@ -16,7 +16,7 @@ COUNTED = ("ntp_tokens", "rl_positions", "rl_tokens", "rl_tokens_trained")
 
 def one_step(argv, scripted):
     """Step 0: (metrics, rollouts as (prompt, responses, log-probs), update fingerprint)."""
-    run = train.setup(config.parse(argv))
+    run = launch.setup(config.parse(argv))
     if scripted:
         run.engine = ScriptedEngine(run.tokenizer)
     rollouts = []

@@ -1,12 +1,13 @@
 """`--overlap-param-gather` over DP 2 with the distributed optimizer: the same steps as without,
 and whatever reads the parameters right after a step (the rollout weight sync) sees them whole."""
 
+import rl_groups
 import torch
 from distributed import spawn
 from test_scale_features import _cfg, _fresh, _groups, _ntp_batch
 
 from megatron_rmt import parallel, step
-from megatron_rmt.problems import rl_microbatches
+from megatron_rmt.selection import Selector
 
 
 def _params(trainable):
@@ -20,16 +21,16 @@ def steps_with_param_gather(overlap):
     trainable = _fresh(cfg)
     assert trainable.model[0].ddp_config.use_distributed_optimizer
     rank = parallel.layout_of_this_rank().dp_rank
-    selector = step.Selector(None, (1.0, 0.0, 0.0), 1, (0.5, 1.0, 1.5), 0, 1, 0)
+    selector = Selector(None, (1.0, 0.0, 0.0), 1, (0.5, 1.0, 1.5), 0, 1, 0)
     losses, synced = [], []
     for t in range(3):
-        step.zero_grads(trainable)
+        trainable.zero_grads()
         ntp = step.ntp_pass(trainable, [_ntp_batch(2 * t + rank)], selector, 0.1, 64)
         losses.append(ntp.ntp_loss_sum)
-        step.rl_pass(trainable, rl_microbatches(*_groups(t + 10 * rank), pad_id=0), 40.0, 1.0,
-                     "token", None, 64)  # fmt: skip
-        step.optimizer_step(trainable)
-        step.gather_params(trainable)
+        rl = rl_groups.rows(*_groups(t + 10 * rank), pad_id=0)
+        step.rl_pass(trainable, rl, 40.0, rl_groups.settings())
+        trainable.optimizer_step()
+        trainable.gather_params()
         synced.append(_params(trainable))  # what the weight sync to the rollout service reads
     return torch.tensor(losses), torch.stack(synced)
 

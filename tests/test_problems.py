@@ -1,16 +1,17 @@
 """Chosen positions -> problems -> scored responses -> RL microbatches, on real GPT-2 tokens."""
 
 import pytest
+import rl_groups
 import torch
 from conftest import ROOT
 
 from megatron_rmt import prompts
 from megatron_rmt.config import RMTConfig
 from megatron_rmt.problems import (
+    Group,
     Problem,
     make_requests,
     problems_from_selection,
-    rl_microbatches,
     score,
     think_tokens,
 )
@@ -42,7 +43,9 @@ def _scored(template_name, responses, budget):
     problem = Problem([1, 2], paris[0], paris, 2.0, 2)
     result = RolloutResult([TOK.encode(r) for r in responses], [[0.0]] * len(responses), 0)
     template = prompts.load_template(template_name)
-    return score([problem], [result], TOK, template, budget, RMTConfig(), prefix_match=False)
+    return score(
+        [Group(problem, None, result)], TOK, template, budget, RMTConfig(), prefix_match=False
+    )
 
 
 def test_answer_first_template_reads_prefix_plus_response():
@@ -71,7 +74,7 @@ def test_correct_answer_after_a_long_think_under_each_response_cap(cap, reward):
     response = TOK.encode(" x" * 12 + "</think> \\boxed{Paris}")  # 12 = 3 B_t think tokens
     sampled = [response[: req.max_tokens]] * req.n  # an engine honours max_tokens
     result = RolloutResult(sampled, [[0.0] * len(sampled[0])] * req.n, 0)
-    s = score([problem], [result], TOK, template, 4, rmt, prefix_match=False)
+    s = score([Group(problem, None, result)], TOK, template, 4, rmt, prefix_match=False)
     assert req.max_tokens == (64 if cap == "fixed" else 2 * 4 + 4)
     assert s.rewards.tolist() == [[pytest.approx(reward)] * 2]
     assert s.length.tolist() == [[0.0, 0.0]]
@@ -84,7 +87,7 @@ def test_match_fold_case_reaches_the_reward(fold, match):
     result = RolloutResult([TOK.encode(" a</think> \\boxed{paris}")], [[0.0]], 0)
     template = prompts.load_template("ntr_base")
     rmt = RMTConfig(match_fold_case=fold)
-    s = score([problem], [result], TOK, template, None, rmt, prefix_match=False)
+    s = score([Group(problem, None, result)], TOK, template, None, rmt, prefix_match=False)
     assert s.match.tolist() == [[match]]
 
 
@@ -102,7 +105,7 @@ def test_think_length_is_the_sampled_count_not_a_retokenisation():
     paris = TOK.encode(" Paris")
     problem = Problem([1, 2], paris[0], paris, 2.0, 2)
     template = prompts.load_template("ntr_base")
-    s = score([problem], [result], TOK, template, 12, RMTConfig(), prefix_match=False)
+    s = score([Group(problem, None, result)], TOK, template, 12, RMTConfig(), prefix_match=False)
     assert s.think_tokens.tolist() == [[12.0]] and s.length.tolist() == [[1.0]]  # l = B_t
 
 
@@ -120,8 +123,8 @@ def test_think_length_edge_cases():
 def test_rl_microbatch_masks_exactly_the_response_labels():
     req = RolloutRequest([10, 11, 12], n=2, max_tokens=4, temperature=1.0, top_p=1.0, seed=0)
     res = RolloutResult([[20, 21], [22]], [[-0.5, -0.6], [-0.7]], 0)
-    (mb,) = rl_microbatches([req], [res], torch.tensor([[1.0, -1.0]]), pad_id=0)
-    assert mb["tokens"].tolist() == [[10, 11, 12, 20], [10, 11, 12, 22]]
-    assert mb["labels"].tolist() == [[11, 12, 20, 21], [11, 12, 22, 0]]
-    assert mb["resp_mask"].tolist() == [[0, 0, 1, 1], [0, 0, 1, 0]]
-    assert torch.allclose(mb["old_logp"][0, 2:], torch.tensor([-0.5, -0.6]))
+    (mb,) = rl_groups.rows([req], [res], torch.tensor([[1.0, -1.0]]), pad_id=0)
+    assert mb.tokens.tolist() == [[10, 11, 12, 20], [10, 11, 12, 22]]
+    assert mb.labels.tolist() == [[11, 12, 20, 21], [11, 12, 22, 0]]
+    assert mb.resp_mask.tolist() == [[0, 0, 1, 1], [0, 0, 1, 0]]
+    assert torch.allclose(mb.old_logp[0, 2:], torch.tensor([-0.5, -0.6]))

@@ -10,6 +10,7 @@ import socket
 import subprocess
 
 import pytest
+import rl_groups
 import torch
 from conftest import ROOT, missing
 from distributed import spawn
@@ -24,9 +25,9 @@ from megatron_rmt.config import (
     OptimConfig,
     ParallelConfig,
 )
-from megatron_rmt.problems import rl_microbatches
+from megatron_rmt.rl_batch import length_multiple
 from megatron_rmt.rollout.contract import RolloutRequest, RolloutResult
-from megatron_rmt.train import rl_length_multiple
+from megatron_rmt.selection import Selector
 
 VOCAB, G = 256, 4
 
@@ -63,12 +64,13 @@ def _fresh(cfg):
 def _rl_grads(cfg, rows, aggregation="token"):
     """Loss and gradient (this rank's shard, flattened) of one RL pass over `_groups`."""
     trainable = _fresh(cfg)
-    microbatches = rl_microbatches(
-        *_groups(), pad_id=0, rows=rows, length_multiple=rl_length_multiple(cfg)
+    microbatches = rl_groups.rows(
+        *_groups(), pad_id=0, rows=rows, length_multiple=length_multiple(cfg)
     )
-    count = sum(float(losses.rl_count(m["resp_mask"], aggregation)) for m in microbatches)
-    step.zero_grads(trainable)
-    out = step.rl_pass(trainable, microbatches, count, 1.0, aggregation, 0.2, 64)
+    count = sum(float(losses.rl_count(m.resp_mask, aggregation)) for m in microbatches)
+    trainable.zero_grads()
+    settings = rl_groups.settings(aggregation=aggregation, clip_eps=0.2)
+    out = step.rl_pass(trainable, microbatches, count, settings)
     grads = torch.cat([p.main_grad.flatten() for p in trainable.model[0].module.parameters()])
     return out.loss_sum, grads
 
@@ -118,16 +120,16 @@ def test_rl_row_split_equals_whole_group():
 
 def test_row_split_pads_each_microbatch_to_its_own_length():
     requests, results, adv = _groups()
-    whole = rl_microbatches(requests, results, adv, pad_id=0)
-    split = rl_microbatches(requests, results, adv, pad_id=0, rows=3, length_multiple=4)
-    assert [m["tokens"].shape[0] for m in split] == [3, 1, 3, 1]
-    assert len({m["tokens"].shape[1] for m in whole}) == 1
+    whole = rl_groups.rows(requests, results, adv, pad_id=0)
+    split = rl_groups.rows(requests, results, adv, pad_id=0, rows=3, length_multiple=4)
+    assert [m.tokens.shape[0] for m in split] == [3, 1, 3, 1]
+    assert len({m.tokens.shape[1] for m in whole}) == 1
     for m in split:
-        assert m["tokens"].shape[1] % 4 == 0
-        last = m["resp_mask"].nonzero()[:, 1].max()  # the longest row ends in the last 4
-        assert m["tokens"].shape[1] - 4 <= last < m["tokens"].shape[1]
-    assert sum(m["resp_mask"].sum() for m in split) == sum(m["resp_mask"].sum() for m in whole)
-    assert sorted(torch.cat([m["advantages"] for m in split]).tolist()) == sorted(
+        assert m.tokens.shape[1] % 4 == 0
+        last = m.resp_mask.nonzero()[:, 1].max()  # the longest row ends in the last 4
+        assert m.tokens.shape[1] - 4 <= last < m.tokens.shape[1]
+    assert sum(m.resp_mask.sum() for m in split) == sum(m.resp_mask.sum() for m in whole)
+    assert sorted(torch.cat([m.advantages for m in split]).tolist()) == sorted(
         adv.flatten().tolist()
     )
 
@@ -152,14 +154,14 @@ def steps_with_overlap(overlap):
     cfg = _cfg(1, parallel_kw={"overlap_grad_reduce": overlap})
     trainable = _fresh(cfg)
     rank = parallel.layout_of_this_rank().dp_rank
-    selector = step.Selector(None, (1.0, 0.0, 0.0), 1, (0.5, 1.0, 1.5), 0, 1, 0)
+    selector = Selector(None, (1.0, 0.0, 0.0), 1, (0.5, 1.0, 1.5), 0, 1, 0)
     for t in range(3):
-        step.zero_grads(trainable)
+        trainable.zero_grads()
         batches = [_ntp_batch(2 * t + rank)]
         step.ntp_pass(trainable, batches, selector, 0.1, 64)
-        groups = [] if t == 1 else rl_microbatches(*_groups(t + 10 * rank), pad_id=0)
-        step.rl_pass(trainable, groups, 40.0, 1.0, "token", None, 64)
-        step.optimizer_step(trainable)
+        groups = [] if t == 1 else rl_groups.rows(*_groups(t + 10 * rank), pad_id=0)
+        step.rl_pass(trainable, groups, 40.0, rl_groups.settings())
+        trainable.optimizer_step()
     return torch.cat([p.detach().flatten() for p in trainable.model[0].module.parameters()])
 
 

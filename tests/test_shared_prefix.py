@@ -1,6 +1,7 @@
 """Shared-prefix RL groups give the row-per-response layout's log-probs, loss, KL and gradients."""
 
 import pytest
+import rl_groups
 import torch
 from distributed import spawn
 
@@ -8,7 +9,6 @@ from megatron_rmt import step
 from megatron_rmt.build import build_trainable
 from megatron_rmt.config import Config, ModelConfig
 from megatron_rmt.model.shared_prefix import block_mask
-from megatron_rmt.problems import rl_microbatches, shared_prefix_microbatches
 from megatron_rmt.rollout.contract import RolloutRequest, RolloutResult
 
 VOCAB = 256
@@ -47,26 +47,26 @@ def test_each_label_sees_exactly_its_own_row():
     is that row's prompt + response[:t], and its label is response[t]."""
     requests, results, adv = _groups()
     for req, res, mb in zip(
-        requests, results, shared_prefix_microbatches(requests, results, adv, pad_id=0), strict=True
+        requests, results, rl_groups.shared(requests, results, adv, pad_id=0), strict=True
     ):
-        visible = ~block_mask(mb["segments"])[0, 0]  # [S, S]
-        width = mb["labels"].shape[1]
+        visible = ~block_mask(mb.segments)[0, 0]  # [S, S]
+        width = mb.labels.shape[1]
         for k, resp in enumerate(res.responses):
             for t, token in enumerate(resp):
-                row = int(mb["rows"][0, k * width + t])
+                row = int(mb.rows[0, k * width + t])
                 seen = visible[row].nonzero().flatten()
-                assert mb["tokens"][0, seen].tolist() == req.prompt_ids + resp[:t]
-                assert mb["position_ids"][0, seen].tolist() == list(range(len(seen)))
-                assert int(mb["labels"][k, t]) == token
-                assert float(mb["old_logp"][k, t]) == pytest.approx(res.logprobs[k][t])
-            assert mb["resp_mask"][k].tolist() == [1.0] * len(resp) + [0.0] * (width - len(resp))
+                assert mb.tokens[0, seen].tolist() == req.prompt_ids + resp[:t]
+                assert mb.position_ids[0, seen].tolist() == list(range(len(seen)))
+                assert int(mb.labels[k, t]) == token
+                assert float(mb.old_logp[k, t]) == pytest.approx(res.logprobs[k][t])
+            assert mb.resp_mask[k].tolist() == [1.0] * len(resp) + [0.0] * (width - len(resp))
     # One shape for the pipeline schedule: prompt + responses without their last tokens.
-    mbs = shared_prefix_microbatches(requests, results, adv, pad_id=0)
-    assert {tuple(mb["tokens"].shape) for mb in mbs} == {(1, 11 + 2 + 4 + 1)}
+    mbs = rl_groups.shared(requests, results, adv, pad_id=0)
+    assert {tuple(mb.tokens.shape) for mb in mbs} == {(1, 11 + 2 + 4 + 1)}
     # An empty response has no inputs and no labels.
     empty = RolloutResult([[5, 6], []], [[-0.1, -0.2], []], 0)
-    (mb,) = shared_prefix_microbatches(requests[:1], [empty], adv[:1, :2], pad_id=0)
-    assert mb["tokens"].shape == (1, 7 + 1) and mb["resp_mask"].tolist() == [[1, 1], [0, 0]]
+    (mb,) = rl_groups.shared(requests[:1], [empty], adv[:1, :2], pad_id=0)
+    assert mb.tokens.shape == (1, 7 + 1) and mb.resp_mask.tolist() == [[1, 1], [0, 0]]
 
 
 def _grads(trainable) -> list[torch.Tensor]:
@@ -80,17 +80,18 @@ def both_layouts(kl_estimator: str):
     trainable = build_trainable(cfg, VOCAB)
     requests, results, adv = _groups()
     out = {}
-    for name, build in (("rows", rl_microbatches), ("shared", shared_prefix_microbatches)):
+    for name, build in (("rows", rl_groups.rows), ("shared", rl_groups.shared)):
         groups = build(requests, results, adv, pad_id=0)
         ref = step.reference_logprobs(trainable.model, groups, 0.7, 64)
         # A reference policy that differs from the policy, so the KL term has a gradient.
-        for g, r in zip(groups, ref, strict=True):
-            if r is not None:
-                g["ref_logp"] = r + 0.1 * torch.sin(g["labels"].float())
-        step.zero_grads(trainable)
-        kl = step.KL(0.05, kl_estimator)
-        outcome = step.rl_pass(trainable, groups, 20.0, 0.7, "token", 0.2, 64, kl)
-        logps = [r[g["resp_mask"] > 0] for g, r in zip(groups, ref, strict=True) if r is not None]
+        shifted = [
+            None if r is None else r + 0.1 * torch.sin(g.labels.float())
+            for g, r in zip(groups, ref, strict=True)
+        ]
+        trainable.zero_grads()
+        settings = rl_groups.settings(0.7, clip_eps=0.2, kl_beta=0.05, kl_estimator=kl_estimator)
+        outcome = step.rl_pass(trainable, groups, 20.0, settings, shifted)
+        logps = [r[g.resp_mask > 0] for g, r in zip(groups, ref, strict=True) if r is not None]
         out[name] = (torch.cat(logps) if logps else None, outcome, _grads(trainable))
     return out
 
@@ -113,7 +114,7 @@ def test_same_logprobs_loss_kl_and_grads_as_rows(tp, pp):
 
 @pytest.mark.slow
 def test_training_steps_agree_with_rows(tiny_corpus, tmp_path):
-    """`--rl-layout shared_prefix` end to end (train.rl_update): the same metrics as rows."""
+    """`--rl-layout shared_prefix` end to end (step.rl_update): the same metrics as rows."""
     from test_train import _flags, _read, _train
 
     got = {}

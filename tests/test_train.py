@@ -11,11 +11,12 @@ import json
 import threading
 
 import pytest
+import rl_groups
 import torch
 from conftest import GPT2
 from distributed import spawn
 
-from megatron_rmt import checkpoint, config, parallel, problems, step, train
+from megatron_rmt import checkpoint, config, launch, loop, parallel, step, train
 from megatron_rmt.rollout.contract import RolloutRequest, RolloutResult
 from megatron_rmt.tokenizer import tokenizer_of
 
@@ -80,7 +81,7 @@ def _read(path):
 
 
 def save_initial(argv, path):
-    run = train.setup(config.parse(argv), engine=None)
+    run = launch.setup(config.parse(argv), engine=None)
     checkpoint.save(path, run.trainable, checkpoint.Progress(), run.cfg)
 
 
@@ -132,7 +133,7 @@ def variants_one_step(argv_base):
     real_pass = step.ntp_pass
     for variant in ("rmt", "no_dtb", "no_cas", "no_ntp", "rpt", "ntp"):
         cfg = config.parse([*argv_base, "--rmt-variant", variant])
-        run = train.setup(cfg)
+        run = launch.setup(cfg)
         run.engine = ScriptedEngine(run.tokenizer)
         levels = []
         step.ntp_pass = _recording_levels(real_pass, levels)
@@ -212,7 +213,7 @@ def test_resume_continues_exactly(tiny_corpus, tmp_path):
 
 
 def crash_during_second_save(argv, root):
-    run = train.setup(config.parse(argv))
+    run = launch.setup(config.parse(argv))
     run.engine = ScriptedEngine(run.tokenizer)
     train.train_step(run, 0)
     checkpoint.save(root, run.trainable, checkpoint.Progress(step=1), run.cfg)
@@ -241,12 +242,12 @@ def test_crash_during_save_keeps_previous_checkpoint(tiny_corpus, tmp_path):
 
 
 def embedded_logprob_gap(argv):
-    run = train.setup(config.parse(argv))
+    run = launch.setup(config.parse(argv))
     prompt = run.tokenizer.encode("Question: What is 2 + 3? Answer: The sum is")
     req = RolloutRequest(prompt, n=3, max_tokens=6, temperature=1.0, top_p=1.0, seed=5)
     results = run.engine.generate([req])
-    groups = problems.rl_microbatches([req], results, torch.ones(1, 3), pad_id=run.tokenizer.eod)
-    out = step.rl_pass(run.trainable, groups, 1.0, 1.0, "token", None, 1024)
+    groups = rl_groups.rows([req], results, torch.ones(1, 3), pad_id=run.tokenizer.eod)
+    out = step.rl_pass(run.trainable, groups, 1.0, rl_groups.settings(chunk_tokens=1024))
     same_on_all_ranks = parallel.broadcast_object_in_replica(results[0].responses, run.talker)
     return out.logprob_gap_sum / out.tokens, out.tokens, same_on_all_ranks == results[0].responses
 
@@ -261,7 +262,7 @@ def test_embedded_engine_logprobs_match_the_trainer(tiny_corpus, tmp_path, tp, p
 
 
 def stable_then_decay(argv):
-    run = train.setup(config.parse(argv))
+    run = launch.setup(config.parse(argv))
     run.engine = ScriptedEngine(run.tokenizer)
     lrs = [train.train_step(run, t)["lr"] for t in range(4)]
     return lrs, run.data.consumed_samples, run.decay_data.consumed_samples
@@ -277,11 +278,11 @@ def test_stable_then_decay_switches_the_blend(tiny_corpus):
 
 def kl_run_then_resume(argv, ckpt):
     """Two KL steps from the run's own start; then a resume at step 2 without --ref-load."""
-    run = train.setup(config.parse(argv))
+    run = launch.setup(config.parse(argv))
     run.engine = ScriptedEngine(run.tokenizer)
-    train.train(run, train.train_step)
+    loop.run_steps(run, train.train_step)
     try:
-        train.setup(config.parse([*argv, "--load", ckpt, "--train-iters", "3"]))
+        launch.setup(config.parse([*argv, "--load", ckpt, "--train-iters", "3"]))
     except config.ConfigError as e:
         return str(e)
     return None
@@ -311,25 +312,25 @@ def test_kl_to_the_reference_policy(tiny_corpus, initial, reference, tmp_path):
 def reference_vs_naive(argv, ref_dir):
     """Log-probs of pi_ref against a naive forward of --ref-load's weights (perturbed here so
     they differ from the run's own) and against the policy's."""
-    start = train.setup(config.parse(argv))
+    start = launch.setup(config.parse(argv))
     moved = start.trainable.model[0].module
     with torch.no_grad():
         for p in moved.parameters():
             p.add_(0.05 * torch.randn_like(p))
     checkpoint.save_model(ref_dir, moved, start.cfg)
-    run = train.setup(config.parse([*argv, "--kl-beta", "0.1", "--ref-load", ref_dir]))
+    run = launch.setup(config.parse([*argv, "--kl-beta", "0.1", "--ref-load", ref_dir]))
     req = RolloutRequest(run.tokenizer.encode("One two three"), n=2, max_tokens=5,
                          temperature=0.7, top_p=1.0, seed=3)  # fmt: skip
     results = ScriptedEngine(run.tokenizer).generate([req])
-    groups = problems.rl_microbatches([req], results, torch.ones(1, 2), pad_id=run.tokenizer.eod)
+    groups = rl_groups.rows([req], results, torch.ones(1, 2), pad_id=run.tokenizer.eod)
     got = step.reference_logprobs(run.reference, groups, 0.7, 1024)[0]  # [2, L]
     g = groups[0]
-    positions = torch.arange(g["tokens"].shape[1]).expand_as(g["tokens"])
+    positions = torch.arange(g.tokens.shape[1]).expand_as(g.tokens)
 
     def naive(model):  # [2, L]
         with torch.no_grad():
-            logp = torch.log_softmax(model(g["tokens"], positions, None) / 0.7, -1)
-        return logp.gather(-1, g["labels"].unsqueeze(-1)).squeeze(-1)
+            logp = torch.log_softmax(model(g.tokens, positions, None) / 0.7, -1)
+        return logp.gather(-1, g.labels.unsqueeze(-1)).squeeze(-1)
 
     policy = run.trainable.model[0].module
     return (got - naive(moved)).abs().max().item(), (got - naive(policy)).abs().max().item()
@@ -344,7 +345,7 @@ def overlap_probe(argv):
     """Which rank calls the service, and whether the NTP pass was still running at each call.
     The probed pass waits (up to 30 s) for a first call before it returns: a trainer that only
     dispatches after the pass records every call as after it."""
-    run = train.setup(config.parse(argv))
+    run = launch.setup(config.parse(argv))
     in_pass, called, calls = threading.Event(), threading.Event(), []
     engine = ScriptedEngine(run.tokenizer)
     scripted = engine.generate

@@ -20,11 +20,12 @@ import threading
 import time
 
 import pytest
+import rl_groups
 import torch
 from conftest import GPT2, ROOT, missing
 from distributed import spawn
 
-from megatron_rmt import config, problems, step, train
+from megatron_rmt import config, launch, loop, problems, step, train
 from megatron_rmt.rollout import client as client_mod
 from megatron_rmt.rollout.contract import RolloutRequest
 from megatron_rmt.rollout.serve import start_server
@@ -177,7 +178,7 @@ def test_unreachable_server_fails_clearly_and_bad_urls_are_retried(server):
 def _setup_with_vllm(argv, url, sync_dir):
     """A trainer run set up with the embedded engine and, separately, the vLLM engine for it
     (so a test decides when the first weight sync happens)."""
-    run = train.setup(config.parse(argv))
+    run = launch.setup(config.parse(argv))
     cfg = config.parse([*argv, "--rollout-url", url, "--weight-sync-dir", sync_dir])
     return run, client_mod.build_engine(cfg, run.trainable, run.tokenizer, 50257)
 
@@ -254,8 +255,8 @@ def sync_and_compare(argv, url, sync_dir, seed):
     files = sorted(os.listdir(run.engine.weights_path)) if run.engine.weights_path else None
     req = RolloutRequest(prompt, n=4, max_tokens=6, temperature=1.0, top_p=1.0, seed=3)
     results = run.engine.generate([req])
-    groups = problems.rl_microbatches([req], results, torch.ones(1, 4), pad_id=run.tokenizer.eod)
-    out = step.rl_pass(run.trainable, groups, 1.0, 1.0, "token", None, 1024)
+    groups = rl_groups.rows([req], results, torch.ones(1, 4), pad_id=run.tokenizer.eod)
+    out = step.rl_pass(run.trainable, groups, 1.0, rl_groups.settings(chunk_tokens=1024))
     return before, after, files, out.logprob_gap_sum / out.tokens, results[0].weight_version
 
 
@@ -281,7 +282,7 @@ def test_weight_sync_serves_the_trainers_weights(server, tiny_corpus, tmp_path, 
 def push_then_reload(argv, url, sync_dir, transfer="gloo"):
     """The same new weights in memory (`transfer`), then through files: what the server samples
     (tokens and log-probs) before and after each."""
-    run = train.setup(config.parse(argv))
+    run = launch.setup(config.parse(argv))
     _perturb(run, 3)
     req = RolloutRequest(PROMPT * 3, n=4, max_tokens=8, temperature=1.0, top_p=1.0, seed=5)
     served = [client_mod.VLLMEngine([url], eos_id=run.tokenizer.eod).generate([req])[0]]
@@ -306,13 +307,13 @@ def test_in_memory_push_loads_the_same_bits_as_the_file_reload(server, tiny_corp
 
 def push_then_die(argv):
     """A trainer that opens its transfer group, pushes v0 (set-up), and is killed."""
-    train.setup(config.parse(argv))
+    launch.setup(config.parse(argv))
     os.kill(os.getpid(), signal.SIGKILL)
 
 
 def rmt_run(argv):
     problems.score = _alternating_rewards(problems.score)  # this worker process only
-    train.train(train.setup(config.parse(argv)), train.train_step)
+    loop.run_steps(launch.setup(config.parse(argv)), train.train_step)
 
 
 def test_a_new_trainer_replaces_the_transfer_group_of_a_killed_one(server, tiny_corpus, tmp_path):
@@ -402,7 +403,7 @@ def rmt_run_with_faults(argv, sync_dir, server_pid, model_dir, python, port):
     engine.retries, engine.backoff_s = 1, 0.05
     run.engine = FaultyService(engine, server_pid, 2, 3, model_dir, python, port)
     run.engine.sync_weights(0)
-    train.train(run, train.train_step)
+    loop.run_steps(run, train.train_step)
     return run.engine.pid
 
 
@@ -426,8 +427,8 @@ def test_rmt_run_survives_a_server_crash_and_recovers(server, tiny_corpus, tmp_p
 
 
 def setup_from_flags(argv):
-    """What `--rollout-url` gives a user: train.setup builds the vLLM engine and syncs v0."""
-    run = train.setup(config.parse(argv))
+    """What `--rollout-url` gives a user: launch.setup builds the vLLM engine and syncs v0."""
+    run = launch.setup(config.parse(argv))
     req = RolloutRequest(PROMPT, n=2, max_tokens=3, temperature=1.0, top_p=1.0, seed=0)
     return type(run.engine).__name__, run.engine.generate([req])[0].weight_version
 
@@ -472,8 +473,8 @@ def rmt_run_data_parallel(argv):
     sync_dir = argv[argv.index("--weight-sync-dir") + 1]
     client_mod.VLLMEngine.generate, client_mod.VLLMEngine._call = recorded_generate, recorded_call
     weight_sync.save_file, weight_sync.megatron_to_hf_tensors = recorded_save, recorded_gather
-    train.train(
-        train.setup(config.parse(argv)), train.train_step
+    loop.run_steps(
+        launch.setup(config.parse(argv)), train.train_step
     )  # setup syncs v0, each step t syncs v(t+1)
     return record
 
@@ -631,10 +632,10 @@ class HangsMidRun:
 
 def rmt_run_with_a_hung_server(argv, server_pid):
     problems.score = _alternating_rewards(problems.score)  # this worker process only
-    run = train.setup(config.parse(argv))
+    run = launch.setup(config.parse(argv))
     run.engine = HangsMidRun(run.engine, server_pid, 2, 4)
     try:
-        train.train(run, train.train_step)
+        loop.run_steps(run, train.train_step)
     finally:
         os.killpg(server_pid, signal.SIGCONT)  # the session's server must outlive a failure
 

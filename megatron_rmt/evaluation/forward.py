@@ -18,13 +18,14 @@ Deliberate choices:
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
+from tqdm import tqdm
 
 from megatron_rmt import checkpoint, parallel, platform
 from megatron_rmt.config import ModelConfig
 from megatron_rmt.entropy import vocab_parallel_ce_entropy
 from megatron_rmt.model import build_model, frozen
 from megatron_rmt.model.logits import forward_logits
-from megatron_rmt.step import position_ids, run_schedule
+from megatron_rmt.schedule import position_ids, run_schedule
 
 
 def build_eval_model(model_cfg: ModelConfig, vocab_size: int, load: str | None) -> list:
@@ -147,4 +148,20 @@ def padded_microbatches(
             tokens[i, : len(row)] = torch.tensor(row)
             mask[i, : len(row_mask)] = torch.tensor(row_mask, dtype=torch.bool)
         out.append({"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "mask": mask})
+    return out
+
+
+def stats_in_groups(
+    model, batches: list[dict], vocab_size: int, chunk_tokens: int, with_argmax: bool,
+    top_k: int = 0,
+) -> list[dict]:  # fmt: skip
+    """`position_stats` over groups of microbatches, with a progress bar on rank 0."""
+    out = []
+    group = 32  # microbatches per schedule call: progress without a long pipeline bubble
+    bar = tqdm(total=len(batches), desc="forward", unit="mb", disable=dist.get_rank() != 0)
+    with bar:
+        for first in range(0, len(batches), group):
+            part = batches[first : first + group]
+            out += position_stats(model, part, vocab_size, chunk_tokens, with_argmax, top_k)
+            bar.update(len(part))
     return out

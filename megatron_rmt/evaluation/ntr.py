@@ -62,10 +62,12 @@ def ntr_scores(
 
         rollouts = StepRollouts(engine, talker, make, concurrency)
         rollouts.submit(batch)  # only a remote engine's talker sends anything here
-        results = rollouts.results(make(batch, 0))
+        requests = make(batch, 0)
+        results = rollouts.results(requests)
         if results is None or None in results:  # every position must be scored
             raise RuntimeError("the rollout service failed; the evaluation cannot go on")
-        parts.append(problems.score(batch, results, tokenizer, template, budget, rmt, False))
+        groups = problems.served(batch, requests, results)
+        parts.append(problems.score(groups, tokenizer, template, budget, rmt, False))
         if on_batch is not None:
             on_batch(len(batch))
     return problems.Scored(

@@ -10,7 +10,7 @@
 - Every rank builds the step's requests again after the pass from the broadcast problems, with
   the same function and per-problem seeds, so they are exactly the ones the talker sent.
 - A request the service failed after the client's own retries (unreachable, or only invalid
-  replies) has no result: the step trains without it (`served`). If every request failed the
+  replies) has no result: the step trains without it (problems.served). If every request failed the
   step proceeds NTP-only, and the trainer counts it.
 - `dropped` (requests without a result) and `invalid` (replies the engine rejected, for an
   engine that counts them in `invalid_replies` as the vLLM client does) are the same on every
@@ -20,17 +20,18 @@
 import logging
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 import torch.distributed as dist
 
 from megatron_rmt import parallel
-from megatron_rmt.problems import Problem
 from megatron_rmt.rollout.contract import RolloutEngine, RolloutRequest, RolloutResult
 
 log = logging.getLogger(__name__)
 
-# (problems, index of the first of them in the step) -> their requests
-MakeRequests = Callable[[list[Problem], int], list[RolloutRequest]]
+# (problems, index of the first of them in the step) -> their requests. A problem is whatever
+# the caller samples for: a chosen position (problems.Problem), a math problem (math_data).
+MakeRequests = Callable[[list[Any], int], list[RolloutRequest]]
 
 
 class StepRollouts:
@@ -51,7 +52,7 @@ class StepRollouts:
         self.invalid = 0  # replies rejected this step, known after `results`
         self.dropped = 0  # requests that failed this step, known after `results`
 
-    def submit(self, problems: list[Problem]) -> None:
+    def submit(self, problems: list) -> None:
         """Last stage, after each microbatch's selection: the talker sends its requests now."""
         if not self.streaming:
             return
@@ -88,10 +89,3 @@ def _result_or_none(future: Future) -> RolloutResult | None:
     except Exception as e:  # the run must outlive the rollout service
         log.warning("a rollout request failed, this step trains without it: %s", e)
         return None
-
-
-def served(problems: list, requests: list, results: list | None) -> tuple[list, list, list]:
-    """The problems, requests and results of the requests that have a result (`results` as
-    `StepRollouts.results` gives them; None: none has)."""
-    kept = [i for i, r in enumerate(results or []) if r is not None]
-    return [problems[i] for i in kept], [requests[i] for i in kept], [results[i] for i in kept]
