@@ -102,6 +102,7 @@ def _step_of(line: str) -> int | None:
 def step_metrics(
     *,
     ntp,
+    served,
     rl,
     scored,
     zero_groups,
@@ -120,7 +121,9 @@ def step_metrics(
 ) -> dict[str, float]:
     """The step's metrics, summed over data-parallel replicas, then turned into means.
 
-    `failed`: every rollout request failed, the step trained NTP only; `dropped`: requests that
+    `served`: the chosen positions (problems.Problem) that have rollouts, of which
+    `rl_positions` and `entropy_chosen` are; `failed`: every rollout request failed, the step
+    trained NTP only; `dropped`: requests that
     failed (the step trained without them); `invalid`: rollout replies rejected (both from
     `dispatch.StepRollouts`); a non-finite `grad_norm` means the optimizer step was skipped
     (`build.Trainable.optimizer_step`).
@@ -147,8 +150,8 @@ def step_metrics(
         "samples": scored.rewards.numel(),
         "groups": scored.rewards.shape[0],
         "zero": zero_groups,
-        "ent_chosen": sum(p.entropy for p in ntp.problems),
-        "chosen": len(ntp.problems),
+        "ent_chosen": sum(p.entropy for p in served),
+        "chosen": len(served),
         "failed": float(failed),
         "invalid": float(invalid),
         "dropped": float(dropped),
