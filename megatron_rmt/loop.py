@@ -37,7 +37,7 @@ def finish_step(run: Run, t: int, groups: list[Group]) -> Update:
 
 # Run-long counts in the metrics: total -> the per-step metric it sums. Checkpoints keep them
 # (Progress.totals), so a resumed run continues them.
-TOTALS = {"rollout_failures": "rollout_failed"}
+TOTALS = {"rollout_failures": "rollout_failed", "flops_total": "flops"}
 
 
 def run_steps(run: Run, step_fn: Callable[[Run, int], dict]) -> None:

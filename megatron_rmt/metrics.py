@@ -118,6 +118,7 @@ def step_metrics(
     rollout_latency,
     step_time,
     window_tokens,
+    flops,
 ) -> dict[str, float]:
     """The step's metrics, summed over data-parallel replicas, then turned into means.
 
@@ -160,6 +161,7 @@ def step_metrics(
         "step_s": step_time,
         "ntp_s": ntp_time,
         "replicas": 1.0,
+        **flops,  # compute.step_flops: this replica's
     }
     g = dict(zip(local, parallel.all_reduce_sum_dp(list(local.values())), strict=True))
     dp = g["replicas"]
@@ -200,18 +202,11 @@ def step_metrics(
         "grad_norm": grad_norm,
         "skipped_step": float(not math.isfinite(grad_norm)),  # no update: non-finite gradients
         "lr": lr,
+        "flops_ntp": g["flops_ntp"],  # over all replicas (compute.py's accounting)
+        "flops_rl": g["flops_rl"],
+        "flops_rollout": g["flops_rollout"],
+        "flops": g["flops_ntp"] + g["flops_rl"] + g["flops_rollout"],
     } | _mfu(flops_per_token * g["win_tok"], g["ntp_s"] / dp)
-
-
-def train_flops_per_token(m, vocab_size: int, seq_length: int) -> float:
-    """Forward + backward FLOPs per trained token (3x the forward, Megatron-LM's accounting):
-    QKV, attention scores and values over the full sequence, output projection, SwiGLU MLP
-    (gate, up, down) and the output layer."""
-    h, f = m.hidden_size, m.ffn_hidden_size
-    d = m.kv_channels or h // m.num_attention_heads
-    q, kv = m.num_attention_heads * d, 2 * m.num_query_groups * d
-    layer = 2 * h * (q + kv) + 2 * 2 * seq_length * q + 2 * q * h + 2 * h * 2 * f + 2 * f * h
-    return 3.0 * (m.num_layers * layer + 2 * h * vocab_size)
 
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense, per GPU

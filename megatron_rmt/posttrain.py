@@ -21,7 +21,7 @@ import os
 import sys
 import time
 
-from megatron_rmt import config, grpo, loop, parallel, problems, prompts, rewards, step
+from megatron_rmt import compute, config, grpo, loop, parallel, problems, prompts, rewards, step
 from megatron_rmt.launch import Run, init_distributed, rollout_seed, setup
 from megatron_rmt.math_data import MathProblem, ProblemStream, read_problems
 from megatron_rmt.metrics import step_metrics
@@ -100,6 +100,9 @@ def posttrain_step(run: Run, t: int) -> dict:
         rollout_latency=rollout_latency,
         step_time=time.perf_counter() - start,
         window_tokens=0,
+        flops=compute.step_flops(
+            run.cfg.model, run.trainable.model[0].module.vocab_size, [], False, update.rl, groups
+        ),
     )
 
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from megatron.core.utils import unwrap_model
 
+from megatron_rmt.compute import Computed
 from megatron_rmt.model.logits import forward_logits
 from megatron_rmt.model.shared_prefix import PROMPT, block_mask, rope_at
 from megatron_rmt.schedule import position_ids
@@ -53,6 +54,10 @@ class RowsBatch(_OnDevice):
         """Last stage: `[g, L, v/tp]`; other stages: the hidden states."""
         return forward_logits(model, self.tokens, position_ids(self.tokens))
 
+    def computed(self) -> Computed:
+        g, length = self.tokens.shape
+        return Computed(g * length, length, g * length)
+
 
 @dataclass(frozen=True)
 class SharedPrefixBatch(_OnDevice):
@@ -73,6 +78,10 @@ class SharedPrefixBatch(_OnDevice):
         if not unwrap_model(model).post_process:
             return out
         return out.reshape(*self.labels.shape, out.shape[-1])  # [1, G * L, v] -> [G, L, v]
+
+    def computed(self) -> Computed:
+        s = self.tokens.shape[1]
+        return Computed(s, s, self.rows.numel())
 
 
 def builder(cfg, pad_id: int) -> Callable[[list], list]:

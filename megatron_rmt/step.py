@@ -121,6 +121,8 @@ class RLOutcome:
     kl_sum: float = 0.0  # the KL estimate aggregated like the loss (0 without a reference)
     total_count: float = 0.0  # the RL normaliser: tokens or sequences over all replicas
     total_tokens: float = 0.0  # RL response tokens over all replicas
+    computed: list = field(default_factory=list)  # compute.Computed of each trained microbatch
+    reference_computed: list = field(default_factory=list)  # and of the reference's forward
 
 
 @dataclass(frozen=True)
@@ -167,6 +169,9 @@ def rl_update(
         )
     outcome = rl_pass(trainable, microbatches, max(total_count, 1.0), settings, ref_logps)
     outcome.total_count, outcome.total_tokens = total_count, total_tokens
+    outcome.computed = [mb.computed() for mb in microbatches]
+    if reference is not None:
+        outcome.reference_computed = outcome.computed
     return outcome
 
 

@@ -19,9 +19,9 @@ import sys
 import time
 
 from megatron_rmt import budget as budget_mod
-from megatron_rmt import config, dryrun, grpo, loop, parallel, problems, selection, step
+from megatron_rmt import compute, config, dryrun, grpo, loop, parallel, problems, selection, step
 from megatron_rmt.launch import Run, data_for_step, init_distributed, rollout_seed, setup
-from megatron_rmt.metrics import step_metrics, train_flops_per_token
+from megatron_rmt.metrics import step_metrics
 from megatron_rmt.rollout.contract import RolloutEngine
 from megatron_rmt.rollout.dispatch import MakeRequests, StepRollouts
 from megatron_rmt.save_lock import save_lock
@@ -82,6 +82,7 @@ def train_step(run: Run, t: int) -> dict:
 
     # 4. RL pass into the same gradient buffers, 5. one optimizer step, weight sync.
     update = loop.finish_step(run, t, problems.with_advantages(groups, adv))
+    vocab = run.trainable.model[0].module.vocab_size
 
     return step_metrics(
         ntp=ntp,
@@ -90,9 +91,7 @@ def train_step(run: Run, t: int) -> dict:
         scored=scored,
         zero_groups=zero_groups,
         ntp_time=ntp_time,
-        flops_per_token=train_flops_per_token(
-            cfg.model, run.trainable.model[0].module.vocab_size, cfg.model.seq_length
-        ),
+        flops_per_token=compute.train_flops_per_token(cfg.model, vocab, cfg.model.seq_length),
         budget=budget,
         probs=probs,
         grad_norm=update.grad_norm,
@@ -103,6 +102,7 @@ def train_step(run: Run, t: int) -> dict:
         rollout_latency=rollout_latency,
         step_time=time.perf_counter() - start,
         window_tokens=sum(mb["tokens"].numel() for mb in microbatches),
+        flops=compute.step_flops(cfg.model, vocab, microbatches, weight > 0, update.rl, groups),
     )
 
 
