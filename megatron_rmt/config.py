@@ -217,6 +217,11 @@ class RolloutConfig:
     weight_transfer_address: str | None = _f(
         None, "this host's address the servers reach (default: the route to each server)"
     )
+    weight_transfer_bucket_mb: int = _f(
+        1024,
+        "MiB of weights per bucket: one /update_weights call in memory (gloo), vLLM's packed "
+        "buffer (nccl), one safetensors file per stage (disk)",
+    )
 
 
 @dataclass(frozen=True)
@@ -419,6 +424,8 @@ def validate(cfg: Config, world_size: int) -> None:
     problems += _validate_rollout(cfg.rollout, cfg.parallel.distributed_timeout_minutes)
     if cfg.rollout.weight_sync_interval < 1:
         problems.append("weight_sync_interval must be at least 1")
+    if cfg.rollout.weight_transfer_bucket_mb < 1:
+        problems.append("weight_transfer_bucket_mb must be at least 1 (MiB)")
     if o.lr_decay_style == "WSD" and not o.lr_wsd_decay_iters:
         problems.append("lr_decay_style WSD needs lr_wsd_decay_iters")
     if d.tokenizer_type == "HuggingFaceTokenizer" and d.data_path and not d.tokenizer_model:

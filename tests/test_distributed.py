@@ -36,6 +36,15 @@ def sleep_forever() -> None:
         time.sleep(1)
 
 
+def ranks_that_stop_agreeing() -> None:
+    """Rank 1 waits in a collective rank 0 never joins (rank 0 took the other branch of a
+    decision the ranks should have agreed on, and is busy elsewhere)."""
+    if dist.get_rank() == 1:
+        dist.barrier()
+    else:
+        sleep_forever()
+
+
 @pytest.mark.parametrize("how, code", [("kill", -signal.SIGKILL), ("exit", 3)])
 def test_a_worker_that_dies_fails_the_call_with_its_exit_code(how, code):
     start = time.monotonic()
@@ -61,3 +70,16 @@ def test_a_hung_worker_fails_the_call_at_its_timeout():
     with pytest.raises(RuntimeError, match=r"ranks \[0\] had not reported"):
         spawn(sleep_forever, 1, timeout=3)
     assert time.monotonic() - start < BOUND_S
+
+
+def test_ranks_that_stop_agreeing_fail_with_where_each_one_waits():
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"ranks \[0, 1\] had not reported") as raised:
+        spawn(ranks_that_stop_agreeing, 2, timeout=5)
+    assert time.monotonic() - start < BOUND_S
+    message = str(raised.value)
+    assert "5 s after every rank started" in message
+    stacks = dict(re.findall(r"rank (\d) had not reported; its stacks:\n(.*?)(?=\nrank \d |$)",
+                             message, re.S))  # fmt: skip
+    assert "in barrier" in stacks["1"] and "in ranks_that_stop_agreeing" in stacks["1"], message
+    assert "in sleep_forever" in stacks["0"] and "barrier" not in stacks["0"], message

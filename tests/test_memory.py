@@ -103,6 +103,50 @@ def test_recompute_and_sequence_parallel_shrink_activations():
     assert plain == pytest.approx(per_layer * 8 * 6144 * 41)
 
 
+# The 14B configs' shapes (configs/*.yaml): layers, h, f, vocab, QK-norm, QKV bias.
+SHAPES_14B = {
+    "qwen3_14b": (40, 5120, 17408, 151936, True, False),
+    "r1_distill_qwen_14b": (48, 5120, 13824, 152064, False, True),
+}
+
+
+def _hand_count_14b(name: str) -> dict[str, float]:
+    """Each row of the dry run's table, in GiB, counted by hand for the configs' layout on 16
+    GPUs: TP 8, PP 1, so DP 2; bf16 with fp32 main grads and Adam (fp32 master, m, v) sharded
+    over the 2 replicas by the distributed optimizer; sequence parallel, full recompute of
+    every layer; no KL reference; one window of 4096 tokens, an RL microbatch of G = 8 rows of
+    4096 + 2048 tokens."""
+    layers, h, f, vocab, qk_norm, qkv_bias = SHAPES_14B[name]
+    tp, dp, d = 8, 2, 128
+    q, kv = 40 * d, 8 * d
+    sharded = h * (q + 2 * kv) + q * h + h * 2 * f + f * h + (q + 2 * kv if qkv_bias else 0)
+    replicated = 2 * h + (2 * d if qk_norm else 0)  # the two RMSNorms and the QK-norms
+    n = layers * (sharded // tp + replicated) + 2 * vocab * h // tp + h  # + embedding, output
+    rl_tokens, ntp_tokens = 8 * (4096 + 2048), 4096
+
+    def activations(tokens):  # bf16; recompute keeps each layer's input (h / TP with SP)
+        per_token = 4 * h / tp + (q + f + 2 * q + 2 * kv + 2 * f + (q + kv if qk_norm else 0)) / tp
+        one_layer = per_token * 2 * tokens  # rebuilt for the backward: once, plus a working set
+        return layers * h / tp * 2 * tokens + 2 * one_layer
+
+    gib = 1024**3
+    rows = {
+        "weights": 2 * n,
+        "fp32 main grads": 4 * n,
+        "optimizer state": 12 * n / dp,  # 10.3 GiB at 14B; 20.6 without the DP shard
+        "reference model": 0,
+        "NTP activations": activations(ntp_tokens),
+        "RL activations": activations(rl_tokens),
+        "logits (larger pass)": rl_tokens * vocab / tp * 2,
+        "optimizer transient": 0,  # fused Adam on GPU
+        "runtime overhead": 3 * gib,
+    }
+    rows["predicted peak"] = (
+        sum(rows.values()) - rows["NTP activations"] - rows["optimizer transient"]
+    )  # the RL pass is the larger
+    return {k: v / gib for k, v in rows.items()}
+
+
 @pytest.mark.parametrize("name", ["qwen3_14b", "r1_distill_qwen_14b"])
 def test_dry_run_of_the_14b_configs_fits_in_80gb(name):
     env = {**os.environ, "WORLD_SIZE": "16", "PYTHONPATH": ROOT}
@@ -114,3 +158,12 @@ def test_dry_run_of_the_14b_configs_fits_in_80gb(name):
     assert proc.returncode == 0, proc.stderr[-2000:]
     peak = float(re.search(r"predicted per-GPU peak ([\d.]+) GiB", proc.stdout).group(1))
     assert 15 < peak < 80, proc.stdout
+    assert "TP 8 x PP 1 x DP 2; RL microbatch 8 rows x 6144 tokens" in proc.stdout
+    printed = {
+        row.group(1).strip(): float(row.group(2))
+        for row in re.finditer(r"^  (\S.*?)\s+([\d.]+) GiB$", proc.stdout, re.M)
+    }
+    expected = _hand_count_14b(name)
+    assert printed.keys() == expected.keys(), proc.stdout
+    for row, gib in expected.items():  # printed to 0.01 GiB
+        assert printed[row] == pytest.approx(gib, abs=0.006), (row, printed[row], gib)

@@ -1,13 +1,18 @@
 """Shared-prefix RL groups give the row-per-response layout's log-probs, loss, KL and gradients."""
 
+from contextlib import contextmanager
+
 import pytest
 import rl_groups
 import torch
 from distributed import spawn
+from megatron.core.fusions.fused_softmax import FusedScaleMaskSoftmax
+from megatron.core.transformer.enums import AttnMaskType
 
 from megatron_rmt import step
 from megatron_rmt.build import build_trainable
 from megatron_rmt.config import Config, ModelConfig
+from megatron_rmt.model import shared_prefix
 from megatron_rmt.model.shared_prefix import block_mask
 from megatron_rmt.rollout.contract import RolloutRequest, RolloutResult
 
@@ -73,8 +78,34 @@ def _grads(trainable) -> list[torch.Tensor]:
     return [p.main_grad.clone() for p in trainable.model[0].module.parameters()]
 
 
+@contextmanager
+def softmax_as_on_gpu():
+    """Megatron's attention softmax as it behaves on GPU: told `causal`, its fused kernel
+    (ScaledUpperTriangMaskedSoftmax) applies the upper-triangular mask and never reads the mask
+    it is given; the local CPU path applies a given mask whatever the type, so without this an
+    attention that never switches to `arbitrary` would pass here and fail on GPU."""
+    forward = FusedScaleMaskSoftmax.forward
+
+    def gpu_like(self, input, mask, *args, **kwargs):
+        if self.attn_mask_type == AttnMaskType.causal:
+            mask = None  # the kernel's own causal mask instead (forward_torch_softmax builds it)
+        return forward(self, input, mask, *args, **kwargs)
+
+    FusedScaleMaskSoftmax.forward = gpu_like
+    try:
+        yield
+    finally:
+        FusedScaleMaskSoftmax.forward = forward
+
+
 def both_layouts(kl_estimator: str):
-    """Reference log-probs, then a KL-regularised RL pass, in each layout on the same model."""
+    """Reference log-probs, then a KL-regularised RL pass, in each layout on the same model,
+    with the attention softmax of the GPU (`softmax_as_on_gpu`)."""
+    with softmax_as_on_gpu():
+        return _both_layouts(kl_estimator)
+
+
+def _both_layouts(kl_estimator: str):
     cfg = Config(model=ModelConfig(num_layers=2, rl_layout="shared_prefix"))
     torch.manual_seed(0)
     trainable = build_trainable(cfg, VOCAB)
@@ -128,3 +159,28 @@ def test_training_steps_agree_with_rows(tiny_corpus, tmp_path):
         assert a["rl_tokens_trained"] > 0
         for key in ("rl_loss", "kl", "grad_norm", "reward", "ntp_loss"):
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
+
+
+class _RecordingTEAttention(torch.nn.Module):
+    """Stands in for Transformer Engine's core attention (absent here): records the mask type
+    each call is given, which is what selects TE's backend (a causal one ignores the mask)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type, *args, **kwargs):
+        self.calls.append((attention_mask is not None, attn_mask_type))
+        return query
+
+
+def test_te_attention_is_told_arbitrary_whenever_a_mask_is_given(monkeypatch):
+    from megatron.core.extensions import transformer_engine
+
+    monkeypatch.setattr(transformer_engine, "TEDotProductAttention", _RecordingTEAttention)
+    attention = shared_prefix._te_masked_attention()()
+    q = torch.zeros(4, 1, 2, 8)
+    mask = block_mask(torch.tensor([[0, 0, 1, 2]]))
+    attention(q, q, q, mask, AttnMaskType.causal)
+    attention(q, q, q, None, AttnMaskType.causal)  # the NTP pass: the spec's causal, unchanged
+    assert attention.calls == [(True, AttnMaskType.arbitrary), (False, AttnMaskType.causal)]

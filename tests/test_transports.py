@@ -1,5 +1,7 @@
 """The gloo weight transport against a fake server on loopback: a server that refuses its part of a
-transfer ends the transfer as soon as it answers, not after the transfer's timeout.
+transfer ends the transfer as soon as it answers, not after the transfer's timeout; and a whole
+push (PP 2 x DP 2, small buckets) delivers every tensor once, bit for bit the trainer's fp32
+parameters, at each version.
 
 Found in the full suite: a server restarted without `--weight-transfer gloo` answers
 `/init_weight_transfer_engine` with HTTP 500 at once, but the trainer went on waiting for it to
@@ -10,10 +12,17 @@ import time
 
 import pytest
 import torch
+import torch.distributed as dist
+from distributed import spawn
+from megatron.core import parallel_state as ps
 from test_hardening_rollout import FakeServer
 
+from megatron_rmt.build import build_trainable
+from megatron_rmt.config import Config, ModelConfig
+from megatron_rmt.model import hf_mapping
 from megatron_rmt.rollout import client
 from megatron_rmt.rollout.transports import GlooTransport
+from megatron_rmt.rollout.weight_transfer import MemoryWeightSync, _buckets
 from megatron_rmt_vllm import wire
 
 TIMEOUT_S = 120.0  # what the trainer would wait before this fix
@@ -105,3 +114,112 @@ def test_a_transfer_both_sides_complete_returns_its_result():
     finally:
         server.close()
     assert torch.equal(received["a"], tensors[0]) and torch.equal(received["b"], tensors[1])
+
+
+def test_buckets_hold_every_tensor_once_in_order():
+    tensors = [(f"t{i}", torch.empty(n)) for i, n in enumerate([3, 1, 8, 2, 2, 2, 9, 1, 1, 4])]
+    for bucket_bytes in (1, 4, 12, 16, 40, 1 << 30):  # bytes: fp32 elements x 4
+        buckets = list(_buckets(tensors, bucket_bytes))
+        names = [n for names, _ in buckets for n in names]
+        assert names == [n for n, _ in tensors], bucket_bytes
+        assert [t for _, b in buckets for t in b] == [t for _, t in tensors]
+        for i, (_, bucket) in enumerate(buckets):
+            size = sum(t.numel() * 4 for t in bucket)
+            if i < len(buckets) - 1:  # full: closed by its last tensor
+                assert size >= bucket_bytes > size - bucket[-1].numel() * 4, (bucket_bytes, i)
+
+
+VOCAB = 256
+BUCKET_BYTES = 20_000  # the model's matrices are 16-45 kB, its norms 256 B: buckets of 1 to 9
+
+
+class ReceivingServer:
+    """A vLLM server with one worker, as the gloo backend makes it: joins the trainer's group,
+    receives each `/update_weights` bucket, reports the tag of the last finished update."""
+
+    def __init__(self):
+        self.group, self.tag, self.buckets = None, None, []
+        self.server = FakeServer(self.answer)
+
+    def answer(self, path, body):
+        if path == "/weight_info":
+            return 200, json.dumps({"weight_version": self.tag}).encode()
+        if path == "/collective_rpc":  # check_health on every worker
+            return 200, json.dumps({"results": [None]}).encode()
+        if path == "/init_weight_transfer_engine":
+            self.group = _join_as_the_worker(body["init_info"])
+        elif path == "/start_weight_update":
+            self.buckets = []
+        elif path == "/update_weights":
+            self.buckets.append(list(wire.receive(self.group, body["update_info"])))
+        elif path == "/finish_weight_update":
+            self.tag = body["weight_version"]
+        return 200, b"{}"
+
+
+def _compare_stage(trainable, m, received: dict) -> dict:
+    """Each exported parameter of this rank's stage against the HF tensors that arrived, mapped
+    back by the loader's own direction (hf_mapping.to_shard, not the export being tested)."""
+    tp_rank, tp = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+    verdicts = {}
+    for name, param, rule in hf_mapping._stage_parameters(trainable.model[0]):
+        missing = [n for n in rule.hf_names if n not in received]
+        if missing:
+            verdicts[name] = f"never arrived: {missing}"
+            continue
+        got = [received[n] for n in rule.hf_names]
+        shard = hf_mapping.to_shard(rule, got, m, tuple(param.shape), tp_rank, tp)
+        if {t.dtype for t in got} != {param.dtype}:
+            verdicts[name] = f"arrived as {[t.dtype for t in got]}, trains as {param.dtype}"
+        elif not torch.equal(shard, param.detach()):
+            diff = (shard.double() - param.detach().double()).abs().max().item()
+            verdicts[name] = f"differs by up to {diff:.3g}"
+        else:
+            verdicts[name] = "equal"
+    return verdicts
+
+
+def push_in_small_buckets():
+    """Two pushes (v0, then v1 after an update) from every rank of a PP 2 x DP 2 trainer; what
+    the server received, checked on every rank against its own parameters."""
+    m = ModelConfig(num_layers=2)
+    torch.manual_seed(0)
+    trainable = build_trainable(Config(model=m), VOCAB)
+    fake = ReceivingServer() if dist.get_rank() == 0 else None
+    urls = [fake.server.url] if fake else []  # only global rank 0 talks to servers
+    transport = GlooTransport(TIMEOUT_S, address="127.0.0.1")
+    sync = MemoryWeightSync(trainable.model, m, VOCAB, transport, bucket_bytes=BUCKET_BYTES)
+    out = []
+    try:
+        for version in (0, 1):
+            if version:  # an update, the same on both replicas of a stage
+                gen = torch.Generator().manual_seed(ps.get_pipeline_model_parallel_rank())
+                with torch.no_grad():
+                    for p in trainable.model[0].parameters():
+                        p.add_(0.01 * torch.randn(p.shape, generator=gen))
+            held = sync.push(version, urls, _call())
+            box = [fake.buckets if fake else None]
+            dist.broadcast_object_list(box, src=0)
+            buckets = [[(n, t.nbytes) for n, t in bucket] for bucket in box[0]]
+            received = {n: t for bucket in box[0] for n, t in bucket}
+            out.append((list(held.values()), buckets, _compare_stage(trainable, m, received)))
+    finally:
+        if fake:
+            fake.server.close()
+    return out
+
+
+def test_a_push_in_small_buckets_delivers_the_trainers_exact_weights():
+    ranks = spawn(push_in_small_buckets, 4, pp=2, timeout=180)
+    expected = set(hf_mapping.hf_tensor_shapes(ModelConfig(num_layers=2), VOCAB))
+    for version in (0, 1):
+        held, buckets, _ = ranks[0][version]
+        names = [n for bucket in buckets for n, _ in bucket]
+        assert sorted(names) == sorted(expected), version  # every tensor, once
+        assert held == [version]
+        assert len(buckets) >= 8 and max(len(b) for b in buckets) > 1  # boundaries everywhere
+        for bucket in buckets[:-1]:
+            assert sum(size for _, size in bucket) >= BUCKET_BYTES
+        for rank, out in enumerate(ranks):  # both stages, both replicas: fp32, bit for bit
+            verdicts = out[version][2]
+            assert verdicts and set(verdicts.values()) == {"equal"}, (version, rank, verdicts)

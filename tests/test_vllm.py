@@ -27,6 +27,7 @@ from distributed import spawn
 
 from megatron_rmt import config, launch, loop, problems, step, train
 from megatron_rmt.rollout import client as client_mod
+from megatron_rmt.rollout import engines
 from megatron_rmt.rollout.contract import RolloutRequest
 from megatron_rmt.rollout.serve import start_server
 
@@ -180,7 +181,7 @@ def _setup_with_vllm(argv, url, sync_dir):
     (so a test decides when the first weight sync happens)."""
     run = launch.setup(config.parse(argv))
     cfg = config.parse([*argv, "--rollout-url", url, "--weight-sync-dir", sync_dir])
-    return run, client_mod.build_engine(cfg, run.trainable, run.tokenizer, 50257)
+    return run, engines.build_engine(cfg, run.trainable, run.tokenizer, 50257)
 
 
 class _ScriptedHTTP(http.server.BaseHTTPRequestHandler):
@@ -287,22 +288,29 @@ def push_then_reload(argv, url, sync_dir, transfer="gloo"):
     req = RolloutRequest(PROMPT * 3, n=4, max_tokens=8, temperature=1.0, top_p=1.0, seed=5)
     served = [client_mod.VLLMEngine([url], eos_id=run.tokenizer.eod).generate([req])[0]]
     for path in (transfer, "disk"):
+        torch.distributed.barrier()  # no rank still sampling when rank 0 pauses the server
         cfg = config.parse([*argv, "--rollout-url", url, "--weight-sync-dir", sync_dir,
                             "--weight-transfer", path])  # fmt: skip
-        engine = client_mod.build_engine(cfg, run.trainable, run.tokenizer, 50257)
+        engine = engines.build_engine(cfg, run.trainable, run.tokenizer, 50257)
         engine.sync_weights(0)
         served.append(engine.generate([req])[0])
     return served
 
 
 def test_in_memory_push_loads_the_same_bits_as_the_file_reload(server, tiny_corpus, tmp_path):
-    """fp32 end to end: if any weight differed by one bit between the two paths, the sampled
-    log-probs (and likely the tokens) would too."""
-    before, pushed, reloaded = spawn(push_then_reload, 1, args=(_flags(tiny_corpus), server.url,
-                                                        str(tmp_path / "sync")))[0]  # fmt: skip
-    assert pushed.logprobs != before.logprobs  # the push changed what the server holds
-    assert pushed.responses == reloaded.responses
-    assert pushed.logprobs == reloaded.logprobs  # exactly equal floats
+    """fp32 end to end, at PP 2 (the second stage's tensors reach the server through rank 0) in
+    1 MiB buckets (the 26 MB embedding alone in one, each layer over two): if any weight
+    differed by one bit between the two paths, or a bucket boundary lost a tensor (the server
+    would keep its old value), the sampled log-probs (and likely the tokens) would differ too.
+    That what is pushed is bit for bit the trainer's weights: test_transports.py."""
+    argv = _flags(tiny_corpus, ["--pipeline-model-parallel-size", "2",
+                                "--weight-transfer-bucket-mb", "1"])  # fmt: skip
+    for before, pushed, reloaded in spawn(
+        push_then_reload, 2, pp=2, args=(argv, server.url, str(tmp_path / "sync"))
+    ):
+        assert pushed.logprobs != before.logprobs  # the push changed what the server holds
+        assert pushed.responses == reloaded.responses
+        assert pushed.logprobs == reloaded.logprobs  # exactly equal floats
 
 
 def push_then_die(argv):

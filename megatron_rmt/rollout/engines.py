@@ -19,16 +19,20 @@ def build_engine(cfg, trainable, tokenizer, vocab_size: int):
     The API key, if the servers want one, comes from $MEGATRON_RMT_VLLM_API_KEY (not the config,
     which is logged and checkpointed). Raises before training if a server is unreachable."""
     r = cfg.rollout
+    bucket_bytes = r.weight_transfer_bucket_mb << 20
     if r.weight_transfer == "disk":
         weights = DiskWeightSync(
-            trainable.model, cfg.model, vocab_size, r.weight_sync_dir, r.weight_sync_interval
-        )
+            trainable.model, cfg.model, vocab_size, r.weight_sync_dir, r.weight_sync_interval,
+            bucket_bytes=bucket_bytes,
+        )  # fmt: skip
     else:
         timeout = transfer_timeout(r.rollout_timeout)
-        transport = TRANSPORTS[r.weight_transfer](timeout, r.weight_transfer_address)
+        packed = {"bucket_bytes": bucket_bytes} if r.weight_transfer == "nccl" else {}
+        transport = TRANSPORTS[r.weight_transfer](timeout, r.weight_transfer_address, **packed)
         weights = MemoryWeightSync(
-            trainable.model, cfg.model, vocab_size, transport, r.weight_sync_interval
-        )
+            trainable.model, cfg.model, vocab_size, transport, r.weight_sync_interval,
+            bucket_bytes=bucket_bytes,
+        )  # fmt: skip
     engine = FleetEngine(
         r.rollout_url,
         tokenizer.eod,
