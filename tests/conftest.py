@@ -85,10 +85,7 @@ MCORE_LINE = {
         "test_resume_continues_exactly",
         "test_embedded_engine_logprobs_match_the_trainer",
     ],
-    # the distributed optimizer's sharded state through a save and a resume
-    "test_async_save.py": ["test_the_distributed_optimizer_saves_and_resumes_at_dp2"],
     "test_data.py": ["test_microbatch_fields", "test_resume_continues_with_next_unseen_sample"],
-    "test_entropy.py": ["test_tensor_parallel_matches_unsharded"],  # TP cross-entropy regions
     "test_convert.py": ["test_logits_match_transformers", "test_round_trip_is_bit_exact"],
 }
 

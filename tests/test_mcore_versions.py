@@ -139,7 +139,10 @@ def test_a_newer_form_on_an_older_release_says_which_release_reads_it(saved, mon
     with pytest.raises(CheckpointError) as refused:
         checkpoint_safety.check_checkpoint_files(saved)
     message = str(refused.value)
-    assert "written by megatron-core >= 0.19" in message and "0.16.1 cannot read it" in message
+    assert (
+        "written by megatron-core >= 0.19" in message
+        and "megatron-core 0.16.1 cannot read;" in message
+    )
     assert "convert_megatron_to_hf.py" in message and "\n" not in message
 
 
