@@ -22,7 +22,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
-    echo "gpu_check: no CUDA device here (torch.cuda.is_available() is False): nothing run" >&2
+    echo "gpu_check: no CUDA device here ($PY: torch.cuda.is_available() is False, or no torch): nothing run" >&2
     exit 1
 fi
 log=${GPU_CHECK_OUT:-$(mktemp -d)}
