@@ -104,15 +104,15 @@ $(VLLM_VENV)/$(STAMP): setup.py
 
 # The second Megatron-Core line. megatron-core >= 0.17 needs Python >= 3.12; PyPI has no CPU
 # build of torch for it, so $(TORCH) is the CUDA build there (~4 GB with its nvidia-* wheels; it
-# runs on CPU). megatron-core first, so the project's `<0.20` range keeps it; then the project and
-# pytest only (its tests need no dev extra: no ruff, matplotlib or accelerate).
+# runs on CPU). megatron-core first, so the project's `<0.20` range keeps it; then the project with
+# its dev extra, as in .venv (the main job's plots need matplotlib).
 $(MC019_VENV)/$(STAMP): setup.py
 	rm -f $@
 	@[ -n "$(PYTHON312)" ] || { echo "error: no Python 3.12 (python3.12, or one in pyenv): set PYTHON312=..." >&2; exit 1; }
 	$(PYTHON312) -m venv $(MC019_VENV)
 	$(MC019_VENV)/bin/python -m pip install -q --upgrade pip
 	$(MC019_VENV)/bin/python -m pip install $(TORCH) $(MC019_MCORE)
-	$(MC019_VENV)/bin/python -m pip install -e . pytest
+	$(MC019_VENV)/bin/python -m pip install -e ".[dev]"
 	touch $@
 
 # Wheels for the lent GPU machine's image (Python 3.12, no network): docs/gpu.md.
