@@ -16,6 +16,7 @@ itself replaced atomically. A crash mid-save leaves the previous checkpoint as "
 """
 
 import contextlib
+import inspect
 import os
 import random
 import shutil
@@ -132,7 +133,7 @@ def _write(root: str, step: int, state: dict, cfg, with_rng: bool, keep=None, sa
         os.makedirs(tmp)
     dist.barrier()
     _writer_queue_dies_with_us()
-    in_background = {"async_sharded_save": True} if saves is not None else {}
+    in_background = _async_save_args() if saves is not None else {}
     request = dist_checkpointing.save(
         {**state, "config": config_mod.to_yaml(cfg)}, tmp, **in_background
     )
@@ -156,6 +157,17 @@ def _write(root: str, step: int, state: dict, cfg, with_rng: bool, keep=None, sa
     else:
         saves.schedule(request, publish)
     return final
+
+
+def _async_save_args() -> dict:
+    """`dist_checkpointing.save` arguments for a background write through megatron-core's own
+    `AsyncCallsQueue` (async_save.py). 0.19 added `async_strategy`, defaulting to NVIDIA
+    Resiliency Extension's queue ("nvrx", a package this project does not use): ask for "mcore"
+    where the argument exists."""
+    args = {"async_sharded_save": True}
+    if "async_strategy" in inspect.signature(dist_checkpointing.save).parameters:
+        args["async_strategy"] = "mcore"
+    return args
 
 
 def _latest_dir(root: str) -> str:

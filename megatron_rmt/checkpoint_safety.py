@@ -1,15 +1,19 @@
 """Reading a checkpoint must not run code from it: the checks made before anything is loaded.
 
 torch.distributed.checkpoint, under megatron-core's `dist_checkpointing.load`, unpickles the
-`.metadata` file with plain `pickle.load` and every non-tensor item ("bytes" items: here the
-layers' `_extra_state`) with `torch.load(weights_only=False)`; megatron-core reads `common.pt`
-with torch's default (weights-only, unless TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD is set). Each of
-these could run code from a crafted file. So before the load:
+`.metadata` file with plain `pickle.load` and every non-tensor item ("bytes" items: the layers'
+`_extra_state` and, from megatron-core 0.19, the checkpoint's common part) with
+`torch.load(weights_only=False)`; megatron-core up to 0.18 keeps the common part in `common.pt`
+instead and reads it with torch's default (weights-only, unless TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD
+is set). Each of these could run code from a crafted file. So before the load:
 
 - `.metadata` is unpickled with an allow-list: the dataclasses and enums of
   torch.distributed.checkpoint's metadata, planner and filesystem modules, torch.Size, torch
   dtypes and layouts. A pickle naming anything else is refused before any of it is called.
 - every bytes item and `common.pt` must load with `weights_only=True`.
+- the common part must be there, in the form the installed megatron-core reads: `common.pt`
+  (every release reads it) or the `common_state` item (0.19 and later); a checkpoint of 0.19
+  opened with an older release is refused saying so (docs/checkpoints.md, "Across versions").
 - RNG files are read here, weights-only (`read_rng_file`).
 
 Once these pass, the files hold only data, and the real load reads the same bytes. Refusals
@@ -21,8 +25,10 @@ import enum
 import io
 import os
 import pickle
+from importlib.metadata import version
 
 import torch
+from packaging.version import Version  # megatron-core depends on it (every release)
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
 from megatron_rmt.config import UserError
@@ -32,6 +38,20 @@ _DCP_MODULES = (
     "torch.distributed.checkpoint.planner",
     "torch.distributed.checkpoint.filesystem",
 )
+
+
+COMMON_FILE = "common.pt"  # the common part as megatron-core <= 0.18 writes it
+# ... and as 0.19 writes it: one ShardedObject inside the DCP files (its unique key).
+COMMON_ITEM = "common_state/shard_0_1"
+
+
+def mcore_version() -> Version:
+    return Version(version("megatron-core"))
+
+
+def reads_common_item() -> bool:
+    """Whether the installed megatron-core finds a common part stored as `COMMON_ITEM`."""
+    return mcore_version().release >= (0, 19)
 
 
 class CheckpointError(UserError):
@@ -80,7 +100,27 @@ def check_checkpoint_files(path: str) -> None:
     for index, info in metadata.storage_data.items():
         if index.fqn in bytes_keys:
             _check_bytes_item(path, index.fqn, info)
-    _load_weights_only(os.path.join(path, "common.pt"))
+    _check_common_part(path, COMMON_ITEM in bytes_keys)
+
+
+def _check_common_part(path: str, has_item: bool) -> None:
+    """`common.pt` when there is one (megatron-core reads it first, whatever its release);
+    else the `common_state` item (already checked as a bytes item), which only 0.19+ reads."""
+    common_file = os.path.join(path, COMMON_FILE)
+    if os.path.exists(common_file):
+        _load_weights_only(common_file)
+    elif not has_item:
+        raise CheckpointError(
+            f"{path}: no common part (neither {COMMON_FILE} nor a {COMMON_ITEM} item); "
+            f"not a complete checkpoint"
+        )
+    elif not reads_common_item():
+        raise CheckpointError(
+            f"{path}: written by megatron-core >= 0.19 (no {COMMON_FILE}: its common part is "
+            f"inside the DCP files), which megatron-core {mcore_version()} cannot read; load it "
+            f"with megatron-core 0.19 (Python >= 3.12), or take its weights across through "
+            f"tools/convert_megatron_to_hf.py there (docs/checkpoints.md)"
+        )
 
 
 def _check_bytes_item(path: str, key: str, info) -> None:

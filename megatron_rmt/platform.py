@@ -50,12 +50,20 @@ def activate() -> None:
         return
     # Without TE/apex Megatron warns on import that it uses its torch fallbacks: expected here.
     warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
-    import torch._dynamo  # noqa: F401  (builds its rule map from the real torch.cuda first)
-
+    _build_dynamo_rule_map()
     _patch_megatron_rng()
     _patch_torch_cuda()
     _active_mode = _CudaAsCpuMode()
     _active_mode.__enter__()  # stays entered for the life of the process
+
+
+def _build_dynamo_rule_map() -> None:
+    """Build torch.compile's table of tracing rules now, from the real torch.cuda, when it is not
+    built yet (it is built once, on first use; see `_own` for why the patches keep it sound
+    either way)."""
+    from torch._dynamo import trace_rules
+
+    trace_rules.get_torch_obj_rule_map()
 
 
 def _is_cuda(dev) -> bool:
@@ -150,12 +158,28 @@ def _patch_torch_cuda() -> None:
         "manual_seed_all": _seed_cpu,
     }
     for name, value in replacements.items():
-        setattr(torch.cuda, name, value)
-    torch.cuda.random.get_rng_state = _cpu_rng_state
-    torch.cuda.random.set_rng_state = _set_cpu_rng_state
+        setattr(torch.cuda, name, _own(value, name))
+    torch.cuda.random.get_rng_state = torch.cuda.get_rng_state  # one object, as in torch
+    torch.cuda.random.set_rng_state = torch.cuda.set_rng_state
     for name in ("range_push", "range_pop", "mark"):
-        setattr(torch.cuda.nvtx, name, none)
+        setattr(torch.cuda.nvtx, name, _own(none, name))
     torch.cuda.nvtx.range = lambda *a, **k: contextlib.nullcontext()
+
+
+def _own(value, name: str):
+    """`value` as an object of its own for the name `name`. torch.compile (Megatron's
+    `jit_fuser`) gives each torch function a tracing rule in a table built on first use; built
+    after these patches, it would meet one stand-in under two names with different rules
+    (`synchronize`, `set_device`) and assert. One object per name keeps that table consistent
+    whenever it is built."""
+    if isinstance(value, type):
+        return type(name, (value,), {})
+
+    def stand_in(*args, **kwargs):
+        return value(*args, **kwargs)
+
+    stand_in.__name__ = stand_in.__qualname__ = name
+    return stand_in
 
 
 def _patch_megatron_rng() -> None:
