@@ -160,7 +160,7 @@ def shared_prefix() -> None:
     is honoured where it would otherwise be dropped."""
     from rl_pass import group
 
-    from megatron_rmt import parallel, problems, step
+    from megatron_rmt import parallel, rl_batch, step
     from megatron_rmt.build import build_trainable
     from megatron_rmt.config import Config, ModelConfig
 
@@ -171,10 +171,10 @@ def shared_prefix() -> None:
         shape = dict(num_layers=4, hidden_size=1024, ffn_hidden_size=2816, num_attention_heads=8,
                      num_query_groups=4, kv_channels=128)  # fmt: skip
         vocab, prefix, g, lengths = 32000, 512, 8, (16, 64)
-    requests, results, adv = group(prefix, g, lengths, vocab)
+    one = [group(prefix, g, lengths, vocab)]
     layouts = {
-        "rows": problems.rl_microbatches(requests, results, adv, pad_id=0),
-        "shared": problems.shared_prefix_microbatches(requests, results, adv, pad_id=0),
+        "rows": rl_batch.rows_batches(one, 0),
+        "shared": rl_batch.shared_prefix_batches(one, 0),
     }
     for bf16 in (False, True):
         diffs = {}
@@ -186,9 +186,7 @@ def shared_prefix() -> None:
             logp = {}
             for name, mbs in layouts.items():
                 out = step.reference_logprobs(trainable.model, mbs, 1.0, 1024)
-                logp[name] = torch.cat(
-                    [r[m["resp_mask"] > 0] for r, m in zip(out, mbs, strict=True)]
-                )
+                logp[name] = torch.cat([r[m.resp_mask > 0] for r, m in zip(out, mbs, strict=True)])
             diffs[spec] = float((logp["shared"] - logp["rows"]).abs().max())
             del trainable
         dtype = "bf16" if bf16 else "fp32"
