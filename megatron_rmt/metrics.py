@@ -117,13 +117,18 @@ def step_metrics(
     rollout_latency,
     step_time,
     window_tokens,
+    rl_time=0.0,
+    sync_time=0.0,
+    ahead=None,
 ) -> dict[str, float]:
     """The step's metrics, summed over data-parallel replicas, then turned into means.
 
     `failed`: every rollout request failed, the step trained NTP only; `dropped`: requests that
     failed (the step trained without them); `invalid`: rollout replies rejected (both from
     `dispatch.StepRollouts`); a non-finite `grad_norm` means the optimizer step was skipped
-    (`build.Trainable.optimizer_step`).
+    (`build.Trainable.optimizer_step`). `rl_time` and `sync_time` are the RL update's and the
+    weight sync's seconds (loop.finish_step); `ahead` (ahead.Source) says which step's positions
+    the RL term trained on and how many results were refused as stale.
 
     Every rank calls this (it all-reduces); only the logging rank writes the result."""
     from megatron_rmt import parallel
@@ -156,6 +161,11 @@ def step_metrics(
         "latency": rollout_latency,
         "step_s": step_time,
         "ntp_s": ntp_time,
+        "rl_s": rl_time,
+        "sync_s": sync_time,
+        "tis_sum": rl.tis_ratio_sum,
+        "tis_capped": rl.tis_capped,
+        "stale": float(ahead.stale) if ahead is not None else 0.0,
         "replicas": 1.0,
     }
     g = dict(zip(local, parallel.all_reduce_sum_dp(list(local.values())), strict=True))
@@ -194,6 +204,12 @@ def step_metrics(
         "tokens_per_s": mean(g["win_tok"] + g["rl_tok"], g["step_s"] / dp),
         "step_time": g["step_s"] / dp,
         "ntp_pass_time": g["ntp_s"] / dp,
+        "rl_time": g["rl_s"] / dp,  # the RL update: reference pass, GRPO forward and backward
+        "sync_time": g["sync_s"] / dp,  # pushing the new weights to the rollout engine
+        "tis_ratio": mean(g["tis_sum"], g["rl_tok"]),  # mean pi_trainer / pi_sampler (tis_cap)
+        "tis_capped_share": mean(g["tis_capped"], g["rl_tok"]),  # of tokens, ratio above C
+        "rollout_stale": g["stale"],  # results refused: sampled too many versions behind
+        "rl_from_step": float(ahead.step) if ahead is not None else -1.0,
         "grad_norm": grad_norm,
         "skipped_step": float(not math.isfinite(grad_norm)),  # no update: non-finite gradients
         "lr": lr,

@@ -99,6 +99,8 @@ def posttrain_step(run: Run, t: int) -> dict:
         rollout_latency=rollout_latency,
         step_time=time.perf_counter() - start,
         window_tokens=0,
+        rl_time=update.rl_time,
+        sync_time=update.sync_time,
     )
 
 
