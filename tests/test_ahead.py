@@ -24,10 +24,12 @@ from megatron_rmt.tokenizer import tokenizer_of
 class AheadEngine:
     collective = False
 
-    def __init__(self, tokenizer, stale_seeds=()):
+    def __init__(self, tokenizer, stale=None):
         self.tokenizer = tokenizer
         self.version = 0
-        self.stale_seeds = set(stale_seeds)  # requests answered from weights 2 versions old
+        # {request seed: step}: that step's request answered from the version before the step's,
+        # so 2 versions behind when step + 1 trains it (just one more than allowed)
+        self.stale = stale or {}
 
     def sync_weights(self, version):
         self.version = version
@@ -44,13 +46,13 @@ class AheadEngine:
                 [-10.0 - ((r.seed + 3 * i + k) % 7) / 4 for k in range(len(x))]
                 for i, x in enumerate(responses)
             ]
-            version = self.version - 2 if r.seed in self.stale_seeds else self.version
+            version = self.stale[r.seed] - 1 if r.seed in self.stale else self.version
             out.append(RolloutResult(responses, logprobs, version))
         return out
 
 
 ARGS = ["--rollout-ahead", "1", "--tis-cap", "1.5"]
-ITERS = 3  # B_t = 4, 2, 1: a step's budget differs from the next one's
+ITERS = 2  # B_t = 4, 1: a step's budget differs from the next one's
 
 
 def _budget(cfg, s):
@@ -58,20 +60,20 @@ def _budget(cfg, s):
     return max(r.budget_min, math.floor(r.budget_initial * r.budget_gamma ** (s / ITERS)))
 
 
-def _expected_rl(run, s, chosen, engine_cls, stale_seeds):
+def _expected_rl(run, s, chosen, engine_cls, stale):
     """Step s's chosen positions trained from the current weights, built here from scratch:
     step s's budget and sampling seed, the groups of stale results left out."""
     cfg, tok = run.cfg, run.tokenizer
     budget = _budget(cfg, s)
     seed = launch.rollout_seed(run, s)
     requests = problems.make_requests(chosen, tok, run.template, budget, cfg.rmt, seed, 0)
-    engine = engine_cls(tok, stale_seeds)
+    engine = engine_cls(tok, stale)
     engine.version = s
     results = engine.generate(requests)
     kept = [
         problems.Group(p, q, res)
         for p, q, res in zip(chosen, requests, results, strict=True)
-        if q.seed not in stale_seeds
+        if q.seed not in stale
     ]
     scored = problems.score(kept, tok, run.template, budget, cfg.rmt, prefix_match=False)
     adv, _ = grpo.group_advantages(scored.rewards, delta=cfg.rmt.advantage_delta)
@@ -94,7 +96,7 @@ def ahead_steps(argv):
     and the RL term expected from the step before's positions at this step's starting weights
     (computed first: the step zeroes the gradient buffers before its own passes)."""
     run = launch.setup(config.parse(argv))
-    stale = {parallel.mix_seed(launch.rollout_seed(run, 1), 0)}  # step 1's first request
+    stale = {parallel.mix_seed(launch.rollout_seed(run, 0), 0): 0}  # step 0's first request
     run.engine = AheadEngine(run.tokenizer, stale)
     chosen, trained = [], []
     real_pass, real_finish = step.ntp_pass, loop.finish_step
@@ -143,14 +145,15 @@ def test_one_step_ahead_bookkeeping(tiny_corpus, tp, pp):
         assert m["rl_from_step"] == t - 1
         assert trained[t] == expected["problems"]
         assert [p for p in chosen[t - 1][0] if p in trained[t]] == trained[t]
-        assert m["rollout_stale"] == expected["stale"] == (1 if t == 2 else 0)
+        assert m["rollout_stale"] == expected["stale"] == 1
         assert m["rl_tokens"] == expected["rl_tokens"] > 0
         assert m["reward_length"] == pytest.approx(expected["reward_length"], rel=1e-9)
         assert m["rl_loss"] == pytest.approx(expected["rl_loss"], rel=1e-6, abs=1e-12)
         assert m["tis_ratio"] == pytest.approx(expected["tis_ratio"], rel=1e-6)
         assert 0 < m["tis_capped_share"] < 1  # the engine's log-probs sit around the cap
-    # B_{t-1} != B_t: scoring with the training step's budget would change the length reward.
-    assert rows[1][0]["reward_length"] != pytest.approx(rows[2][0]["reward_length"])
+    # Scored under B_0 = 4: one thinking token of 4 in half of the samples (under B_1 = 1 the
+    # length reward would be 4 times larger).
+    assert rows[1][0]["reward_length"] == pytest.approx(0.5 * 1 / 4)
 
 
 def _train(argv):
@@ -159,21 +162,21 @@ def _train(argv):
 
 
 def test_resume_with_rollouts_in_flight_is_exact(tiny_corpus, tmp_path):
-    """A checkpoint after step 1 of 4 holds step 1's positions, sampled and not yet trained;
+    """A checkpoint after step 1 of 3 holds step 1's positions, sampled and not yet trained;
     the run resumed from it trains them in step 2 exactly as the uninterrupted run did."""
     ckpt = str(tmp_path / "ckpt")
     full, resumed = str(tmp_path / "full.jsonl"), str(tmp_path / "resumed.jsonl")
     run_flags = ["--save", ckpt, "--save-interval", "2", "--metrics-file", full, *ARGS]
-    spawn(_train, 1, args=(_flags(tiny_corpus, iters=4, extra=run_flags),))
-    common = torch.load(f"{ckpt}/iter_0000004/common.pt", weights_only=True)
-    (last,) = common["progress"]["pending_rollouts"]["replicas"]
-    assert last["step"] == 3 and len(last["results"]) == len(last["problems"]) == 4
+    spawn(_train, 1, args=(_flags(tiny_corpus, iters=3, extra=run_flags),))
+    common = torch.load(f"{ckpt}/iter_0000003/common.pt", weights_only=True)
+    (last,) = common["progress"]["pending_rollouts"]["replicas"]  # the last step's, kept
+    assert last["step"] == 2 and len(last["results"]) == len(last["problems"]) == 4
     with open(f"{ckpt}/latest_checkpointed_iteration.txt", "w") as fh:
         fh.write("2")  # as if the run had died after the step-2 save
     resume_flags = ["--load", ckpt, "--metrics-file", resumed, *ARGS]
-    spawn(_train, 1, args=(_flags(tiny_corpus, iters=4, extra=resume_flags),))
+    spawn(_train, 1, args=(_flags(tiny_corpus, iters=3, extra=resume_flags),))
     a, b = _read(full)[2:], _read(resumed)
-    assert [m["rl_from_step"] for m in b] == [1, 2] and b[0]["rl_tokens"] > 0
+    assert [m["rl_from_step"] for m in b] == [1] and b[0]["rl_tokens"] > 0
     for x, y in zip(a, b, strict=True):
         for key in ("ntp_loss", "rl_loss", "grad_norm", "tis_ratio", "reward", "rl_tokens"):
             assert x[key] == y[key], key
