@@ -9,6 +9,7 @@ can answer chosen requests from an old weight version.
 """
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -195,3 +196,49 @@ def test_versions_more_than_allowed_behind_are_refused():
     assert [g.result.weight_version for g in kept] == [5, 5] and stale == 2
     with pytest.raises(RuntimeError, match="only at v4"):
         ahead.fresh(groups, 4, max_lag=1)
+
+
+class FakeRollouts:
+    """dispatch.StepRollouts' surface: `results` answers every request, from version `version`;
+    `log` records which step's results were collected when."""
+
+    def __init__(self, step, collective, log, version):
+        self.engine = SimpleNamespace(collective=collective)
+        self.step, self.log, self.version = step, log, version
+        self.invalid, self.dropped = 0, 0
+
+    def results(self, requests):
+        self.log.append(self.step)
+        return [RolloutResult([[3], [4]], [[-1.0], [-1.0]], self.version) for _ in requests]
+
+
+def _chosen(t, collective, log, version=None):
+    request = RolloutRequest([1, 2], n=2, max_tokens=4, temperature=1.0, top_p=1.0, seed=t)
+    rollouts = FakeRollouts(t, collective, log, t if version is None else version)
+    return ahead.Chosen(t, [f"problem {t}"], [request], 10 - t, rollouts)
+
+
+@pytest.mark.parametrize("collective", [True, False], ids=["embedded", "service"])
+def test_queue_order_one_step_ahead(collective):
+    log = []
+    queue = ahead.RolloutQueue(ahead=1, sync_interval=1)
+    first = queue.exchange(0, _chosen(0, collective, log))
+    assert (first.step, first.groups) == (-1, [])
+    # The embedded engine samples each step's positions in that step (at its weights); a
+    # service's are collected a step later, when they train.
+    assert log == ([0] if collective else [])
+    source = queue.exchange(1, _chosen(1, collective, log))
+    assert (
+        source.step == 0
+        and source.budget == 10
+        and [g.problem for g in source.groups] == ["problem 0"]
+    )
+    assert log == ([0, 1] if collective else [0])
+    source = queue.exchange(2, _chosen(2, collective, log, version=0))  # trained at v3: stale
+    assert source.step == 1 and source.stale == 0
+    assert queue.drain() == 1 and log[-1] == 2  # the last step's: waited for, not trained
+    source = queue.exchange(3, _chosen(3, collective, log))
+    assert source.step == 2 and source.stale == 1 and source.groups == []
+    on_policy = ahead.RolloutQueue(ahead=0, sync_interval=1)
+    source = on_policy.exchange(5, _chosen(5, collective, log))
+    assert source.step == 5 and len(source.groups) == 1 and on_policy.pending is None
