@@ -78,8 +78,9 @@ def main() -> None:
     python = os.environ.get("MEGATRON_RMT_VLLM_PYTHON")
     if not python:
         sys.exit("set MEGATRON_RMT_VLLM_PYTHON to the vLLM venv's python")
-    from megatron_rmt.rollout.serve import start_server
     from test_vllm import build_hf_model
+
+    from megatron_rmt.rollout.serve import start_server
 
     with tempfile.TemporaryDirectory() as tmp:
         data = corpus(tmp)

@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None, engine: RolloutEngine | None = None) -> 
     cfg = config.parse(argv)
     if not cfg.data.prompt_data:
         raise config.ConfigError("--prompt-data is required: a JSONL of math problems")
+    if cfg.rollout.rollout_ahead:
+        raise config.ConfigError("post-training is on-policy: --rollout-ahead is for RMT training")
     math_problems = read_problems(cfg.data.prompt_data)  # a bad file fails before any work
     init_distributed(cfg)
     try:
