@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from distributed import spawn
-from test_train import _flags, _read
+from test_train import ScriptedEngine, _flags, _read
 
 from megatron_rmt import ahead, config, grpo, launch, loop, parallel, problems, rl_batch, step
 from megatron_rmt import train as train_mod
@@ -22,33 +22,27 @@ from megatron_rmt.rollout.contract import RolloutRequest, RolloutResult
 from megatron_rmt.tokenizer import tokenizer_of
 
 
-class AheadEngine:
-    collective = False
+class AheadEngine(ScriptedEngine):
+    """test_train's scripted service, with log-probs near the trainer's and chosen requests
+    answered from an old version."""
 
     def __init__(self, tokenizer, stale=None):
-        self.tokenizer = tokenizer
-        self.version = 0
+        super().__init__(tokenizer)
         # {request seed: step}: that step's request answered from the version before the step's,
         # so 2 versions behind when step + 1 trains it (just one more than allowed)
         self.stale = stale or {}
 
-    def sync_weights(self, version):
-        self.version = version
-
     def generate(self, requests):
-        good = self.tokenizer.encode(" a</think> \\boxed{x}") + [self.tokenizer.eod]
-        bad = self.tokenizer.encode(" a b c d e f g h")
         out = []
-        for r in requests:
-            responses = [(good if i % 2 == 0 else bad)[: r.max_tokens] for i in range(r.n)]
+        for r, scripted in zip(requests, super().generate(requests), strict=True):
             # About the trainer's log-prob of a random 50k-vocabulary model (~ -10.8 nats):
             # ratios on both sides of the TIS cap.
             logprobs = [
                 [-10.0 - ((r.seed + 3 * i + k) % 7) / 4 for k in range(len(x))]
-                for i, x in enumerate(responses)
+                for i, x in enumerate(scripted.responses)
             ]
             version = self.stale[r.seed] - 1 if r.seed in self.stale else self.version
-            out.append(RolloutResult(responses, logprobs, version))
+            out.append(RolloutResult(scripted.responses, logprobs, version))
         return out
 
 
