@@ -5,7 +5,10 @@ the weights pushed in memory over gloo after every step), then trains the same m
 times from the same seed on the same windows: NTP only (`--rmt-variant ntp`), RMT on-policy and
 RMT one step ahead (`--rollout-ahead 1`). Prints per run the medians over the steps after the
 first (warm-up) of the step time and its split: NTP pass, rollout wait after it, RL update,
-weight sync; and each RMT run's step time over the NTP-only one.
+weight sync; and each RMT run's step time over the NTP-only one. The randomly initialised model
+never writes a parseable answer, so every reward would be 0 and the RL pass would skip every
+group: as tests/test_vllm.py does, the trainer keeps the real scoring and then rewards every
+other sample, so every group trains.
 
 Cores: with `--server-cores` / `--trainer-cores` (default: the last core for the server and
 its threads, the others for the trainer; `taskset -a` on the server's process tree after it
@@ -56,7 +59,7 @@ def pin(pid: int, cores: str) -> None:
 def train(data: str, url: str, extra: list[str], steps: int, cores: str, tmp: str, name: str):
     metrics = os.path.join(tmp, name.replace(" ", "_") + ".jsonl")
     cmd = [
-        "taskset", "-c", cores, sys.executable, "-m", "megatron_rmt.train",
+        "taskset", "-c", cores, sys.executable, os.path.abspath(__file__), "--train",
         "--config", f"{ROOT}/configs/tiny_cpu.yaml", *TOK, *SHAPE, "--data-path", data,
         "--train-iters", str(steps), "--budget-initial", "16", "--max-response-tokens", "40",
         "--group-size", "4", "--rollout-url", url, "--weight-transfer", "gloo",
@@ -68,7 +71,20 @@ def train(data: str, url: str, extra: list[str], steps: int, cores: str, tmp: st
         return [json.loads(line) for line in fh][1:]  # the first step warms up
 
 
+def trainer(argv: list[str]) -> None:
+    """One training run, in this process, with every other sample rewarded (see above)."""
+    from test_vllm import _alternating_rewards
+
+    from megatron_rmt import problems, train
+
+    problems.score = _alternating_rewards(problems.score)
+    train.main(argv)
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--train"]:
+        trainer(sys.argv[2:])
+        return
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=8)
     cores = sorted(os.sched_getaffinity(0))
