@@ -137,7 +137,11 @@ class RolloutQueue:
     def of(cls, cfg, pending_state: dict | None, dp_rank: int, dp_size: int) -> "RolloutQueue":
         """The run's queue, with the pending positions of a resumed checkpoint."""
         pending = None
-        if pending_state is not None and cfg.rollout.rollout_ahead:
+        if pending_state is None or not any(pending_state["replicas"]):
+            pass  # nothing in flight when it was saved
+        elif not cfg.rollout.rollout_ahead:
+            log.warning("the checkpoint's pending one-step-ahead rollouts are dropped (on-policy)")
+        else:
             replicas = pending_state["replicas"]
             if len(replicas) == dp_size:
                 pending = _from_plain(replicas[dp_rank])
