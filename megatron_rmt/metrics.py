@@ -209,11 +209,16 @@ def step_metrics(
         "tis_ratio": mean(g["tis_sum"], g["rl_tok"]),  # mean pi_trainer / pi_sampler (tis_cap)
         "tis_capped_share": mean(g["tis_capped"], g["rl_tok"]),  # of tokens, ratio above C
         "rollout_stale": g["stale"],  # results refused: sampled too many versions behind
-        "rl_from_step": float(ahead.step) if ahead is not None else -1.0,
+        **_source(ahead),
         "grad_norm": grad_norm,
         "skipped_step": float(not math.isfinite(grad_norm)),  # no update: non-finite gradients
         "lr": lr,
     } | _mfu(flops_per_token * g["win_tok"], g["ntp_s"] / dp)
+
+
+def _source(ahead) -> dict[str, float]:
+    """RMT training: the step whose chosen positions the RL term trained on (-1: none)."""
+    return {} if ahead is None else {"rl_from_step": float(ahead.step)}
 
 
 def train_flops_per_token(m, vocab_size: int, seq_length: int) -> float:
