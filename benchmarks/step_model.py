@@ -194,13 +194,17 @@ def predicted_part(args) -> None:
     print()
     print(f"Predicted: Qwen3-14B ({weight_bytes / 2e9:.1f} B parameters), {gpus} x H100")
     print(f"{'layout':<16}{'NTP s':>8}{'rollout s':>11}{'RL s':>8}{'sync s':>8}"
-          f"{'serial s':>10}{'overlapped s':>14}")  # fmt: skip
+          f"{'serial s':>10}{'overlapped s':>14}{'ahead s':>9}{'floor s':>9}")  # fmt: skip
     for name, rl in (("rows", rl_rows), ("shared prefix", rl_shared)):
         serial = ntp + rollout + rl + sync
         overlapped = max(ntp, rollout) + rl + sync
+        # One step ahead: step t's rollouts run through its NTP and RL passes; the weight sync
+        # drains them (vLLM's pause waits for requests in flight) before it pushes the weights.
+        ahead = max(ntp + rl, rollout) + sync
+        floor = max(rollout, ntp + rl + sync)  # a sync that did not wait for them
         print(
             f"{name:<16}{ntp:>8.1f}{rollout:>11.1f}{rl:>8.1f}{sync:>8.1f}"
-            f"{serial:>10.1f}{overlapped:>14.1f}"
+            f"{serial:>10.1f}{overlapped:>14.1f}{ahead:>9.1f}{floor:>9.1f}"
         )
     print("Assumptions:")
     for line in (
@@ -219,6 +223,10 @@ def predicted_part(args) -> None:
         "directory-based sync measured above is far slower)",
         "overlapped: rollouts run while the NTP pass does (problems are submitted per "
         "microbatch), on other GPUs or interleaved at no cost to either",
+        "ahead (--rollout-ahead 1): step t's rollouts also run through its RL pass and are "
+        "trained in step t+1; the sync's /pause?mode=wait lets them finish first, so a step is "
+        "max(NTP + RL, rollouts) + sync; floor: max(rollouts, NTP + RL + sync), a sync that "
+        "would not wait (in-flight weight update, partial rollouts)",
     ):
         print(f"  - {line}")
 

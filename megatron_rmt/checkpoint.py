@@ -46,6 +46,9 @@ class Progress:
     step: int = 0
     consumed_samples: int = 0
     totals: dict[str, int] = field(default_factory=dict)  # cumulative metrics (train.TOTALS)
+    # One-step-ahead rollouts chosen before the checkpoint and not yet trained, per replica, as
+    # plain values (ahead.RolloutQueue.checkpoint_state); None on-policy
+    pending_rollouts: dict | None = None
 
 
 @contextlib.contextmanager

@@ -186,6 +186,11 @@ class RMTConfig:
     kl_beta: float = _f(0.0, "KL penalty weight beta")
     kl_estimator: str = _f("k3", "KL estimator", ("k1", "k3"))
     clip_eps: float | None = _f(None, "PPO ratio clip against rollout log-probs (off if unset)")
+    tis_cap: float | None = _f(
+        None,
+        "truncated importance sampling: weight each response token's policy gradient by "
+        "min(pi_trainer / pi_sampler, C) at this C (off if unset; docs/rollout.md)",
+    )
     loss_aggregation: str = _f("token", "policy-loss aggregation", ("token", "sequence"))
     advantage_delta: float = _f(1e-6, "delta in A = (r - mean) / (std + delta)")
     prompt_template: str = _f("ntr_base", "next-token-reasoning template name")
@@ -210,6 +215,13 @@ class RolloutConfig:
     rollout_retries: int = _f(3, "retries before a step goes NTP-only")
     rollout_max_concurrency: int = _f(16, "requests in flight per trainer replica")
     weight_sync_interval: int = _f(1, "push weights to the service every k steps")
+    rollout_ahead: int = _f(
+        0,
+        "1: one-step-ahead rollouts, the positions step t chooses are sampled while the "
+        "trainer finishes step t and runs step t+1's NTP pass, and train in step t+1's RL "
+        "term (docs/rollout.md); 0: on-policy, in their own step",
+        (0, 1),
+    )
     weight_sync_dir: str | None = _f(None, "directory the service reads synced weights from")
     weight_transfer: str = _f(
         "disk", "how weights reach the servers: files, or in memory", ("disk", "gloo", "nccl")
@@ -474,6 +486,8 @@ def _validate_rmt(r: RMTConfig) -> list[str]:
         problems.append("rpt_max_positions must be >= 0 (0: every position RPT's filter keeps)")
     if r.fused_linear_chunk_tokens < 0:
         problems.append("fused_linear_chunk_tokens must be >= 0 (0: off)")
+    if r.tis_cap is not None and not r.tis_cap > 0:
+        problems.append(f"tis_cap must be > 0 (or unset: off), got {r.tis_cap}")
     return problems
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch.distributed as dist
 
 from megatron_rmt import checkpoint, config, parallel, prompts
+from megatron_rmt.ahead import RolloutQueue
 from megatron_rmt.build import Trainable, build_trainable
 from megatron_rmt.data import DataError, MicrobatchIterator, build_train_dataset, parse_data_path
 from megatron_rmt.model import padded_vocab_size
@@ -37,6 +38,7 @@ class Run:
     decay_from: int | None = None  # the first step that draws from decay_data
     talker: int = 0  # global rank that calls a rollout service for this replica
     reference: list | None = None  # the frozen pi_ref of the KL term (only when kl_beta > 0)
+    rollout_queue: RolloutQueue | None = None  # chosen positions until their RL term (ahead.py)
 
 
 def init_distributed(cfg: config.Config) -> None:
@@ -84,9 +86,10 @@ def setup(cfg: config.Config, engine: RolloutEngine | None = None) -> Run:
             cfg.model, vocab, trainable, cfg.checkpoint.ref_load, progress.step
         )
     talker = parallel.replica_talker()
+    queue = RolloutQueue.of(cfg, progress.pending_rollouts, layout.dp_rank, layout.dp_size)
     return Run(
         cfg, layout, tokenizer, template, trainable, data, engine, progress, decay_data,
-        decay_from, talker, reference,
+        decay_from, talker, reference, queue,
     )  # fmt: skip
 
 

@@ -3,6 +3,8 @@ the run loop (`run_steps`: steps to T, run-long counts, metrics, checkpoints) an
 (`finish_step`: the RL pass into the gradient buffers, one optimizer step, the weight sync).
 """
 
+import dataclasses
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -20,6 +22,8 @@ class Update:
     rl: step.RLOutcome
     grad_norm: float  # NaN: the optimizer step was skipped (non-finite gradients)
     lr: float
+    rl_time: float = 0.0  # seconds of the RL update (reference pass, GRPO forward + backward)
+    sync_time: float = 0.0  # seconds of the weight sync to the rollout engine
 
 
 def finish_step(run: Run, t: int, groups: list[Group]) -> Update:
@@ -28,11 +32,14 @@ def finish_step(run: Run, t: int, groups: list[Group]) -> Update:
     the parameters whole again, and the rollout engine at the new weights (v t+1)."""
     batches = rl_batch.builder(run.cfg, run.tokenizer.eod)
     settings = step.RLSettings.of(run.cfg.rmt)
+    rl_start = time.perf_counter()
     rl = step.rl_update(run.trainable, groups, settings, batches, run.reference)
+    rl_time = time.perf_counter() - rl_start
     grad_norm, lr = run.trainable.optimizer_step()
     run.trainable.gather_params()
+    sync_start = time.perf_counter()
     run.engine.sync_weights(t + 1)
-    return Update(rl, grad_norm, lr)
+    return Update(rl, grad_norm, lr, rl_time, time.perf_counter() - sync_start)
 
 
 # Run-long counts in the metrics: total -> the per-step metric it sums. Checkpoints keep them
@@ -63,12 +70,20 @@ def run_steps(run: Run, step_fn: Callable[[Run, int], dict]) -> None:
         if saves is not None:
             saves.poll()
         if cfg.checkpoint.save and _should_save(cfg, t + 1):
-            path = checkpoint.save(cfg.checkpoint.save, run.trainable, run.progress, cfg, saves)
+            progress = run.progress
+            if run.rollout_queue is not None:  # one step ahead: the positions not yet trained
+                pending = run.rollout_queue.checkpoint_state()
+                progress = dataclasses.replace(progress, pending_rollouts=pending)
+            path = checkpoint.save(cfg.checkpoint.save, run.trainable, progress, cfg, saves)
             if is_logger:
                 print(f"{'saving' if saves else 'saved'} checkpoint {path}", flush=True)
     if saves is not None:
         saves.finish()  # the run's last save is published before it ends
     writer.close()
+    untrained = run.rollout_queue.drain() if run.rollout_queue is not None else 0
+    if is_logger and untrained:
+        kept = "kept in the last checkpoint" if cfg.checkpoint.save else "dropped"
+        print(f"{untrained} positions of the last step sampled, not trained ({kept})", flush=True)
     if is_logger:
         reward = "never above 0" if first_reward is None else f"> 0 first at step {first_reward}"
         print(

@@ -25,6 +25,16 @@ report)` once per micro-batch on the last pipeline stage and backpropagates `los
    `(sum_rl / N_rl, n_rl, report)`, which accumulates on top of the scaled NTP gradients.
 5. `finalize_model_grads` sums over DP: grad = lambda * d(sum_ntp)/N_ntp + d(sum_rl)/N_rl, the
    gradient of L. Both counts travel in the reports for the RL/NTP token ratio metric.
+Truncated importance sampling (`tis_cap` C, off by default): the sampler's log-probs differ
+from the trainer's (other kernels, bf16, padded vocabulary rows, and one version of weights
+behind under one-step-ahead rollouts), so each response token's policy-gradient term is weighted
+by w = min(exp(logp_old - logp_sampler), C), detached, where logp_old is the trainer's log-prob
+at the weights the step starts from. The RL pass runs once per step, before the optimizer step,
+so logp_old is the pass's own log-prob, detached: no extra forward. With PPO clipping the ratio
+is then taken against logp_old (decoupled PPO, as verl and slime do): the clip bounds the
+trainer's own update and w corrects for the sampler; one pass per step makes that ratio exactly
+1, so the clip never binds and the gradient is that of -w A logp (docs/rollout.md).
+
 The loss functions let the CE kernel reuse the logits' memory (`inplace_backward`: fp32 logits
 hold the softmax from the forward on, then the gradient): the logits (`model.logits.forward_logits`,
 a view of the output layer's own output) are read by nothing else, and the output layer's
@@ -76,24 +86,53 @@ def aggregate(
 
 def policy_loss(
     logp: torch.Tensor,  # [n, L] log pi(o_t | ...) of the sampled tokens
-    old_logp: torch.Tensor | None,  # [n, L] rollout log-probs, used only with clip_eps
+    old_logp: torch.Tensor | None,  # [n, L] rollout log-probs, used with clip_eps or tis_cap
     adv: torch.Tensor,  # [n] one advantage per response
     resp_mask: torch.Tensor,  # [n, L]
     aggregation: str = "token",
     clip_eps: float | None = None,
+    tis_cap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """GRPO policy loss (sum, count): -A * logp, or with `clip_eps` PPO's clipped surrogate
-    -min(rho A, clip(rho, 1 - eps, 1 + eps) A), rho = exp(logp - old_logp)."""
+    -min(rho A, clip(rho, 1 - eps, 1 + eps) A), rho = exp(logp - old_logp). With `tis_cap` C
+    every token's term is multiplied by w = min(exp(logp_old - old_logp), C) (`tis_weight`,
+    detached), logp_old = logp detached, and rho is taken against logp_old instead of the
+    rollout's log-probs (see the module docstring)."""
     a = adv.to(logp.dtype).unsqueeze(1)  # [n, 1]
+    if (clip_eps is not None or tis_cap is not None) and old_logp is None:
+        raise ValueError("clip_eps and tis_cap need the rollout log-probs (old_logp)")
+    proximal = old_logp if tis_cap is None else logp.detach()
     if clip_eps is None:
         per_token = -a * logp
     else:
-        if old_logp is None:
-            raise ValueError("clip_eps needs the rollout log-probs (old_logp)")
-        ratio = torch.exp(logp - old_logp)
+        ratio = torch.exp(logp - proximal)
         clipped = torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
         per_token = -torch.minimum(ratio * a, clipped * a)
+    if tis_cap is not None:
+        per_token = per_token * tis_weight(logp.detach(), old_logp, resp_mask, tis_cap)
     return aggregate(per_token, resp_mask, aggregation)
+
+
+def tis_log_ratio(
+    logp_old: torch.Tensor,  # [n, L] the trainer's log-probs at the step's starting weights
+    sampler_logp: torch.Tensor,  # [n, L] the rollout's
+    resp_mask: torch.Tensor,  # [n, L]
+) -> torch.Tensor:
+    """log(pi_trainer / pi_sampler) per response token, 0 off the responses `[n, L]` (no
+    overflow from padding positions, whose rollout log-prob is a placeholder 0)."""
+    return torch.where(resp_mask > 0, logp_old - sampler_logp, torch.zeros_like(logp_old))
+
+
+def tis_weight(
+    logp_old: torch.Tensor,  # [n, L]
+    sampler_logp: torch.Tensor,  # [n, L]
+    resp_mask: torch.Tensor,  # [n, L]
+    cap: float,
+) -> torch.Tensor:
+    """Truncated importance weight min(pi_trainer / pi_sampler, cap) per token `[n, L]`, no
+    gradient (1 off the responses)."""
+    ratio = torch.exp(tis_log_ratio(logp_old, sampler_logp, resp_mask))
+    return torch.clamp(ratio, max=cap).detach()
 
 
 def kl_penalty(
@@ -161,11 +200,13 @@ def make_rl_loss_func(
     ref_logp: torch.Tensor | None = None,  # [n, L], needed when kl_beta > 0
     kl_beta: float = 0.0,
     kl_estimator: str = "k3",
+    tis_cap: float | None = None,
     tp_group=None,
     chunk_tokens: int = 1024,
 ) -> LossFunc:
     """loss_func for one RL micro-batch of prompt + response sequences; the loss is already
-    divided by the global RL count `n_rl_global` (see the module docstring)."""
+    divided by the global RL count `n_rl_global` (see the module docstring). With `tis_cap` the
+    report also holds the sum of the untruncated ratios and the count of tokens capped."""
     if kl_beta > 0 and ref_logp is None:
         raise ValueError("kl_beta > 0 needs the reference log-probs (ref_logp)")
 
@@ -179,8 +220,13 @@ def make_rl_loss_func(
             inplace_backward=True,
         )
         logp = -token_loss  # [n, L]
-        total, count = policy_loss(logp, old_logp, adv, resp_mask, aggregation, clip_eps)
+        total, count = policy_loss(logp, old_logp, adv, resp_mask, aggregation, clip_eps, tis_cap)
         report = {"rl_loss_sum": total.detach(), "rl_count": count}
+        if tis_cap is not None:
+            ratio = torch.exp(tis_log_ratio(logp.detach(), old_logp, resp_mask).double())
+            on = resp_mask > 0
+            report["tis_ratio_sum"] = (ratio * on).sum()
+            report["tis_capped"] = ((ratio > tis_cap) & on).sum().to(torch.int)
         if kl_beta > 0:
             # Off the responses the reference is set to the policy: zero KL there, and no
             # exp overflow of unrelated padding log-probs to multiply by the mask.

@@ -119,6 +119,9 @@ def step_metrics(
     step_time,
     window_tokens,
     flops,
+    rl_time=0.0,
+    sync_time=0.0,
+    ahead=None,
 ) -> dict[str, float]:
     """The step's metrics, summed over data-parallel replicas, then turned into means.
 
@@ -127,7 +130,9 @@ def step_metrics(
     trained NTP only; `dropped`: requests that
     failed (the step trained without them); `invalid`: rollout replies rejected (both from
     `dispatch.StepRollouts`); a non-finite `grad_norm` means the optimizer step was skipped
-    (`build.Trainable.optimizer_step`).
+    (`build.Trainable.optimizer_step`). `rl_time` and `sync_time` are the RL update's and the
+    weight sync's seconds (loop.finish_step); `ahead` (ahead.Source) says which step's positions
+    the RL term trained on and how many results were refused as stale.
 
     Every rank calls this (it all-reduces); only the logging rank writes the result."""
     from megatron_rmt import parallel
@@ -160,6 +165,11 @@ def step_metrics(
         "latency": rollout_latency,
         "step_s": step_time,
         "ntp_s": ntp_time,
+        "rl_s": rl_time,
+        "sync_s": sync_time,
+        "tis_sum": rl.tis_ratio_sum,
+        "tis_capped": rl.tis_capped,
+        "stale": float(ahead.stale) if ahead is not None else 0.0,
         "replicas": 1.0,
         **flops,  # compute.step_flops: this replica's
     }
@@ -199,6 +209,12 @@ def step_metrics(
         "tokens_per_s": mean(g["win_tok"] + g["rl_tok"], g["step_s"] / dp),
         "step_time": g["step_s"] / dp,
         "ntp_pass_time": g["ntp_s"] / dp,
+        "rl_time": g["rl_s"] / dp,  # the RL update: reference pass, GRPO forward and backward
+        "sync_time": g["sync_s"] / dp,  # pushing the new weights to the rollout engine
+        "tis_ratio": mean(g["tis_sum"], g["rl_tok"]),  # mean pi_trainer / pi_sampler (tis_cap)
+        "tis_capped_share": mean(g["tis_capped"], g["rl_tok"]),  # of tokens, ratio above C
+        "rollout_stale": g["stale"],  # results refused: sampled too many versions behind
+        **_source(ahead),
         "grad_norm": grad_norm,
         "skipped_step": float(not math.isfinite(grad_norm)),  # no update: non-finite gradients
         "lr": lr,
@@ -207,6 +223,11 @@ def step_metrics(
         "flops_rollout": g["flops_rollout"],
         "flops": g["flops_ntp"] + g["flops_rl"] + g["flops_rollout"],
     } | _mfu(flops_per_token * g["win_tok"], g["ntp_s"] / dp)
+
+
+def _source(ahead) -> dict[str, float]:
+    """RMT training: the step whose chosen positions the RL term trained on (-1: none)."""
+    return {} if ahead is None else {"rl_from_step": float(ahead.step)}
 
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense, per GPU

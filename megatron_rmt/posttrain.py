@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None, engine: RolloutEngine | None = None) -> 
     cfg = config.parse(argv)
     if not cfg.data.prompt_data:
         raise config.ConfigError("--prompt-data is required: a JSONL of math problems")
+    if cfg.rollout.rollout_ahead:
+        raise config.ConfigError("post-training is on-policy: --rollout-ahead is for RMT training")
     math_problems = read_problems(cfg.data.prompt_data)  # a bad file fails before any work
     init_distributed(cfg)
     try:
@@ -103,6 +105,8 @@ def posttrain_step(run: Run, t: int) -> dict:
         flops=compute.step_flops(
             run.cfg.model, run.trainable.model[0].module.vocab_size, [], False, update.rl, groups
         ),
+        rl_time=update.rl_time,
+        sync_time=update.sync_time,
     )
 
 

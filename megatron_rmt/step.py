@@ -123,6 +123,8 @@ class RLOutcome:
     total_tokens: float = 0.0  # RL response tokens over all replicas
     computed: list = field(default_factory=list)  # compute.Computed of each trained microbatch
     reference_computed: list = field(default_factory=list)  # and of the reference's forward
+    tis_ratio_sum: float = 0.0  # sum of pi_trainer / pi_sampler over the tokens (with tis_cap)
+    tis_capped: int = 0  # tokens whose ratio was above tis_cap
 
 
 @dataclass(frozen=True)
@@ -135,12 +137,13 @@ class RLSettings:
     chunk_tokens: int  # entropy_chunk_tokens
     kl_beta: float = 0.0  # with a reference model
     kl_estimator: str = "k3"
+    tis_cap: float | None = None  # truncated importance sampling (losses.py), off if None
 
     @classmethod
     def of(cls, rmt) -> "RLSettings":
         return cls(
             rmt.rollout_temperature, rmt.loss_aggregation, rmt.clip_eps,
-            rmt.entropy_chunk_tokens, rmt.kl_beta, rmt.kl_estimator,
+            rmt.entropy_chunk_tokens, rmt.kl_beta, rmt.kl_estimator, rmt.tis_cap,
         )  # fmt: skip
 
 
@@ -248,6 +251,7 @@ def rl_pass(
             ref_logp=ref_logp,
             kl_beta=kl_beta,
             kl_estimator=settings.kl_estimator,
+            tis_cap=settings.tis_cap,
             tp_group=tp_group(),
             chunk_tokens=settings.chunk_tokens,
         )
@@ -261,6 +265,8 @@ def rl_pass(
     outcome.tokens = sum(int(r["rl_tokens"]) for r in reports)
     outcome.logprob_gap_sum = sum(float(r["logp_gap_sum"]) for r in reports)
     outcome.kl_sum = sum(float(r.get("kl_sum", 0.0)) for r in reports)
+    outcome.tis_ratio_sum = sum(float(r.get("tis_ratio_sum", 0.0)) for r in reports)
+    outcome.tis_capped = sum(int(r.get("tis_capped", 0)) for r in reports)
     return parallel.broadcast_object_from_last_stage(
         outcome if ps.is_pipeline_last_stage() else None
     )

@@ -11,7 +11,8 @@ Each step t of T, on streamed pretraining windows:
   4. RL pass over prompt+response groups; its gradient joins the NTP gradient in the same buffers.
   5. One optimizer step, the LR schedule, weight sync to the rollout engine, metrics, checkpoint.
 The variants (ablations, RPT, plain NTP) switch parts of this off; see variants.py. Set-up is
-launch.py, the run loop and the step's tail (4-5) loop.py, the passes step.py.
+launch.py, the run loop and the step's tail (4-5) loop.py, the passes step.py; with
+--rollout-ahead 1 the RL term of step t trains on the positions step t-1 chose (ahead.py).
 """
 
 import os
@@ -20,6 +21,7 @@ import time
 
 from megatron_rmt import budget as budget_mod
 from megatron_rmt import compute, config, dryrun, grpo, loop, parallel, problems, selection, step
+from megatron_rmt.ahead import Chosen
 from megatron_rmt.launch import Run, data_for_step, init_distributed, rollout_seed, setup
 from megatron_rmt.metrics import step_metrics
 from megatron_rmt.rollout.contract import RolloutEngine
@@ -68,16 +70,16 @@ def train_step(run: Run, t: int) -> dict:
         fused_linear_chunk=r.fused_linear_chunk_tokens,
     )  # fmt: skip
     ntp_time = time.perf_counter() - ntp_start
-    requests = make_requests(ntp.problems, 0)
-    rollout_start = time.perf_counter()
-    results = rollouts.results(requests)  # the time the step waits for them after the pass
-    rollout_latency = time.perf_counter() - rollout_start
-    failed = results is None  # the service failed: this step trains NTP only
-    groups = problems.served(ntp.problems, requests, results)
-    _check_versions(groups, t, cfg.rollout.weight_sync_interval)
+    chosen = Chosen(t, ntp.problems, make_requests(ntp.problems, 0), budget, rollouts)
+    # On-policy the RL term trains on these positions once sampled; one step ahead
+    # (--rollout-ahead 1) on those step t-1 chose, sampled meanwhile (ahead.py).
+    source = run.rollout_queue.exchange(t, chosen)
 
-    # 3. Rewards and group-normalised advantages.
-    scored = problems.score(groups, tokenizer, run.template, budget, r, variant.prefix_reward)
+    # 3. Rewards (under the budget their prompts asked for) and group-normalised advantages.
+    groups = source.groups
+    scored = problems.score(
+        groups, tokenizer, run.template, source.budget, r, variant.prefix_reward
+    )
     adv, zero_groups = grpo.group_advantages(scored.rewards, delta=r.advantage_delta)
 
     # 4. RL pass into the same gradient buffers, 5. one optimizer step, weight sync.
@@ -96,13 +98,16 @@ def train_step(run: Run, t: int) -> dict:
         probs=probs,
         grad_norm=update.grad_norm,
         lr=update.lr,
-        failed=failed,
-        invalid=rollouts.invalid,
-        dropped=rollouts.dropped,
-        rollout_latency=rollout_latency,
+        failed=source.failed,
+        invalid=source.invalid,
+        dropped=source.dropped,
+        rollout_latency=source.waited,  # the time the step waits for rollouts after the pass
         step_time=time.perf_counter() - start,
         window_tokens=sum(mb["tokens"].numel() for mb in microbatches),
         flops=compute.step_flops(cfg.model, vocab, microbatches, weight > 0, update.rl, groups),
+        rl_time=update.rl_time,
+        sync_time=update.sync_time,
+        ahead=source,
     )
 
 
@@ -141,17 +146,6 @@ def _request_maker(run: Run, t: int, budget: int | None) -> MakeRequests:
         )
 
     return make
-
-
-def _check_versions(groups: list[problems.Group], t: int, sync_interval: int) -> None:
-    """Rollouts must come from the weights of the last sync: step t, or up to k-1 steps older
-    when weights are pushed every k steps."""
-    for g in groups:
-        if not t - sync_interval < g.result.weight_version <= t:
-            raise RuntimeError(
-                f"rollout from weights v{g.result.weight_version}, trainer is at v{t} "
-                f"(syncing every {sync_interval} steps)"
-            )
 
 
 if __name__ == "__main__":  # dist_checkpointing starts worker processes: keep this guard

@@ -6,6 +6,8 @@ ranks with uneven micro-batches, and compares the gradient with autograd of
 L = mean_RL + lambda * mean_NTP computed directly on the whole batch in one process.
 """
 
+import math
+
 import pytest
 import torch
 
@@ -197,3 +199,83 @@ def test_megatron_contract_normalises_each_term_by_its_global_count(aggregation)
     direct_grad = torch.autograd.grad(l_rl + lam * l_ntp, w)[0]
 
     torch.testing.assert_close(trainer_grad, direct_grad, atol=1e-6, rtol=1e-5)
+
+
+def naive_tis_loss(logp, sampler, adv, mask, cap, clip_eps, aggregation):
+    """Truncated importance sampling token by token in float64: (loss, d loss / d logp, mean
+    ratio, tokens capped). logp_old is logp's own value (the RL pass runs at the step's starting
+    weights), so PPO's ratio against it is 1 and only the weight w scales each token."""
+    n, length = logp.shape
+    loss, grad, ratios, capped = 0.0, torch.zeros(n, length, dtype=torch.float64), [], 0
+    for i in range(n):
+        tokens = [t for t in range(length) if mask[i, t] > 0]
+        for t in tokens:
+            ratio = math.exp(float(logp[i, t]) - float(sampler[i, t]))
+            w = min(ratio, cap)
+            ratios.append(ratio)
+            capped += ratio > cap
+            a = float(adv[i])
+            term = -w * a if clip_eps is not None else -w * a * float(logp[i, t])
+            scale = 1.0 if aggregation == "token" else 1.0 / len(tokens)
+            loss += scale * term
+            grad[i, t] = scale * -w * a  # w is a constant: no gradient through it
+    return loss, grad, sum(ratios) / len(ratios), capped
+
+
+@pytest.mark.parametrize("clip_eps", [None, 0.2], ids=["no_clip", "clip"])
+@pytest.mark.parametrize("aggregation", ["token", "sequence"])
+def test_truncated_importance_sampling_matches_a_naive_loop(clip_eps, aggregation):
+    g = gen(7)
+    logp = (-torch.rand(3, 6, generator=g, dtype=torch.float64) * 3).requires_grad_()
+    # Sampler log-probs up to 1.5 nats away on either side: some ratios far above the cap.
+    sampler = logp.detach() + 1.5 * (2 * torch.rand(3, 6, generator=g, dtype=torch.float64) - 1)
+    mask = torch.ones(3, 6)
+    mask[1, 4:] = 0  # a shorter response
+    mask[2, :2] = 0
+    sampler[1, 4:] = 0.0  # placeholders off the responses, as rl_batch lays them out
+    adv = torch.tensor([1.0, -0.7, 2.0], dtype=torch.float64)
+    cap = 1.5
+    total, count = policy_loss(logp, sampler, adv, mask, aggregation, clip_eps, tis_cap=cap)
+    (grad,) = torch.autograd.grad(total, logp)
+    expected, expected_grad, mean_ratio, capped = naive_tis_loss(
+        logp.detach(), sampler, adv, mask, cap, clip_eps, aggregation
+    )
+    assert 0 < capped < int(mask.sum())  # both kinds of tokens are in the test
+    assert total.item() == pytest.approx(expected, rel=1e-12, abs=1e-12)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-12, atol=1e-12)
+    assert count.item() == rl_count(mask, aggregation).item()
+
+    # With the clip, the surrogate's ratio is against the trainer's own log-probs: the gradient
+    # is exactly the unclipped one; without TIS the clipped loss is a different one.
+    if clip_eps is not None:
+        plain, _ = policy_loss(logp, sampler, adv, mask, aggregation, None, tis_cap=cap)
+        assert torch.equal(torch.autograd.grad(plain, logp)[0], grad)
+        ppo, _ = policy_loss(logp, sampler, adv, mask, aggregation, clip_eps)
+        assert not torch.allclose(torch.autograd.grad(ppo, logp)[0], grad)
+
+    # The loss_func's report: the mean untruncated ratio and the capped tokens.
+    hidden = torch.randn(3, 6, 5, generator=g, dtype=torch.float64)
+    w = torch.randn(5, 9, generator=g, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 9, (3, 6), generator=g)
+    trainer = naive_logp(hidden @ w, labels).detach()
+    sampler = trainer + 1.5 * (2 * torch.rand(3, 6, generator=g, dtype=torch.float64) - 1)
+    func = make_rl_loss_func(labels, sampler, adv, mask, 10, tis_cap=cap, clip_eps=clip_eps,
+                             aggregation=aggregation)  # fmt: skip
+    loss, _, report = func(hidden @ w)
+    expected, _, mean_ratio, capped = naive_tis_loss(
+        trainer, sampler, adv, mask, cap, clip_eps, aggregation
+    )
+    # The CE kernel computes the log-probs in float32: equal to its rounding.
+    assert loss.item() == pytest.approx(expected / 10, rel=1e-5)
+    assert report["tis_ratio_sum"].item() / mask.sum().item() == pytest.approx(mean_ratio, rel=1e-5)
+    assert report["tis_capped"].item() == capped
+
+
+def test_truncated_importance_sampling_off_and_at_equal_log_probs():
+    logp = -torch.rand(2, 4, generator=gen(8)).requires_grad_()
+    adv, mask = torch.tensor([1.0, -1.0]), torch.ones(2, 4)
+    off, _ = policy_loss(logp, None, adv, mask)
+    same, _ = policy_loss(logp, logp.detach(), adv, mask, tis_cap=2.0)  # sampler == trainer: w 1
+    assert torch.equal(off, same)
+    with pytest.raises(ValueError):
+        policy_loss(logp, None, adv, mask, tis_cap=2.0)

@@ -115,4 +115,5 @@ def test_grpo_steps_on_math_problems(sevens, tmp_path):
         "step": 2,
         "consumed_samples": 8,
         "totals": {"rollout_failures": 0},
+        "pending_rollouts": None,  # post-training is on-policy: nothing in flight
     }

@@ -211,12 +211,17 @@ class VLLMEngine:
             if attempt:
                 time.sleep(self.backoff_s * 2 ** (attempt - 1))
             url = servers[(start + attempt) % len(servers)]
+            # The version when the request went out: a weight sync while it is in flight lets it
+            # finish at these weights (the pause drains), or it waits and runs at the new ones.
+            # Either way it was sampled no older than this, so the trainer's staleness check on
+            # it errs on the safe side (one-step-ahead rollouts are in flight across a sync).
+            sent = self.version
             try:
                 reply = self._call(url, "/v1/completions", body)
                 responses, logprobs = parse_completion(
                     reply, req.n, req.max_tokens, self.vocab_size
                 )
-                return RolloutResult(responses, logprobs, self.version)
+                return RolloutResult(responses, logprobs, sent)
             except OSError as e:
                 error = e
                 if self.weights is not None:
