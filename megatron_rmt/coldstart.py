@@ -52,7 +52,7 @@ from megatron.core import parallel_state as ps
 from megatron_rmt import budget as budget_mod
 from megatron_rmt import checkpoint, config, parallel, prompts, step
 from megatron_rmt.build import build_trainable
-from megatron_rmt.data import DataError, parse_data_path
+from megatron_rmt.data import DataError, MicrobatchIterator, build_train_dataset, parse_data_path
 from megatron_rmt.evaluate import draw_positions, stats_in_groups
 from megatron_rmt.evaluation import forward
 from megatron_rmt.evaluation.documents import read_documents
@@ -69,6 +69,7 @@ class Example:
     response_ids: list[int]  # think tokens, </think>, the boxed guess, EOD
     budget: int | None  # B in the prompt (None: no budget sentence)
     think_tokens: int  # tokens of the think block (= B when the candidates fill it)
+    guess_id: int | None = None  # the boxed token: the model's own top-1 (never the truth)
 
 
 def candidate_text(token_text: str) -> str:
@@ -100,6 +101,30 @@ def response_ids(
     return think_ids(tokenizer, candidates, think_length, ending) + tail + [tokenizer.eod]
 
 
+def restate_think_ids(prefix_ids: list[int], guess_id: int, length: int, restate: int) -> list[int]:
+    """`length` tokens of reasoning that put the guess where plain NTP makes it: the text's last
+    r = min(restate, length - 1) tokens as they are, the guess continuing them, then the guess
+    repeated to fill the budget (so the token before `</think>` is always the guess)."""
+    r = min(restate, length - 1)
+    ids = (prefix_ids[-r:] if r > 0 else []) + [guess_id]
+    return ids + [guess_id] * (length - len(ids))
+
+
+def box_ids(tokenizer, guess_id: int, exact: bool) -> list[int] | None:
+    """`</think>`, the boxed guess, EOD. `exact`: the box holds the guess token itself (its
+    leading space kept, which the match's normalisation strips), so answering is copying one
+    token id; else the guess's stripped text, tokenized anew. None when a brace or backslash
+    would make the box ambiguous."""
+    text = tokenizer.token_text(guess_id)
+    answer = text if exact else text.strip()
+    if any(ch in answer for ch in "{}\\"):
+        return None
+    if exact:
+        head = tokenizer.encode(f"\n{prompts.THINK_CLOSE}\n\\boxed{{")
+        return head + [guess_id] + tokenizer.encode("}") + [tokenizer.eod]
+    return tokenizer.encode(f"\n{prompts.THINK_CLOSE}\n\\boxed{{{answer}}}") + [tokenizer.eod]
+
+
 def budget_range(cfg: config.Config) -> tuple[int, int]:
     """[low, high] of the budgets asked for: `coldstart_budgets`, else the run's B_T .. B_0."""
     if cfg.coldstart.coldstart_budgets:
@@ -121,24 +146,34 @@ def build_examples(
     free_share: float,
     seed: int,
     restate: int = 0,
+    think: str = "candidates",
+    exact_box: bool = False,
 ) -> list[Example]:
     """One example per position. Special tokens (EOD, chat markers) are never candidates: a
     chosen position's true next token never is one. Positions whose guess cannot be boxed are
-    dropped."""
+    dropped, and with `think="restate"` those whose restated tokens hold a special token."""
     rng = random.Random(seed)
     special = tokenizer.special_ids()
     out = []
     for prefix, top in zip(prefixes, tops, strict=True):
         length = rng.randint(*budgets)
         budget = None if rng.random() < free_share else length
-        candidates = [tokenizer.token_text(t) for t in top if t not in special]
-        ending = tokenizer.decode(prefix[-restate:]) if restate else ""
-        response = response_ids(tokenizer, candidates, length, ending) if candidates else None
-        if response is None:
+        top = [t for t in top if t not in special]
+        if not top:
+            continue
+        if think == "restate":
+            reasoning = restate_think_ids(prefix, top[0], length, restate)
+            if special & set(reasoning):
+                continue
+        else:
+            candidates = [tokenizer.token_text(t) for t in top]
+            ending = tokenizer.decode(prefix[-restate:]) if restate else ""
+            reasoning = think_ids(tokenizer, candidates, length, ending)
+        tail = box_ids(tokenizer, top[0], exact_box)
+        if tail is None:
             continue
         prompt = prompts.build_prompt_ids(tokenizer, template, prefix, budget)
-        think = len(think_ids(tokenizer, candidates, length, ending))
-        out.append(Example(prefix, prompt, response, budget, think))
+        out.append(Example(prefix, prompt, reasoning + tail, budget, len(reasoning), top[0]))
     return out
 
 
@@ -213,6 +248,7 @@ def training_examples(cfg: config.Config, tokenizer, model: list) -> list[Exampl
     return build_examples(
         [p.prefix_ids for p in positions], tops, tokenizer, template, budget_range(cfg),
         cs.coldstart_free_share, cfg.parallel.seed, cs.coldstart_restate_tokens,
+        cs.coldstart_think, cs.coldstart_exact_box,
     )  # fmt: skip
 
 
@@ -253,9 +289,14 @@ def run(cfg: config.Config) -> list[float]:
     trainable = build_trainable(cfg, vocab)
     checkpoint.load(cfg.checkpoint.load, trainable, load_optimizer=False)
     sft_only = step.Selector(None, (1.0, 0.0, 0.0), 0, None, tokenizer.eod, 0, 0)
-    losses = []
+    windows = ntp_windows(cfg, tokenizer, len(steps), dp_rank, dp_size)
+    losses, ntp_losses = [], []
     for t, microbatches in enumerate(steps):
         step.zero_grads(trainable)
+        ntp = ""
+        if windows:
+            ntp_losses.append(ntp_then_scale(trainable, windows, microbatches, cfg, tokenizer.eod))
+            ntp = f"| ntp loss {ntp_losses[-1]:.4f} "
         outcome = step.ntp_pass(
             trainable, microbatches, sft_only, 1.0, cfg.rmt.entropy_chunk_tokens
         )
@@ -264,15 +305,48 @@ def run(cfg: config.Config) -> list[float]:
         losses.append(loss / max(n, 1))
         if dist.get_rank() == 0:
             print(
-                f"cold start step {t + 1}/{len(steps)} | sft loss {losses[-1]:.4f} | "
+                f"cold start step {t + 1}/{len(steps)} | sft loss {losses[-1]:.4f} {ntp}| "
                 f"response tokens {n:.0f} | grad norm {grad_norm:.3f}",
                 flush=True,
             )
-    _save(cfg, trainable, tokenizer, examples, losses)
+    _save(cfg, trainable, tokenizer, examples, losses, ntp_losses)
     return losses
 
 
-def _save(cfg, trainable, tokenizer, examples: list[Example], losses: list[float]) -> None:
+def ntp_windows(cfg: config.Config, tokenizer, steps: int, dp_rank: int, dp_size: int):
+    """The trainer's own stream of training windows (same split, seed and order as an NTP run),
+    `coldstart_ntp_windows` per step; None without NTP mixing."""
+    per_step = cfg.coldstart.coldstart_ntp_windows
+    if per_step <= 0:
+        return None
+    d = cfg.data
+    dataset = build_train_dataset(
+        d.data_path, d.split, cfg.model.seq_length, steps * per_step, cfg.parallel.seed,
+        tokenizer, d.data_cache_path,
+    )  # fmt: skip
+    micro = min(d.micro_batch_size, max(per_step // dp_size, 1))
+    return MicrobatchIterator(dataset, micro, per_step, dp_rank, dp_size)
+
+
+def ntp_then_scale(trainable, windows, sft_microbatches: list[dict], cfg, eod: int) -> float:
+    """The NTP term of one step, first: its gradients, w x (sum of CE) / (NTP tokens), then
+    scaled by the step's SFT token count, so that the SFT pass after it (which divides every
+    gradient by that count) leaves w x mean NTP CE + mean SFT CE. Returns the NTP loss."""
+    plain = step.Selector(None, (1.0, 0.0, 0.0), 0, None, eod, 0, 0)
+    batches = [next(windows) for _ in range(windows.num_microbatches)]
+    weight = cfg.coldstart.coldstart_ntp_weight
+    outcome = step.ntp_pass(trainable, batches, plain, weight, cfg.rmt.entropy_chunk_tokens)
+    local = sum(float((mb["loss_mask"] > 0).sum()) for mb in sft_microbatches)
+    n_sft = parallel.all_reduce_sum_dp([local])[0]
+    for chunk in trainable.model:
+        chunk.scale_gradients(n_sft)
+    n, loss = parallel.all_reduce_sum_dp([outcome.ntp_tokens, outcome.ntp_loss_sum])
+    return loss / max(n, 1)
+
+
+def _save(
+    cfg, trainable, tokenizer, examples: list[Example], losses: list[float], ntp_losses: list
+) -> None:
     out = cfg.checkpoint.save
     step.gather_params(trainable)
     path = checkpoint.save_model(out, trainable.model[0].module, cfg)
@@ -292,7 +366,8 @@ def _save(cfg, trainable, tokenizer, examples: list[Example], losses: list[float
             }
             fh.write(json.dumps(record) + "\n")
     with open(os.path.join(out, "coldstart.json"), "w") as fh:
-        json.dump({"examples": len(examples), "steps": len(losses), "sft_loss": losses}, fh)
+        json.dump({"examples": len(examples), "steps": len(losses), "sft_loss": losses,
+                   "ntp_loss": ntp_losses}, fh)  # fmt: skip
     print(f"cold start: {len(losses)} steps, checkpoint {path}, examples {out}", flush=True)
 
 
