@@ -41,6 +41,7 @@ import dataclasses
 import json
 import os
 import random
+import re
 import shutil
 import sys
 from dataclasses import dataclass
@@ -48,6 +49,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
+from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from megatron_rmt import budget as budget_mod
 from megatron_rmt import checkpoint, config, parallel, prompts, step
@@ -218,14 +220,26 @@ def step_batches(
     return out
 
 
-def training_examples(cfg: config.Config, tokenizer, model: list) -> list[Example]:
-    """Positions of the training shards and the model's own top candidates there."""
+def training_documents(prefix: str, tokenizer, split: str, limit: int | None) -> list[list[int]]:
+    """The first `limit` documents of the shard's *train* split (Megatron splits by document:
+    the first split[0] / sum(split) of them), so the valid/test documents, which may serve as
+    held-out text, are never read."""
+    count = len(IndexedDataset(prefix).document_indices) - 1
+    weights = [float(w) for w in re.split(r"[,/]", split) if w.strip()]
+    bound = int(round(weights[0] / sum(weights) * count))
+    return read_documents(prefix, tokenizer, limit=bound if limit is None else min(limit, bound))
+
+
+def training_positions(cfg: config.Config, tokenizer, model: list) -> tuple[list, list]:
+    """Positions of the training shards (`evalset.EvalPosition`) and the model's own top
+    `coldstart_candidates` token ids at each, most probable first. The positions' true tokens
+    are the forward's labels (its loss is not used) and reach nothing else."""
     cs, r = cfg.coldstart, cfg.rmt
     prefixes, _ = parse_data_path(cfg.data.data_path)
     docs = [
         doc
         for prefix in prefixes
-        for doc in read_documents(prefix, tokenizer, limit=cs.coldstart_max_documents)
+        for doc in training_documents(prefix, tokenizer, cfg.data.split, cs.coldstart_max_documents)
     ]
     positions, counts = draw_positions(
         cfg, tokenizer, model, docs, cs.coldstart_per_level, cfg.parallel.seed,
@@ -241,10 +255,20 @@ def training_examples(cfg: config.Config, tokenizer, model: list) -> list[Exampl
         model, batches, tokenizer.vocab_size, r.entropy_chunk_tokens, False,
         cs.coldstart_candidates,
     )  # fmt: skip
-    tops = torch.cat([s["top"] for s in stats]).tolist()
-    template = prompts.load_template(r.prompt_template)
     if dist.get_rank() == 0:
         print(f"cold start: {len(positions)} positions, levels {counts['sampled']}", flush=True)
+    return positions, torch.cat([s["top"] for s in stats]).tolist()
+
+
+def training_examples(cfg: config.Config, tokenizer, model: list) -> list[Example]:
+    """Positions of the training shards and the model's own top candidates there."""
+    return examples_at(cfg, tokenizer, *training_positions(cfg, tokenizer, model))
+
+
+def examples_at(cfg: config.Config, tokenizer, positions: list, tops: list) -> list[Example]:
+    """The examples of `training_positions`' output (the run's template and budgets)."""
+    cs = cfg.coldstart
+    template = prompts.load_template(cfg.rmt.prompt_template)
     return build_examples(
         [p.prefix_ids for p in positions], tops, tokenizer, template, budget_range(cfg),
         cs.coldstart_free_share, cfg.parallel.seed, cs.coldstart_restate_tokens,

@@ -18,7 +18,8 @@ Deliberate choices:
 - Percentile bootstrap, R = 10,000 resamples by default, one `torch.Generator` seeded with
   `seed`: results are reproducible bit for bit; all R draws are made at once as an `[R, n]`
   index matrix (n is hundreds, so that is a few MB).
-- Quantiles use `torch.quantile`'s linear interpolation (numpy's default).
+- Quantiles by linear interpolation between order statistics (numpy's default), which keeps
+  +inf resamples of a ratio as +inf instead of NaN.
 - A ratio whose denominator is 0 in a resample counts as +inf there (it can only widen the
   interval); the point estimate of a ratio with a zero denominator is None.
 - `compare` reads results files of `evaluate run`, which keep the per-position values in
@@ -45,6 +46,20 @@ def _means(values: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:  # [n], [R,
     return values.double()[idx].mean(dim=1)
 
 
+def percentile(values: torch.Tensor, q: float) -> float:
+    """The q-quantile of `[R]` values by linear interpolation between order statistics (numpy's
+    default); an infinite neighbour gives inf unless q falls exactly on the finite one."""
+    ordered = values.sort().values
+    pos = q * (ordered.numel() - 1)
+    lo = int(pos)
+    hi = min(lo + 1, ordered.numel() - 1)
+    frac = pos - lo
+    a, b = float(ordered[lo]), float(ordered[hi])
+    if frac == 0 or a == b:
+        return a
+    return a + (b - a) * frac
+
+
 def paired_bootstrap(
     a: torch.Tensor,  # [n] per-position values of the first side (e.g. the earlier checkpoint)
     b: torch.Tensor,  # [n] the same positions, second side
@@ -68,7 +83,7 @@ def paired_bootstrap(
     else:
         raise ValueError(f"statistic must be 'difference' or 'ratio', not {statistic!r}")
     tail = (1 - level) / 2
-    lo, hi = torch.quantile(stats, torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
+    lo, hi = percentile(stats, tail), percentile(stats, 1 - tail)
     return {
         "statistic": statistic,
         "estimate": estimate,
