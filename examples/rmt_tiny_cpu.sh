@@ -36,11 +36,31 @@ if ! done_at "$OUT/warmup" 100; then
     --data-path "$DATA" --train-iters 100 --global-batch-size 8 --micro-batch-size 8 \
     --lr 3e-3 --log-interval 20 --save "$OUT/warmup"
 fi
+# Held-out text: the corpus's last 16 documents, which the trainer's split (969,30,1: the
+# first 484 documents train) never trains on; 50 positions per level of it, fixed once by the
+# warm-up model's entropy, score every checkpoint below on the same positions.
+HELD=$OUT/data/heldout.jsonl
+SET=$OUT/eval/set.jsonl
+EVAL_FLAGS="--config configs/tiny_cpu.yaml $RMT --bucket-mode quantile"
+evaluate() {  # CHECKPOINT NAME: held-out NTP top-1 / NTR pass@1 (G = 4, B = 8), text NTP loss
+  [ -f "$OUT/eval/$2.loss.json" ] && return
+  SAMPLES=4 BUDGET=8 bash examples/coldstart_eval.sh "$1" "$2" "$OUT/eval" "$SET" "$HELD" $EVAL_FLAGS
+}
+if [ ! -f "$SET" ]; then
+  say "held-out evaluation set"
+  mkdir -p "$OUT/eval"
+  sed -n 485,500p corpus/sample_math.jsonl >"$HELD"
+  python -m megatron_rmt.evaluate build-set --eval-data "$HELD" --output "$SET" --per-level 50 \
+    $EVAL_FLAGS --load "$OUT/warmup" --eval-micro-batch 8 >"$OUT/eval/set.log" 2>&1
+  SAMPLES=0 bash examples/coldstart_eval.sh "$OUT/warmup" warmup "$OUT/eval" "$SET" "$HELD" $EVAL_FLAGS
+fi
 if ! done_at "$OUT/coldstart" 0; then
   say "format cold start"
   python -m megatron_rmt.coldstart --config configs/tiny_cpu.yaml configs/coldstart_tiny.yaml $RMT \
     --load "$OUT/warmup" --data-path "$DATA" --save "$OUT/coldstart"
 fi
+say "held-out evaluation of the cold start"
+evaluate "$OUT/coldstart" coldstart
 # RMT from the cold start; redone when its flags change (the flags are kept beside it).
 if ! done_at "$OUT/checkpoints" "$STEPS" || [ "$(cat "$OUT/checkpoints/flags" 2>/dev/null)" != "$*" ]; then
   say "RMT, $STEPS steps, TP=$TP"
@@ -54,6 +74,8 @@ if ! done_at "$OUT/checkpoints" "$STEPS" || [ "$(cat "$OUT/checkpoints/flags" 2>
     --metrics-file "$OUT/metrics.jsonl" --tensorboard-dir "$OUT/tensorboard" "$@"
   echo "$*" >"$OUT/checkpoints/flags"
 fi
+say "held-out evaluation after RMT"
+evaluate "$OUT/checkpoints" rmt
 python tools/plot_runs.py --runs rmt="$OUT/metrics.jsonl" --output "$OUT/plots"
 echo "metrics: $OUT/metrics.jsonl  tensorboard: $OUT/tensorboard  checkpoint: $OUT/checkpoints"
 # The verdict, read back from the metrics file.
@@ -69,4 +91,22 @@ for key in ("reward", "match_acc", "rl_loss"):
 first = f"reached, first at step {hit[0]}" if hit else "never reached"
 print(f"RMT: reward > 0 {first} ({len(hit)}/{len(steps)} steps); match acc > 0 on "
       f"{len(acc)} steps {acc}; RL loss nonzero on {rl} steps; plots: {sys.argv[2]}/")
+PY
+# Held-out, same positions for every checkpoint: NTP top-1 and NTR pass@1 after the cold start
+# and at the end, with paired 95% intervals (evaluation/transfer.py, evaluation/paired.py).
+python -m megatron_rmt.evaluation.transfer --base-loss "$OUT/eval/warmup.loss.json" \
+  "$OUT/eval/coldstart.json" "$OUT/eval/rmt.json" --output "$OUT/eval/transfer.md" | head -4
+python -m megatron_rmt.evaluation.paired "$OUT/eval/coldstart.json" "$OUT/eval/rmt.json" \
+  --output "$OUT/eval/paired.md" | sed -n 3,4p
+python - "$OUT/eval" <<'PY'
+import json, sys
+d = sys.argv[1]
+warm = json.load(open(f"{d}/warmup.json"))["ntp"]["all"]["accuracy"]
+for name in ("coldstart", "rmt"):
+    r = json.load(open(f"{d}/{name}.json"))
+    loss = json.load(open(f"{d}/{name}.loss.json"))["loss"]
+    print(f"held-out after {'the cold start' if name == 'coldstart' else 'RMT'}: NTP top-1 "
+          f"{100 * r['ntp']['all']['accuracy']:.1f}% (warm-up {100 * warm:.1f}%), NTR pass@1 "
+          f"{100 * r['ntr']['all']['accuracy']:.1f}%, NTP loss {loss:.3f} "
+          f"({r['per_position']['ntp'].__len__()} positions, tables: {d}/transfer.md)")
 PY
