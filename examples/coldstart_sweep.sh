@@ -32,6 +32,10 @@ recipe() {  # the cold-start flags of each named recipe (after configs/coldstart
     mix_exact) echo "$mix --coldstart-exact-box" ;;   # + the box holds the guess token itself
     restate) echo "$mix $restate" ;;                  # + think = the text's last 5 tokens, guess
     restate_nomix) echo "$restate" ;;
+    first) echo "$mix --coldstart-think guess_first --coldstart-exact-box" ;;  # think = guess x B
+    restated) echo "$mix --prompt-template ntr_restated --coldstart-think guess_first --coldstart-exact-box" ;;
+    restated_nomix) echo "--prompt-template ntr_restated --coldstart-think guess_first --coldstart-exact-box" ;;
+    first_6ep) echo "$mix --coldstart-think guess_first --coldstart-exact-box --coldstart-epochs 6" ;;
     restate_lr1e3) echo "$mix $restate --lr 1e-3" ;;
     restate_6ep) echo "$mix $restate --coldstart-epochs 6" ;;
     restate_more) echo "$mix $restate --coldstart-per-level 200 --coldstart-max-documents 200" ;;
@@ -51,7 +55,9 @@ for NAME in "$@"; do
   fi
   if [ ! -f "$RES/$NAME.loss.json" ]; then
     echo "== evaluating $NAME ($(date +%H:%M:%S))"
-    bash examples/coldstart_eval.sh "$CK" "$NAME" "$RES" "$SET" "$HELD" $MODEL
+    # the recipe's prompt template is the one its checkpoint answers
+    bash examples/coldstart_eval.sh "$CK" "$NAME" "$RES" "$SET" "$HELD" $MODEL \
+      $(recipe "$NAME" | grep -o -- "--prompt-template [a-z_]*" || true)
   fi
   cp "$CK/coldstart.json" "$RES/$NAME.coldstart.json"
   echo "$(recipe "$NAME")" >"$RES/$NAME.flags"

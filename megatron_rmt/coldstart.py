@@ -163,8 +163,10 @@ def build_examples(
         top = [t for t in top if t not in special]
         if not top:
             continue
-        if think == "restate":
-            reasoning = restate_think_ids(prefix, top[0], length, restate)
+        if think in ("restate", "guess_first"):  # guess_first: restate nothing
+            reasoning = restate_think_ids(
+                prefix, top[0], length, restate if think == "restate" else 0
+            )
             if special & set(reasoning):
                 continue
         else:

@@ -194,3 +194,32 @@ def test_vocab_parallel_topk_at_tp2_equals_a_full_vocabulary_topk():
         want = logits[:, :13].topk(4, dim=-1).indices  # padding ids 13..15 excluded
         assert torch.equal(top, want)
         assert torch.equal(argmax, want[:, 0])
+
+
+def test_restate_and_guess_first_thinks_end_on_the_guess_and_the_exact_box_copies_it(tok):
+    prefix = tok.encode("The capital of France is")
+    paris = tok.encode(" Paris")[0]
+    assert coldstart.restate_think_ids(prefix, paris, 6, 3) == prefix[-3:] + [paris] * 3
+    assert coldstart.restate_think_ids(prefix, paris, 2, 5) == prefix[-1:] + [paris]  # cut to B
+    assert coldstart.restate_think_ids(prefix, paris, 4, 0) == [paris] * 4  # guess_first
+    tail = coldstart.box_ids(tok, paris, exact=True)
+    assert paris in tail and tail[-1] == tok.eod  # the guess token itself, leading space kept
+    assert tok.decode(tail[:-1]) == "\n</think>\n\\boxed{ Paris}"
+    assert prompts.extract_prediction(tok.decode(tail[:-1])).strip() == "Paris"
+    assert coldstart.box_ids(tok, tok.encode("{")[0], exact=True) is None
+    template = prompts.load_template("ntr_restated")
+    ex = coldstart.build_examples(
+        [prefix], [[paris]], tok, template, (5, 5), 0.0, seed=1, think="guess_first",
+        exact_box=True,
+    )[0]  # fmt: skip
+    prompt = tok.decode(ex.prompt_ids)
+    assert prompt.endswith(
+        "The text is: The capital of France is\n<think>\nThe text ends: capital of France is"
+    )
+    assert ex.response_ids[:5] == [paris] * 5 and ex.think_tokens == 5 and ex.guess_id == paris
+
+
+def test_text_ending_restates_the_last_words():
+    assert prompts.text_ending("Answer: it is 5 plus", 3) == " is 5 plus"
+    assert prompts.text_ending("two words", 4) == " two words"
+    assert prompts.text_ending("x\n= $5 and", 2) == " $5 and"
