@@ -35,6 +35,9 @@ recipe() {  # the cold-start flags of each named recipe (after configs/coldstart
     first) echo "$mix --coldstart-think guess_first --coldstart-exact-box" ;;  # think = guess x B
     restated) echo "$mix --prompt-template ntr_restated --coldstart-think guess_first --coldstart-exact-box" ;;
     restated_nomix) echo "--prompt-template ntr_restated --coldstart-think guess_first --coldstart-exact-box" ;;
+    phrase) echo "$mix --prompt-template ntr_restated --coldstart-think guess_phrase --coldstart-exact-box --coldstart-budgets 6 6" ;;
+    phrase_6ep) echo "$(recipe phrase) --coldstart-epochs 6" ;;
+    phrase_base) echo "$mix --coldstart-think guess_phrase --coldstart-exact-box --coldstart-budgets 6 6" ;;
     first_6ep) echo "$mix --coldstart-think guess_first --coldstart-exact-box --coldstart-epochs 6" ;;
     restate_lr1e3) echo "$mix $restate --lr 1e-3" ;;
     restate_6ep) echo "$mix $restate --coldstart-epochs 6" ;;
@@ -56,7 +59,9 @@ for NAME in "$@"; do
   if [ ! -f "$RES/$NAME.loss.json" ]; then
     echo "== evaluating $NAME ($(date +%H:%M:%S))"
     # the recipe's prompt template is the one its checkpoint answers
-    bash examples/coldstart_eval.sh "$CK" "$NAME" "$RES" "$SET" "$HELD" $MODEL \
+    # a recipe with one budget is scored at that budget, the others at B = 8
+    B=$(recipe "$NAME" | grep -o -- "--coldstart-budgets [0-9]* [0-9]*" | awk '{print $3}')
+    BUDGET=${B:-8} bash examples/coldstart_eval.sh "$CK" "$NAME" "$RES" "$SET" "$HELD" $MODEL \
       $(recipe "$NAME" | grep -o -- "--prompt-template [a-z_]*" || true)
   fi
   cp "$CK/coldstart.json" "$RES/$NAME.coldstart.json"

@@ -112,6 +112,16 @@ def restate_think_ids(prefix_ids: list[int], guess_id: int, length: int, restate
     return ids + [guess_id] * (length - len(ids))
 
 
+PHRASE = " is the most probable next token, so that is the answer."
+
+
+def guess_phrase_ids(tokenizer, guess_id: int, length: int) -> list[int]:
+    """`length` tokens: the guess, then a fixed phrase cut to fit. The think block ends on the
+    same tokens every time (it closes where a small model can tell), and the guess sits a fixed
+    distance before the box; with a constant budget every position of it is fixed."""
+    return ([guess_id] + tokenizer.encode(PHRASE))[:length]
+
+
 def box_ids(tokenizer, guess_id: int, exact: bool) -> list[int] | None:
     """`</think>`, the boxed guess, EOD. `exact`: the box holds the guess token itself (its
     leading space kept, which the match's normalisation strips), so answering is copying one
@@ -163,7 +173,9 @@ def build_examples(
         top = [t for t in top if t not in special]
         if not top:
             continue
-        if think in ("restate", "guess_first"):  # guess_first: restate nothing
+        if think == "guess_phrase":
+            reasoning = guess_phrase_ids(tokenizer, top[0], length)
+        elif think in ("restate", "guess_first"):  # guess_first: restate nothing
             reasoning = restate_think_ids(
                 prefix, top[0], length, restate if think == "restate" else 0
             )

@@ -251,7 +251,8 @@ class ColdStartConfig:
     coldstart_max_documents: int | None = _f(None, "read at most this many training documents")
     coldstart_think: str = _f(
         "candidates", "think text: list the candidates, restate the text's end then guess, or "
-        "guess first (repeated to fill B)", ("candidates", "restate", "guess_first"),
+        "guess first (repeated to fill B), or the guess and a fixed phrase",
+        ("candidates", "restate", "guess_first", "guess_phrase"),
     )  # fmt: skip
     coldstart_exact_box: bool = _f(False, "box the guess token itself (its leading space kept)")
     coldstart_ntp_windows: int = _f(0, "training windows of plain NTP mixed into every step")
