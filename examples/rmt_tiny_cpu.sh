@@ -37,7 +37,7 @@ if ! done_at "$OUT/warmup" 100; then
     --lr 3e-3 --log-interval 20 --save "$OUT/warmup"
 fi
 # Held-out text: the corpus's last 16 documents, which the trainer's split (969,30,1: the
-# first 484 documents train) never trains on; 50 positions per level of it, fixed once by the
+# first 484 documents train) never trains on; 40 positions per level of it, fixed once by the
 # warm-up model's entropy, score every checkpoint below on the same positions.
 HELD=$OUT/data/heldout.jsonl
 SET=$OUT/eval/set.jsonl
@@ -50,7 +50,7 @@ if [ ! -f "$SET" ]; then
   say "held-out evaluation set"
   mkdir -p "$OUT/eval"
   sed -n 485,500p corpus/sample_math.jsonl >"$HELD"
-  python -m megatron_rmt.evaluate build-set --eval-data "$HELD" --output "$SET" --per-level 50 \
+  python -m megatron_rmt.evaluate build-set --eval-data "$HELD" --output "$SET" --per-level 40 \
     $EVAL_FLAGS --load "$OUT/warmup" --eval-micro-batch 8 >"$OUT/eval/set.log" 2>&1
   SAMPLES=0 bash examples/coldstart_eval.sh "$OUT/warmup" warmup "$OUT/eval" "$SET" "$HELD" $EVAL_FLAGS
 fi
