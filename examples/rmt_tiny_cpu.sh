@@ -3,12 +3,17 @@
 # A tiny Qwen3-shaped model (configs/tiny_cpu.yaml, GPT-2 tokenizer) learns everything here:
 #   1. the bundled MATH sample -> Megatron indexed shards;
 #   2. NTP warm-up from random initialisation: it learns the corpus (loss ~10.8 -> ~4);
-#   3. the format cold start (megatron_rmt.coldstart): SFT on 'think, then \boxed{its own top-1
-#      guess}' responses, so its rollouts become parseable;
-#   4. RMT with the embedded rollout engine: budget B_t 8 -> 6 tokens, G = 4, easy-to-hard
+#   3. a held-out evaluation set: 40 positions per level of the corpus's last 16 documents (the
+#      trainer's split never trains on them), levels fixed by the warm-up model's entropy;
+#   4. the format cold start (megatron_rmt.coldstart): SFT on 'think, then \boxed{its own top-1
+#      guess}' responses, so its rollouts become parseable, with plain NTP windows in every
+#      step so the model keeps the corpus (configs/coldstart_tiny.yaml); scored held-out;
+#   5. RMT with the embedded rollout engine: budget B_t 8 -> 6 tokens, G = 4, easy-to-hard
 #      curriculum over per-batch entropy quantiles; reward > 0 from the first steps (length
-#      reward, and match reward whenever the boxed token is the true next token);
-#   5. plots of the run (reward, think length vs B_t, entropy, NTP loss).
+#      reward, and match reward whenever the boxed token is the true next token); scored
+#      held-out on the same positions;
+#   6. plots of the run (reward, think length vs B_t, entropy, NTP loss), and the last lines:
+#      held-out NTP top-1 and NTR pass@1 after the cold start and at the end, paired intervals.
 # Each stage is skipped when its output exists (rerun to continue; delete $OUT to start over).
 # STEPS=20 for more RMT steps, TP=2 to run them under torchrun; extra flags go to the RMT stage.
 set -euo pipefail
