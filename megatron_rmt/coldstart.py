@@ -10,20 +10,25 @@ does not (SmolLM2-135M: 0 of 48 samples parsed, PLATFORM.md), so every group sco
 has no signal. The paper does not describe this stage; small models need it, large ones may
 skip it (the reproduction scripts' COLDSTART=0).
 
-1. Positions: the trainer's candidates (enough context, not EOD) of the *training* shards,
-   cut into the trainer's windows, bucketed by the model's own entropy; `coldstart_per_level`
+1. Positions: the trainer's candidates (enough context, not EOD) of the *training* shards
+   (only the documents of the train split, `--split`), cut into the trainer's windows, bucketed by the model's own entropy; `coldstart_per_level`
    drawn per level (`evaluate.draw_positions`, the evaluation set's sampler).
 2. Targets: the model's own top candidates at each position (one forward, vocab-parallel
    top-k). The think block lists them, most probable first, cut to exactly B tokens, and the
-   box holds the model's top-1 guess. The true next token is never read, so nothing of any
-   evaluation position can leak (the held-out text is not even opened).
+   box holds the model's top-1 guess (other think texts: `coldstart_think`; the guess token
+   itself in the box: `coldstart_exact_box`). The true next token is never a target (it is
+   only the unused label of that forward), so nothing of any evaluation position can leak
+   (the held-out text is not even opened).
 3. Prompts are the run's template (`--prompt-template`) with a budget B drawn uniformly from
    `coldstart_budgets` (default the run's own schedule range, B_T .. B_0), or, for a share
    `coldstart_free_share` of examples, without the budget sentence (the ablations without DTB
    and RPT start from the same checkpoint). The response ends with EOD, so sampling stops.
 4. Supervised fine-tuning through the trainer's own NTP pass (Megatron schedule, fused CE):
    the loss mask is 1 on response tokens only, the prompt never trains; one optimizer step per
-   `--global-batch-size` examples, `--lr`, `coldstart_epochs` passes.
+   `--global-batch-size` examples, `--lr`, `coldstart_epochs` passes. With
+   `coldstart_ntp_windows` > 0 each step also trains that many plain windows of the training
+   shards: L = mean SFT CE + `coldstart_ntp_weight` x mean NTP CE (each mean over its own
+   global token count), so the model keeps next-token prediction (`ntp_then_scale`).
 5. OUT gets the weights as a step-0 checkpoint (`--load` it with any run), the tokenizer and HF
    config files of `--load`, and `examples.jsonl` (every prompt and target, readable).
 
@@ -32,7 +37,9 @@ Deliberate choices:
   instruction asks ("list multiple potential tokens and select the most probable one").
 - `coldstart_restate_tokens` > 0 first restates the text's last tokens and continues them with
   the guess (`The text ends " is $10"`), so the guess follows its context as in plain NTP. It
-  did not help SmolLM2-135M (docs/coldstart.md), so it is off by default.
+  did not help SmolLM2-135M (docs/coldstart.md), so it is off by default. The other think
+  texts (`restate`, `guess_first`, `guess_phrase`) and the `ntr_restated` template were
+  measured on the tiny model (docs/coldstart.md): none reaches NTR >= 0.8 x NTP there.
 - Whitespace-only candidates are listed as their escaped text (`"\\n"`); an answer that holds a
   brace or backslash (which `\\boxed{}` cannot carry unambiguously) drops the position.
 """
