@@ -446,3 +446,28 @@ def test_compare_needs_the_same_positions_and_renders_intervals(tmp_path):
     r = transfer.row(a, 2.0, 2.0)
     assert r["ratio"] == pytest.approx((4.25 / 8) / (5 / 8)) and r["loss_change"] == 0.0
     assert r["meets"] is True
+
+
+def text_loss_and_naive(tmp):
+    """evaluation/text_loss.py's held-out loss of a random model, and the naive mean CE of every
+    label of every window (plain forward, full-vocabulary log-softmax)."""
+    from megatron_rmt.evaluation import text_loss
+
+    args, cfg = evaluate.parse(["build-set", "--eval-data", "x", "--output", "x", *_model_flags()])
+    tokenizer, model = evaluate._tokenizer_and_model(cfg)
+    docs = read_documents(_held_out(f"{tmp}/held.jsonl", n=3), tokenizer)
+    got = text_loss.text_loss(model, docs, SEQ, 4, tokenizer.eod, tokenizer.vocab_size, 16)
+    total, count = 0.0, 0
+    for ids in docs:
+        for start in range(0, len(ids) - 1, SEQ):
+            window = ids[start : start + SEQ + 1]
+            logp = _naive_logits(model[0], window[:-1]).log_softmax(-1)
+            total -= float(logp[torch.arange(len(window) - 1), window[1:]].sum())
+            count += len(window) - 1
+    return got, (total / count, count)
+
+
+def test_held_out_text_loss_equals_a_naive_mean_cross_entropy(tmp_path):
+    (loss, n), (want, want_n) = spawn(text_loss_and_naive, 1, args=(str(tmp_path),))[0]
+    assert n == want_n
+    assert loss == pytest.approx(want, rel=1e-5)
