@@ -10,20 +10,26 @@ does not (SmolLM2-135M: 0 of 48 samples parsed, PLATFORM.md), so every group sco
 has no signal. The paper does not describe this stage; small models need it, large ones may
 skip it (the reproduction scripts' COLDSTART=0).
 
-1. Positions: the trainer's candidates (enough context, not EOD) of the *training* shards,
-   cut into the trainer's windows, bucketed by the model's own entropy; `coldstart_per_level`
-   drawn per level (`evaluation.positions`, the evaluation set's sampler).
+1. Positions: the trainer's candidates (enough context, not EOD) of the *training* shards
+   (only the documents of the train split, `--split`), cut into the trainer's windows, bucketed
+   by the model's own entropy; `coldstart_per_level` drawn per level (`evaluation.positions`,
+   the evaluation set's sampler).
 2. Targets: the model's own top candidates at each position (one forward, vocab-parallel
    top-k). The think block lists them, most probable first, cut to exactly B tokens, and the
-   box holds the model's top-1 guess. The true next token is never read, so nothing of any
-   evaluation position can leak (the held-out text is not even opened).
+   box holds the model's top-1 guess (other think texts: `coldstart_think`; the guess token
+   itself in the box: `coldstart_exact_box`). The true next token is never a target (it is
+   only the unused label of that forward), so nothing of any evaluation position can leak
+   (the held-out text is not even opened).
 3. Prompts are the run's template (`--prompt-template`) with a budget B drawn uniformly from
    `coldstart_budgets` (default the run's own schedule range, B_T .. B_0), or, for a share
    `coldstart_free_share` of examples, without the budget sentence (the ablations without DTB
    and RPT start from the same checkpoint). The response ends with EOD, so sampling stops.
 4. Supervised fine-tuning through the trainer's own NTP pass (Megatron schedule, fused CE):
    the loss mask is 1 on response tokens only, the prompt never trains; one optimizer step per
-   `--global-batch-size` examples, `--lr`, `coldstart_epochs` passes.
+   `--global-batch-size` examples, `--lr`, `coldstart_epochs` passes. With
+   `coldstart_ntp_windows` > 0 each step also trains that many plain windows of the training
+   shards: L = mean SFT CE + `coldstart_ntp_weight` x mean NTP CE (each mean over its own
+   global token count), so the model keeps next-token prediction (`ntp_then_scale`).
 5. OUT gets the weights as a step-0 checkpoint (`--load` it with any run), the tokenizer and HF
    config files of `--load`, and `examples.jsonl` (every prompt and target, readable).
 
@@ -32,7 +38,9 @@ Deliberate choices:
   instruction asks ("list multiple potential tokens and select the most probable one").
 - `coldstart_restate_tokens` > 0 first restates the text's last tokens and continues them with
   the guess (`The text ends " is $10"`), so the guess follows its context as in plain NTP. It
-  did not help SmolLM2-135M (docs/coldstart.md), so it is off by default.
+  did not help SmolLM2-135M (docs/coldstart.md), so it is off by default. The other think
+  texts (`restate`, `guess_first`, `guess_phrase`) and the `ntr_restated` template were
+  measured on the tiny model (docs/coldstart.md): none reaches NTR >= 0.8 x NTP there.
 - Whitespace-only candidates are listed as their escaped text (`"\\n"`); an answer that holds a
   brace or backslash (which `\\boxed{}` cannot carry unambiguously) drops the position.
 """
@@ -41,6 +49,7 @@ import dataclasses
 import json
 import os
 import random
+import re
 import shutil
 import sys
 from dataclasses import dataclass
@@ -48,11 +57,12 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
+from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from megatron_rmt import budget as budget_mod
 from megatron_rmt import checkpoint, config, parallel, prompts, selection, step
 from megatron_rmt.build import build_trainable
-from megatron_rmt.data import DataError, parse_data_path
+from megatron_rmt.data import DataError, MicrobatchIterator, build_train_dataset, parse_data_path
 from megatron_rmt.evaluation import forward
 from megatron_rmt.evaluation.documents import read_documents
 from megatron_rmt.evaluation.positions import draw_positions
@@ -70,6 +80,7 @@ class Example:
     response_ids: list[int]  # think tokens, </think>, the boxed guess, EOD
     budget: int | None  # B in the prompt (None: no budget sentence)
     think_tokens: int  # tokens of the think block (= B when the candidates fill it)
+    guess_id: int | None = None  # the boxed token: the model's own top-1 (never the truth)
 
 
 def candidate_text(token_text: str) -> str:
@@ -101,6 +112,40 @@ def response_ids(
     return think_ids(tokenizer, candidates, think_length, ending) + tail + [tokenizer.eod]
 
 
+def restate_think_ids(prefix_ids: list[int], guess_id: int, length: int, restate: int) -> list[int]:
+    """`length` tokens of reasoning that put the guess where plain NTP makes it: the text's last
+    r = min(restate, length - 1) tokens as they are, the guess continuing them, then the guess
+    repeated to fill the budget (so the token before `</think>` is always the guess)."""
+    r = min(restate, length - 1)
+    ids = (prefix_ids[-r:] if r > 0 else []) + [guess_id]
+    return ids + [guess_id] * (length - len(ids))
+
+
+PHRASE = " is the most probable next token, so that is the answer."
+
+
+def guess_phrase_ids(tokenizer, guess_id: int, length: int) -> list[int]:
+    """`length` tokens: the guess, then a fixed phrase cut to fit. The think block ends on the
+    same tokens every time (it closes where a small model can tell), and the guess sits a fixed
+    distance before the box; with a constant budget every position of it is fixed."""
+    return ([guess_id] + tokenizer.encode(PHRASE))[:length]
+
+
+def box_ids(tokenizer, guess_id: int, exact: bool) -> list[int] | None:
+    """`</think>`, the boxed guess, EOD. `exact`: the box holds the guess token itself (its
+    leading space kept, which the match's normalisation strips), so answering is copying one
+    token id; else the guess's stripped text, tokenized anew. None when a brace or backslash
+    would make the box ambiguous."""
+    text = tokenizer.token_text(guess_id)
+    answer = text if exact else text.strip()
+    if any(ch in answer for ch in "{}\\"):
+        return None
+    if exact:
+        head = tokenizer.encode(f"\n{prompts.THINK_CLOSE}\n\\boxed{{")
+        return head + [guess_id] + tokenizer.encode("}") + [tokenizer.eod]
+    return tokenizer.encode(f"\n{prompts.THINK_CLOSE}\n\\boxed{{{answer}}}") + [tokenizer.eod]
+
+
 def budget_range(cfg: config.Config) -> tuple[int, int]:
     """[low, high] of the budgets asked for: `coldstart_budgets`, else the run's B_T .. B_0."""
     if cfg.coldstart.coldstart_budgets:
@@ -122,24 +167,38 @@ def build_examples(
     free_share: float,
     seed: int,
     restate: int = 0,
+    think: str = "candidates",
+    exact_box: bool = False,
 ) -> list[Example]:
     """One example per position. Special tokens (EOD, chat markers) are never candidates: a
     chosen position's true next token never is one. Positions whose guess cannot be boxed are
-    dropped."""
+    dropped, and with `think="restate"` those whose restated tokens hold a special token."""
     rng = random.Random(seed)
     special = tokenizer.special_ids()
     out = []
     for prefix, top in zip(prefixes, tops, strict=True):
         length = rng.randint(*budgets)
         budget = None if rng.random() < free_share else length
-        candidates = [tokenizer.token_text(t) for t in top if t not in special]
-        ending = tokenizer.decode(prefix[-restate:]) if restate else ""
-        response = response_ids(tokenizer, candidates, length, ending) if candidates else None
-        if response is None:
+        top = [t for t in top if t not in special]
+        if not top:
+            continue
+        if think == "guess_phrase":
+            reasoning = guess_phrase_ids(tokenizer, top[0], length)
+        elif think in ("restate", "guess_first"):  # guess_first: restate nothing
+            reasoning = restate_think_ids(
+                prefix, top[0], length, restate if think == "restate" else 0
+            )
+            if special & set(reasoning):
+                continue
+        else:
+            candidates = [tokenizer.token_text(t) for t in top]
+            ending = tokenizer.decode(prefix[-restate:]) if restate else ""
+            reasoning = think_ids(tokenizer, candidates, length, ending)
+        tail = box_ids(tokenizer, top[0], exact_box)
+        if tail is None:
             continue
         prompt = prompts.build_prompt_ids(tokenizer, template, prefix, budget)
-        think = len(think_ids(tokenizer, candidates, length, ending))
-        out.append(Example(prefix, prompt, response, budget, think))
+        out.append(Example(prefix, prompt, reasoning + tail, budget, len(reasoning), top[0]))
     return out
 
 
@@ -184,14 +243,26 @@ def step_batches(
     return out
 
 
-def training_examples(cfg: config.Config, tokenizer, model: list) -> list[Example]:
-    """Positions of the training shards and the model's own top candidates there."""
+def training_documents(prefix: str, tokenizer, split: str, limit: int | None) -> list[list[int]]:
+    """The first `limit` documents of the shard's *train* split (Megatron splits by document:
+    the first split[0] / sum(split) of them), so the valid/test documents, which may serve as
+    held-out text, are never read."""
+    count = len(IndexedDataset(prefix).document_indices) - 1
+    weights = [float(w) for w in re.split(r"[,/]", split) if w.strip()]
+    bound = int(round(weights[0] / sum(weights) * count))
+    return read_documents(prefix, tokenizer, limit=bound if limit is None else min(limit, bound))
+
+
+def training_positions(cfg: config.Config, tokenizer, model: list) -> tuple[list, list]:
+    """Positions of the training shards (`evalset.EvalPosition`) and the model's own top
+    `coldstart_candidates` token ids at each, most probable first. The positions' true tokens
+    are the forward's labels (its loss is not used) and reach nothing else."""
     cs, r = cfg.coldstart, cfg.rmt
     prefixes, _ = parse_data_path(cfg.data.data_path)
     docs = [
         doc
         for prefix in prefixes
-        for doc in read_documents(prefix, tokenizer, limit=cs.coldstart_max_documents)
+        for doc in training_documents(prefix, tokenizer, cfg.data.split, cs.coldstart_max_documents)
     ]
     positions, counts = draw_positions(
         cfg, tokenizer, model, docs, cs.coldstart_per_level, cfg.parallel.seed,
@@ -207,13 +278,24 @@ def training_examples(cfg: config.Config, tokenizer, model: list) -> list[Exampl
         model, batches, tokenizer.vocab_size, r.entropy_chunk_tokens, False,
         cs.coldstart_candidates,
     )  # fmt: skip
-    tops = torch.cat([s["top"] for s in stats]).tolist()
-    template = prompts.load_template(r.prompt_template)
     if dist.get_rank() == 0:
         print(f"cold start: {len(positions)} positions, levels {counts['sampled']}", flush=True)
+    return positions, torch.cat([s["top"] for s in stats]).tolist()
+
+
+def training_examples(cfg: config.Config, tokenizer, model: list) -> list[Example]:
+    """Positions of the training shards and the model's own top candidates there."""
+    return examples_at(cfg, tokenizer, *training_positions(cfg, tokenizer, model))
+
+
+def examples_at(cfg: config.Config, tokenizer, positions: list, tops: list) -> list[Example]:
+    """The examples of `training_positions`' output (the run's template and budgets)."""
+    cs = cfg.coldstart
+    template = prompts.load_template(cfg.rmt.prompt_template)
     return build_examples(
         [p.prefix_ids for p in positions], tops, tokenizer, template, budget_range(cfg),
         cs.coldstart_free_share, cfg.parallel.seed, cs.coldstart_restate_tokens,
+        cs.coldstart_think, cs.coldstart_exact_box,
     )  # fmt: skip
 
 
@@ -254,9 +336,14 @@ def run(cfg: config.Config) -> list[float]:
     trainable = build_trainable(cfg, vocab)
     checkpoint.load(cfg.checkpoint.load, trainable, load_optimizer=False)
     sft_only = selection.Selector(None, (1.0, 0.0, 0.0), 0, None, tokenizer.eod, 0, 0)
-    losses = []
+    windows = ntp_windows(cfg, tokenizer, len(steps), dp_rank, dp_size)
+    losses, ntp_losses = [], []
     for t, microbatches in enumerate(steps):
         trainable.zero_grads()
+        ntp = ""
+        if windows:
+            ntp_losses.append(ntp_then_scale(trainable, windows, microbatches, cfg, tokenizer.eod))
+            ntp = f"| ntp loss {ntp_losses[-1]:.4f} "
         outcome = step.ntp_pass(
             trainable, microbatches, sft_only, 1.0, cfg.rmt.entropy_chunk_tokens
         )
@@ -265,15 +352,48 @@ def run(cfg: config.Config) -> list[float]:
         losses.append(loss / max(n, 1))
         if dist.get_rank() == 0:
             print(
-                f"cold start step {t + 1}/{len(steps)} | sft loss {losses[-1]:.4f} | "
+                f"cold start step {t + 1}/{len(steps)} | sft loss {losses[-1]:.4f} {ntp}| "
                 f"response tokens {n:.0f} | grad norm {grad_norm:.3f}",
                 flush=True,
             )
-    _save(cfg, trainable, tokenizer, examples, losses)
+    _save(cfg, trainable, tokenizer, examples, losses, ntp_losses)
     return losses
 
 
-def _save(cfg, trainable, tokenizer, examples: list[Example], losses: list[float]) -> None:
+def ntp_windows(cfg: config.Config, tokenizer, steps: int, dp_rank: int, dp_size: int):
+    """The trainer's own stream of training windows (same split, seed and order as an NTP run),
+    `coldstart_ntp_windows` per step; None without NTP mixing."""
+    per_step = cfg.coldstart.coldstart_ntp_windows
+    if per_step <= 0:
+        return None
+    d = cfg.data
+    dataset = build_train_dataset(
+        d.data_path, d.split, cfg.model.seq_length, steps * per_step, cfg.parallel.seed,
+        tokenizer, d.data_cache_path,
+    )  # fmt: skip
+    micro = min(d.micro_batch_size, max(per_step // dp_size, 1))
+    return MicrobatchIterator(dataset, micro, per_step, dp_rank, dp_size)
+
+
+def ntp_then_scale(trainable, windows, sft_microbatches: list[dict], cfg, eod: int) -> float:
+    """The NTP term of one step, first: its gradients, w x (sum of CE) / (NTP tokens), then
+    scaled by the step's SFT token count, so that the SFT pass after it (which divides every
+    gradient by that count) leaves w x mean NTP CE + mean SFT CE. Returns the NTP loss."""
+    plain = selection.Selector(None, (1.0, 0.0, 0.0), 0, None, eod, 0, 0)
+    batches = [next(windows) for _ in range(windows.num_microbatches)]
+    weight = cfg.coldstart.coldstart_ntp_weight
+    outcome = step.ntp_pass(trainable, batches, plain, weight, cfg.rmt.entropy_chunk_tokens)
+    local = sum(float((mb["loss_mask"] > 0).sum()) for mb in sft_microbatches)
+    n_sft = parallel.all_reduce_sum_dp([local])[0]
+    for chunk in trainable.model:
+        chunk.scale_gradients(n_sft)
+    n, loss = parallel.all_reduce_sum_dp([outcome.ntp_tokens, outcome.ntp_loss_sum])
+    return loss / max(n, 1)
+
+
+def _save(
+    cfg, trainable, tokenizer, examples: list[Example], losses: list[float], ntp_losses: list
+) -> None:
     out = cfg.checkpoint.save
     trainable.gather_params()
     path = checkpoint.save_model(out, trainable.model[0].module, cfg)
@@ -293,7 +413,8 @@ def _save(cfg, trainable, tokenizer, examples: list[Example], losses: list[float
             }
             fh.write(json.dumps(record) + "\n")
     with open(os.path.join(out, "coldstart.json"), "w") as fh:
-        json.dump({"examples": len(examples), "steps": len(losses), "sft_loss": losses}, fh)
+        json.dump({"examples": len(examples), "steps": len(losses), "sft_loss": losses,
+                   "ntp_loss": ntp_losses}, fh)  # fmt: skip
     print(f"cold start: {len(losses)} steps, checkpoint {path}, examples {out}", flush=True)
 
 

@@ -266,6 +266,14 @@ class ColdStartConfig:
     coldstart_restate_tokens: int = _f(0, "text tokens the think restates before the guess")
     coldstart_epochs: int = _f(1, "passes over the examples")
     coldstart_max_documents: int | None = _f(None, "read at most this many training documents")
+    coldstart_think: str = _f(
+        "candidates", "think text: list the candidates, restate the text's end then guess, or "
+        "guess first (repeated to fill B), or the guess and a fixed phrase",
+        ("candidates", "restate", "guess_first", "guess_phrase"),
+    )  # fmt: skip
+    coldstart_exact_box: bool = _f(False, "box the guess token itself (its leading space kept)")
+    coldstart_ntp_windows: int = _f(0, "training windows of plain NTP mixed into every step")
+    coldstart_ntp_weight: float = _f(1.0, "weight of that NTP term (each term per-token mean)")
 
 
 @dataclass(frozen=True)

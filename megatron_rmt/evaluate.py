@@ -183,6 +183,13 @@ def run(args, cfg: config.Config, engine: RolloutEngine | None = None) -> dict:
         },
         "ntp": report.summarize_ntp(levels, rows["ntp_correct"], rows["ntp_loss"]),
         "ntr": None,
+        # per position, in set order: what evaluation/paired.py resamples (same positions)
+        "per_position": {
+            "positions": [[p.doc, p.offset] for p in positions],
+            "ntp": rows["ntp_correct"].double().tolist(),
+            "ntp_loss": rows["ntp_loss"].double().tolist(),
+            "ntr": rows["match"].double().mean(dim=-1).tolist() if args.samples > 0 else None,
+        },
     }
     if args.samples > 0:
         results["ntr"] = report.summarize_ntr(

@@ -1,8 +1,8 @@
 """Prompts for next-token reasoning and math, and reading the prediction back out of a response.
 
 Templates are data: `templates/<name>.yaml` with `kind` (`plain` for base models, `chat` for the
-tokenizer's chat template), `user` (the instruction, `string.Template` placeholders `${text}`
-and `${budget}`), optional `system`, and `response_prefix`, text placed after the prompt (the
+tokenizer's chat template), `user` (the instruction, `string.Template` placeholders `${text}`,
+`${budget}` and `${ending}`, the text's last few words), optional `system`, and `response_prefix`, text placed after the prompt (the
 assistant turn for chat) so the response begins inside the reasoning block.
 
 The response format, one for every template: reasoning inside `<think>...</think>`, then the
@@ -43,9 +43,25 @@ def load_template(name: str, directory: Path = TEMPLATE_DIR) -> PromptTemplate:
     return template
 
 
+ENDING_WORDS = 4  # words of the text that `${ending}` restates
+
+
+def text_ending(text: str, words: int = ENDING_WORDS) -> str:
+    """The text's last `words` space-separated words with the space before each (all of the
+    text when it has fewer): restated right before the answer, they give the prediction the
+    same local context as in the text (templates/ntr_restated.yaml)."""
+    parts = text.rsplit(" ", words)
+    if len(parts) <= words:
+        return text if text.startswith(" ") else " " + text
+    return " " + " ".join(parts[-words:])
+
+
 def render_user(template: PromptTemplate, text: str, budget: int | None) -> str:
-    """The instruction with the text (and budget) filled in; literal `$` in `text` is safe."""
+    """The instruction with the text (and budget) filled in; literal `$` in `text` is safe.
+    `${ending}` is the text's last words (`text_ending`)."""
     values = {"text": text} if budget is None else {"text": text, "budget": budget}
+    if "${ending}" in template.user:
+        values["ending"] = text_ending(text)
     if template.reasoning_budget is not None:
         sentence = template.reasoning_free if budget is None else template.reasoning_budget
         values["reasoning"] = string.Template(sentence).substitute(values)

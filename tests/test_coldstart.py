@@ -91,24 +91,33 @@ def test_step_batches_split_each_global_batch_over_replicas():
         assert len(rows) == 4 and len({row.shape for row in rows}) == 1  # one shape per step
 
 
-def cold_start_tiny(tmp: str, corpus: str):
-    """A random tiny model saved as the base, one cold start from it; the examples it built
-    and each one's naive argmax (full-vocabulary forward, specials excluded)."""
-    flags = [
+def _flags(tmp: str, corpus: str, save: str) -> list[str]:
+    return [
         "--config", f"{ROOT}/configs/tiny_cpu.yaml", *GPT2, "--seq-length", "48",
         "--min-context", "4", "--bucket-mode", "quantile",
         "--coldstart-per-level", "4", "--coldstart-candidates", "6", "--coldstart-max-documents", "8",
-        "--global-batch-size", "4", "--micro-batch-size", "2", "--lr", "1e-3",
-        "--data-path", corpus, "--save", f"{tmp}/cs",
+        "--coldstart-epochs", "3", "--coldstart-ntp-windows", "2",
+        "--global-batch-size", "4", "--micro-batch-size", "2", "--lr", "3e-3",
+        "--data-path", corpus, "--save", f"{tmp}/{save}", "--load", f"{tmp}/base",
     ]  # fmt: skip
-    cfg = config.parse([*flags, "--load", f"{tmp}/base"], world_size=1)
+
+
+def cold_start_tiny(tmp: str, corpus: str):
+    """A random tiny model saved as the base, one cold start from it (three epochs, NTP windows
+    mixed in); per example its boxed answer, the base model's naive argmax there
+    (full-vocabulary forward, specials excluded) and the position's true next token; the SFT
+    loss of every step."""
+    flags = _flags(tmp, corpus, "cs")
+    cfg = config.parse(flags, world_size=1)
     tokenizer = tokenizer_of(cfg.data)
     vocab = launch.model_vocab(cfg, tokenizer)
     model = forward.build_eval_model(cfg.model, vocab, None)
     checkpoint.save_model(f"{tmp}/base", model[0], cfg)
-    examples = coldstart.training_examples(cfg, tokenizer, model)
+    positions, tops = coldstart.training_positions(cfg, tokenizer, model)
+    truth = {tuple(p.prefix_ids): tokenizer.token_text(p.target_id).strip() for p in positions}
+    examples = coldstart.examples_at(cfg, tokenizer, positions, tops)
     special = tokenizer.special_ids()
-    naive = []
+    rows = []
     for ex in examples:
         with torch.no_grad():
             logits = model[0](
@@ -116,22 +125,44 @@ def cold_start_tiny(tmp: str, corpus: str):
             )
         last = logits[0, -1, : tokenizer.vocab_size].clone()
         last[list(special)] = float("-inf")
-        naive.append(tokenizer.token_text(int(last.argmax())).strip())
-    losses = coldstart.run(cfg)
-    responses = [tokenizer.decode(ex.response_ids[:-1]) for ex in examples]
-    return list(zip(responses, naive, strict=True)), losses
+        guess = tokenizer.token_text(int(last.argmax())).strip()
+        answer = prompts.extract_prediction(tokenizer.decode(ex.response_ids[:-1]))
+        rows.append((answer, guess, truth[tuple(ex.prefix_ids)]))
+    return rows, coldstart.run(cfg)
 
 
-def test_cold_start_of_the_tiny_model_trains_on_its_own_guesses(tmp_path, tiny_corpus):
-    pairs, losses = spawn(cold_start_tiny, 1, args=(str(tmp_path), tiny_corpus))[0]
-    assert len(pairs) >= 4
-    for response, guess in pairs:
-        assert prompts.extract_prediction(response) == guess
-    assert len(losses) >= 1 and all(loss > 0 for loss in losses)
+def learned(losses: list[float], epochs: int = 3) -> bool:
+    """The SFT loss of the last epoch's steps is at least half a nat below the first epoch's."""
+    per = len(losses) // epochs
+    first, last = losses[:per], losses[-per:]
+    return sum(last) / len(last) < sum(first) / len(first) - 0.5
+
+
+def cold_starts_tiny(tmp: str, corpus: str):
+    """cold_start_tiny, then the same cold start again with an optimizer that does nothing
+    (lr 0): its SFT losses. One process for both (start-up is most of the cost)."""
+    rows, losses = cold_start_tiny(tmp, corpus)
+    noop = config.parse([*_flags(tmp, corpus, "cs_noop"), "--lr", "0"], world_size=1)
+    return rows, losses, coldstart.run(noop)
+
+
+def test_cold_start_trains_on_its_own_guesses_never_the_truth_and_learns(tmp_path, tiny_corpus):
+    """Fails for a cold start that boxes the true token, or whose optimizer does nothing."""
+    rows, losses, noop = spawn(cold_starts_tiny, 1, args=(str(tmp_path), tiny_corpus))[0]
+    assert len(rows) >= 4
+    for answer, guess, true in rows:
+        assert answer == guess  # the box holds the model's own top-1 ...
+        if guess != true:
+            assert answer != true  # ... so never the true token where the two differ
+    assert sum(guess != true for _, guess, true in rows) >= len(rows) // 2  # a real check
+    assert len(losses) >= 3 and learned(losses), losses
+    assert not learned(noop), noop  # the check catches an optimizer that does nothing
     assert (tmp_path / "cs" / checkpoint.TRACKER).read_text().strip() == "0"
     lines = (tmp_path / "cs" / "examples.jsonl").read_text().splitlines()
-    assert len(lines) == len(pairs)
+    assert len(lines) == len(rows)
     assert "</think>" in json.loads(lines[0])["response"]
+    record = json.loads((tmp_path / "cs" / "coldstart.json").read_text())
+    assert len(record["ntp_loss"]) == len(losses)  # the NTP windows went into every step
 
 
 def test_think_restates_the_ending_and_continues_it_with_the_guess(tok):
@@ -163,3 +194,32 @@ def test_vocab_parallel_topk_at_tp2_equals_a_full_vocabulary_topk():
         want = logits[:, :13].topk(4, dim=-1).indices  # padding ids 13..15 excluded
         assert torch.equal(top, want)
         assert torch.equal(argmax, want[:, 0])
+
+
+def test_restate_and_guess_first_thinks_end_on_the_guess_and_the_exact_box_copies_it(tok):
+    prefix = tok.encode("The capital of France is")
+    paris = tok.encode(" Paris")[0]
+    assert coldstart.restate_think_ids(prefix, paris, 6, 3) == prefix[-3:] + [paris] * 3
+    assert coldstart.restate_think_ids(prefix, paris, 2, 5) == prefix[-1:] + [paris]  # cut to B
+    assert coldstart.restate_think_ids(prefix, paris, 4, 0) == [paris] * 4  # guess_first
+    tail = coldstart.box_ids(tok, paris, exact=True)
+    assert paris in tail and tail[-1] == tok.eod  # the guess token itself, leading space kept
+    assert tok.decode(tail[:-1]) == "\n</think>\n\\boxed{ Paris}"
+    assert prompts.extract_prediction(tok.decode(tail[:-1])).strip() == "Paris"
+    assert coldstart.box_ids(tok, tok.encode("{")[0], exact=True) is None
+    template = prompts.load_template("ntr_restated")
+    ex = coldstart.build_examples(
+        [prefix], [[paris]], tok, template, (5, 5), 0.0, seed=1, think="guess_first",
+        exact_box=True,
+    )[0]  # fmt: skip
+    prompt = tok.decode(ex.prompt_ids)
+    assert prompt.endswith(
+        "The text is: The capital of France is\n<think>\nThe text ends: capital of France is"
+    )
+    assert ex.response_ids[:5] == [paris] * 5 and ex.think_tokens == 5 and ex.guess_id == paris
+
+
+def test_text_ending_restates_the_last_words():
+    assert prompts.text_ending("Answer: it is 5 plus", 3) == " is 5 plus"
+    assert prompts.text_ending("two words", 4) == " two words"
+    assert prompts.text_ending("x\n= $5 and", 2) == " $5 and"

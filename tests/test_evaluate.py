@@ -368,3 +368,106 @@ def test_table_renders_the_numbers_it_was_given(tmp_path, capsys):
         "| 37.50 [17.5, 57.5] | 100.0 | 123.5 | 12.50 | 6 |"
     )
     assert lines[-1] == report.CAPTION and len(lines) == 7
+
+
+def _naive_paired_bootstrap(a, b, resamples, seed, ratio=False):
+    """The textbook loop: the same index draws as evaluation/paired.py (one generator, one
+    [R, n] draw), means by Python sums, the percentile by sorting and linear interpolation."""
+    from megatron_rmt.evaluation import paired
+
+    idx = paired.resample_indices(len(a), resamples, seed).tolist()
+    stats = []
+    for row in idx:
+        ma = sum(a[i] for i in row) / len(row)
+        mb = sum(b[i] for i in row) / len(row)
+        stats.append((mb / ma if ma > 0 else float("inf")) if ratio else mb - ma)
+    stats.sort()
+
+    def pct(q):
+        pos = q * (len(stats) - 1)
+        lo = int(pos)
+        hi = min(lo + 1, len(stats) - 1)
+        if stats[hi] == float("inf"):
+            return stats[lo] if pos == lo else float("inf")
+        return stats[lo] + (stats[hi] - stats[lo]) * (pos - lo)
+
+    return [pct(0.025), pct(0.975)]
+
+
+def test_paired_bootstrap_equals_a_naive_bootstrap_on_fixed_data():
+    from megatron_rmt.evaluation import paired
+
+    g = torch.Generator().manual_seed(5)
+    a = (torch.rand(60, generator=g) < 0.4).double().tolist()  # NTP: 0/1 per position
+    b = (torch.randint(0, 5, (60,), generator=g) / 4).double().tolist()  # NTR pass@1, G = 4
+    for statistic in ("difference", "ratio"):
+        got = paired.paired_bootstrap(torch.tensor(a), torch.tensor(b), statistic, 2000, seed=3)
+        want = _naive_paired_bootstrap(a, b, 2000, 3, ratio=statistic == "ratio")
+        assert got["ci95"] == pytest.approx(want, abs=1e-12)
+        est = sum(b) / 60 - sum(a) / 60 if statistic == "difference" else sum(b) / sum(a)
+        assert got["estimate"] == pytest.approx(est, abs=1e-12)
+    one = paired.paired_bootstrap(torch.tensor(a), torch.tensor(b), "difference", 500, seed=9)
+    two = paired.paired_bootstrap(torch.tensor(a), torch.tensor(b), "difference", 500, seed=9)
+    assert one == two
+
+
+def test_pairing_narrows_the_interval_of_correlated_sides():
+    """Same positions on both sides: b is a with 5% of positions flipped, so the paired
+    interval of b - a is far narrower than the two sides' own spreads would give."""
+    from megatron_rmt.evaluation import paired
+
+    g = torch.Generator().manual_seed(1)
+    a = (torch.rand(300, generator=g) < 0.5).double()
+    flip = torch.rand(300, generator=g) < 0.05
+    b = torch.where(flip, 1 - a, a)
+    lo, hi = paired.paired_bootstrap(a, b, "difference", 4000, seed=0)["ci95"]
+    unpaired_half = 1.96 * (2 * 0.25 / 300) ** 0.5  # two independent proportions near 0.5
+    assert hi - lo < 0.5 * 2 * unpaired_half
+    assert lo <= float(b.mean() - a.mean()) <= hi
+
+
+def test_compare_needs_the_same_positions_and_renders_intervals(tmp_path):
+    from megatron_rmt.evaluation import paired, transfer
+
+    def results(name, ntp, ntr, positions):
+        return {"name": name, "eval_set": "/s.jsonl", "ntp": {}, "ntr": {"all": {"parse_failures": 0.0}},
+                "per_position": {"positions": positions, "ntp": ntp, "ntr": ntr}}  # fmt: skip
+
+    pos = [[0, i] for i in range(8)]
+    a = results("cs", [1, 1, 0, 1, 0, 1, 1, 0], [1, 0.75, 0, 1, 0, 0.5, 1, 0], pos)
+    b = results("rmt", [1, 1, 1, 1, 0, 1, 1, 0], [1, 1, 0.25, 1, 0, 1, 1, 0], pos)
+    rows = paired.comparisons(a, b, resamples=500)
+    assert [r["label"] for r in rows][:2] == ["NTP acc: rmt - cs", "NTR pass@1: rmt - cs"]
+    assert rows[0]["estimate"] == pytest.approx(1 / 8)
+    text = paired.render(rows)
+    assert "| NTP acc: rmt - cs | +12.50 pt |" in text
+    with pytest.raises(InputError, match="same set"):
+        paired.comparisons(a, results("x", a["per_position"]["ntp"], None, pos[::-1]))
+    r = transfer.row(a, 2.0, 2.0)
+    assert r["ratio"] == pytest.approx((4.25 / 8) / (5 / 8)) and r["loss_change"] == 0.0
+    assert r["meets"] is True
+
+
+def text_loss_and_naive(tmp):
+    """evaluation/text_loss.py's held-out loss of a random model, and the naive mean CE of every
+    label of every window (plain forward, full-vocabulary log-softmax)."""
+    from megatron_rmt.evaluation import text_loss
+
+    args, cfg = evaluate.parse(["build-set", "--eval-data", "x", "--output", "x", *_model_flags()])
+    tokenizer, model = evaluate._tokenizer_and_model(cfg)
+    docs = read_documents(_held_out(f"{tmp}/held.jsonl", n=3), tokenizer)
+    got = text_loss.text_loss(model, docs, SEQ, 4, tokenizer.eod, tokenizer.vocab_size, 16)
+    total, count = 0.0, 0
+    for ids in docs:
+        for start in range(0, len(ids) - 1, SEQ):
+            window = ids[start : start + SEQ + 1]
+            logp = _naive_logits(model[0], window[:-1]).log_softmax(-1)
+            total -= float(logp[torch.arange(len(window) - 1), window[1:]].sum())
+            count += len(window) - 1
+    return got, (total / count, count)
+
+
+def test_held_out_text_loss_equals_a_naive_mean_cross_entropy(tmp_path):
+    (loss, n), (want, want_n) = spawn(text_loss_and_naive, 1, args=(str(tmp_path),))[0]
+    assert n == want_n
+    assert loss == pytest.approx(want, rel=1e-5)

@@ -1,0 +1,108 @@
+"""Does a checkpoint's next-token reasoning carry its next-token prediction? One table row per
+checkpoint, all scored on the same evaluation set:
+
+    NTP top-1 | NTR pass@1 | NTR / NTP with its paired 95% interval | NTR - NTP [95%] |
+    unreadable | held-out NTP loss and its change against a base checkpoint's
+
+The cold start's targets (docs/coldstart.md): NTR / NTP >= 0.8 and the held-out NTP loss at most
+2% above the base's. The ratio's interval is evaluation/paired.py's bootstrap over positions
+(NTR and NTP of the same checkpoint on the same positions).
+
+    python -m megatron_rmt.evaluation.transfer --base-loss BASE.loss.json A.json B.json ...
+
+Each results file `X.json` (evaluate run) may have its held-out loss beside it, `X.loss.json`
+(evaluation/text_loss.py); without one the loss cells show "-".
+"""
+
+import argparse
+import json
+import os
+import sys
+
+from megatron_rmt.evaluation import paired
+
+RATIO_TARGET = 0.8  # NTR pass@1 >= 0.8 x NTP top-1
+LOSS_TARGET = 0.02  # held-out NTP loss rises by at most 2%
+
+
+def loss_beside(results_path: str) -> float | None:
+    path = results_path[: -len(".json")] + ".loss.json"
+    if not os.path.isfile(path):
+        return None
+    with open(path) as fh:
+        return float(json.load(fh)["loss"])
+
+
+def row(results: dict, loss: float | None, base_loss: float | None, seed: int = 0) -> dict:
+    """The numbers of one checkpoint (fractions; the loss change relative)."""
+    ntp, ntr = paired.per_position(results, "ntp"), paired.per_position(results, "ntr")
+    ratio = paired.paired_bootstrap(ntp, ntr, "ratio", seed=seed)
+    diff = paired.paired_bootstrap(ntp, ntr, "difference", seed=seed)
+    change = None if loss is None or base_loss is None else loss / base_loss - 1
+    return {
+        "name": results["name"],
+        "n": ratio["n"],
+        "ntp": float(ntp.mean()),
+        "ntr": float(ntr.mean()),
+        "ratio": ratio["estimate"],
+        "ratio_ci95": ratio["ci95"],
+        "difference_ci95": diff["ci95"],
+        "unparsed": results["ntr"]["all"]["parse_failures"],
+        "loss": loss,
+        "loss_change": change,
+        "meets": (ratio["estimate"] or 0) >= RATIO_TARGET
+        and change is not None
+        and change <= LOSS_TARGET,
+    }
+
+
+def render(rows: list[dict], base_loss: float | None) -> str:
+    head = "| Checkpoint | NTP top-1 | NTR pass@1 | NTR / NTP [95%] | NTR - NTP, pt [95%] |"
+    head += " Unreadable | Held-out NTP loss (change) | Both targets |"
+    lines = [head, "|" + "---|" * 8]
+    for r in rows:
+        ratio = "-" if r["ratio"] is None else f"{r['ratio']:.3f}"
+        lo, hi = r["ratio_ci95"]
+        dlo, dhi = (100 * v for v in r["difference_ci95"])
+        loss = "-" if r["loss"] is None else f"{r['loss']:.4f}"
+        if r["loss_change"] is not None:
+            loss += f" ({100 * r['loss_change']:+.2f}%)"
+        lines.append(
+            f"| {r['name']} | {100 * r['ntp']:.2f}% | {100 * r['ntr']:.2f}% | {ratio} "
+            f"[{lo:.3f}, {hi:.3f}] | {100 * (r['ntr'] - r['ntp']):+.2f} [{dlo:.2f}, {dhi:.2f}] "
+            f"| {100 * r['unparsed']:.1f}% | {loss} | {'yes' if r['meets'] else 'no'} |"
+        )
+    n = rows[0]["n"] if rows else 0
+    base = "-" if base_loss is None else f"{base_loss:.4f}"
+    return "\n".join(lines) + (
+        f"\n\n{n} held-out positions, the same for every row; intervals: paired percentile "
+        f"bootstrap over positions ({paired.RESAMPLES} resamples). Targets: NTR / NTP >= "
+        f"{RATIO_TARGET}, held-out NTP loss at most {100 * LOSS_TARGET:.0f}% above the base's "
+        f"({base})."
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m megatron_rmt.evaluation.transfer")
+    p.add_argument("results", nargs="+", help="results JSON files of `evaluate run`")
+    p.add_argument("--base-loss", default=None, help="the base checkpoint's X.loss.json")
+    p.add_argument("--output", default=None, help="also write the markdown here")
+    args = p.parse_args(argv)
+    from megatron_rmt.evaluate import read_results
+
+    base = None
+    if args.base_loss:
+        with open(args.base_loss) as fh:
+            base = float(json.load(fh)["loss"])
+    rows = [row(read_results(path), loss_beside(path), base) for path in args.results]
+    text = render(rows, base)
+    print(text)
+    if args.output:
+        with open(args.output, "w") as fh:
+            fh.write(text + "\n")
+
+
+if __name__ == "__main__":
+    from megatron_rmt.config import run_cli
+
+    run_cli(main, sys.argv[1:])
