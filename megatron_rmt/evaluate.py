@@ -40,11 +40,10 @@ from megatron_rmt.evaluation import evalset, forward, ntr, report
 from megatron_rmt.evaluation.documents import read_documents
 from megatron_rmt.evaluation.positions import draw_positions
 from megatron_rmt.jsonl import InputError
-from megatron_rmt.launch import init_distributed, model_vocab, served_vocab
+from megatron_rmt.launch import init_distributed, served_vocab
 from megatron_rmt.rollout.contract import RolloutEngine
 from megatron_rmt.rollout.embedded import EmbeddedEngine
 from megatron_rmt.rollout.engines import build_engine
-from megatron_rmt.tokenizer import tokenizer_of
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -90,7 +89,7 @@ def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, config.Con
 def main(argv: list[str] | None = None) -> None:
     args, cfg = parse(argv)
     if cfg is None:
-        text = report.render_table([read_results(path) for path in args.results])
+        text = report.render_table([report.read_results(path) for path in args.results])
         print(text)
         if args.output:
             with open(args.output, "w") as fh:
@@ -106,20 +105,12 @@ def main(argv: list[str] | None = None) -> None:
         parallel.destroy()
 
 
-def _tokenizer_and_model(cfg: config.Config):
-    """The tokenizer and this rank's frozen stage of `--load` (vocabulary padded as the trainer
-    pads it)."""
-    tokenizer = tokenizer_of(cfg.data)
-    vocab = model_vocab(cfg, tokenizer)
-    return tokenizer, forward.build_eval_model(cfg.model, vocab, cfg.checkpoint.load)
-
-
 def build_set(args, cfg: config.Config) -> None:
     """Proxy entropies of every candidate of the held-out documents, levels, the seeded draw;
     rank 0 writes the set."""
     if args.per_level < 1:
         raise SystemExit("--per-level must be at least 1")
-    tokenizer, model = _tokenizer_and_model(cfg)
+    tokenizer, model = forward.tokenizer_and_model(cfg)
     docs = read_documents(args.eval_data, tokenizer, args.text_field, args.max_documents)
     positions, counts = draw_positions(
         cfg, tokenizer, model, docs, args.per_level, args.sample_seed, args.eval_micro_batch,
@@ -153,7 +144,7 @@ def run(args, cfg: config.Config, engine: RolloutEngine | None = None) -> dict:
     """Evaluate `--load` on `--eval-set`; writes and returns the results. `engine` replaces the
     configured rollout engine (tests, custom engines)."""
     header, positions = evalset.read_set(args.eval_set)
-    tokenizer, model = _tokenizer_and_model(cfg)
+    tokenizer, model = forward.tokenizer_and_model(cfg)
     if (header.get("vocab_size"), header.get("eod")) != (tokenizer.vocab_size, tokenizer.eod):
         raise InputError(
             f"{args.eval_set}: built for a tokenizer with {header.get('vocab_size')} tokens and "
@@ -279,20 +270,6 @@ def _gather_replicas(rows: dict, dp_size: int) -> dict:
             merged[r::dp_size] = piece
         out[key] = merged
     return out
-
-
-def read_results(path: str) -> dict:
-    """A results file from `run`; `FILE:LINE: problem` when it is not one."""
-    try:
-        with open(path, encoding="utf-8") as fh:
-            results = json.load(fh)
-    except OSError as e:
-        raise InputError(f"{path}: cannot read ({e.strerror})") from None
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-    if not isinstance(results, dict) or not {"name", "ntp", "ntr"} <= results.keys():
-        raise InputError(f"{path}:1: not a results file of `evaluate run` (name, ntp, ntr)")
-    return results
 
 
 if __name__ == "__main__":  # dist_checkpointing may start worker processes: keep this guard

@@ -53,7 +53,7 @@ def _evaluate(argv, engine=None):
 def make_proxy_and_set(tmp):
     """A checkpoint of the random initialisation and a set built with it as the proxy."""
     args, cfg = evaluate.parse(["build-set", "--eval-data", "x", "--output", "x", *_model_flags()])
-    tokenizer, model = evaluate._tokenizer_and_model(cfg)
+    tokenizer, model = forward.tokenizer_and_model(cfg)
     checkpoint.save_model(f"{tmp}/proxy", model[0], cfg)
     held = _held_out(f"{tmp}/held.jsonl")
     _evaluate(["build-set", "--eval-data", held, "--output", f"{tmp}/set.jsonl",
@@ -73,7 +73,7 @@ def naive_set(tmp):
     header, positions = make_proxy_and_set(tmp)
     args, cfg = evaluate.parse(["build-set", "--eval-data", "x", "--output", "x",
                                 *_model_flags(load=f"{tmp}/proxy")])  # fmt: skip
-    tokenizer, model = evaluate._tokenizer_and_model(cfg)
+    tokenizer, model = forward.tokenizer_and_model(cfg)
     docs = read_documents(f"{tmp}/held.jsonl", tokenizer)
     cands = []  # (doc, offset, entropy) in document order
     for d, ids in enumerate(docs):
@@ -322,10 +322,10 @@ def test_bad_documents_and_results_name_file_and_line(tmp_path):
         read_documents(str(tmp_path / "missing"), tok)
     bad = _write(tmp_path / "r.json", ["{", '  "name": }'])
     with pytest.raises(InputError, match=f"^{bad}:2: not valid JSON"):
-        evaluate.read_results(bad)
+        report.read_results(bad)
     other = _write(tmp_path / "o.json", ['{"loss": 1}'])
     with pytest.raises(InputError, match=f"^{other}:1: not a results file"):
-        evaluate.read_results(other)
+        report.read_results(other)
 
 
 def _result(name, ntp, ntr):
@@ -454,7 +454,7 @@ def text_loss_and_naive(tmp):
     from megatron_rmt.evaluation import text_loss
 
     args, cfg = evaluate.parse(["build-set", "--eval-data", "x", "--output", "x", *_model_flags()])
-    tokenizer, model = evaluate._tokenizer_and_model(cfg)
+    tokenizer, model = forward.tokenizer_and_model(cfg)
     docs = read_documents(_held_out(f"{tmp}/held.jsonl", n=3), tokenizer)
     got = text_loss.text_loss(model, docs, SEQ, 4, tokenizer.eod, tokenizer.vocab_size, 16)
     total, count = 0.0, 0

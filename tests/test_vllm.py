@@ -534,9 +534,10 @@ def evaluate_through_vllm(flags, url, tmp):
     checkpoint through the server, then ask the server for log-probs of a sample and recompute
     them with the checkpoint: the server must serve exactly the evaluated weights."""
     from megatron_rmt import checkpoint, evaluate
+    from megatron_rmt.evaluation import forward
 
     args, cfg = evaluate.parse(["build-set", "--eval-data", "x", "--output", "x", *flags])
-    tokenizer, model = evaluate._tokenizer_and_model(cfg)
+    tokenizer, model = forward.tokenizer_and_model(cfg)
     with torch.no_grad():  # weights the server has never held
         for p in model[0].parameters():
             p.add_(0.02 * torch.randn_like(p))

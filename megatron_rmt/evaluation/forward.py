@@ -23,9 +23,11 @@ from tqdm import tqdm
 from megatron_rmt import checkpoint, parallel, platform
 from megatron_rmt.config import ModelConfig
 from megatron_rmt.entropy import vocab_parallel_ce_entropy
+from megatron_rmt.launch import model_vocab
 from megatron_rmt.model import build_model, frozen
 from megatron_rmt.model.logits import forward_logits
 from megatron_rmt.schedule import position_ids, run_schedule
+from megatron_rmt.tokenizer import tokenizer_of
 
 
 def build_eval_model(model_cfg: ModelConfig, vocab_size: int, load: str | None) -> list:
@@ -165,3 +167,11 @@ def stats_in_groups(
             out += position_stats(model, part, vocab_size, chunk_tokens, with_argmax, top_k)
             bar.update(len(part))
     return out
+
+
+def tokenizer_and_model(cfg):
+    """The tokenizer and this rank's frozen stage of `--load` (vocabulary padded as the trainer
+    pads it)."""
+    tokenizer = tokenizer_of(cfg.data)
+    vocab = model_vocab(cfg, tokenizer)
+    return tokenizer, build_eval_model(cfg.model, vocab, cfg.checkpoint.load)

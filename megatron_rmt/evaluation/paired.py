@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default=None, help="also write the markdown here")
     args = p.parse_args(argv)
-    from megatron_rmt.evaluate import read_results
+    from megatron_rmt.evaluation.report import read_results
 
     text = render(
         comparisons(read_results(args.first), read_results(args.second), args.resamples, args.seed)

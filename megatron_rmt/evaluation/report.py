@@ -16,10 +16,12 @@ Intervals are over positions, 95%:
 A results file written before these fields existed still renders; its NTR intervals show "-".
 """
 
+import json
 import math
 
 import torch
 
+from megatron_rmt.jsonl import InputError
 from megatron_rmt.selection import LEVELS
 
 Z95 = 1.959963984540054  # two-sided 95% quantile of the standard normal
@@ -197,3 +199,17 @@ def _pct(value) -> str:
 
 def _num(value, digits: int) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
+
+
+def read_results(path: str) -> dict:
+    """A results file from `run`; `FILE:LINE: problem` when it is not one."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            results = json.load(fh)
+    except OSError as e:
+        raise InputError(f"{path}: cannot read ({e.strerror})") from None
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    if not isinstance(results, dict) or not {"name", "ntp", "ntr"} <= results.keys():
+        raise InputError(f"{path}:1: not a results file of `evaluate run` (name, ntp, ntr)")
+    return results

@@ -56,12 +56,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--eval-micro-batch", type=int, default=8)
     args, rest = p.parse_known_args(argv)
     cfg = config.parse(rest)
-    from megatron_rmt.evaluate import _tokenizer_and_model
-    from megatron_rmt.train import init_distributed
+    from megatron_rmt.evaluation.forward import tokenizer_and_model
+    from megatron_rmt.launch import init_distributed
 
     init_distributed(cfg)
     try:
-        tokenizer, model = _tokenizer_and_model(cfg)
+        tokenizer, model = tokenizer_and_model(cfg)
         docs = read_documents(args.eval_data, tokenizer, args.text_field, args.max_documents)
         loss, tokens = text_loss(
             model, docs, cfg.model.seq_length, args.eval_micro_batch, tokenizer.eod,

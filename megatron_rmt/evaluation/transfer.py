@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--base-loss", default=None, help="the base checkpoint's X.loss.json")
     p.add_argument("--output", default=None, help="also write the markdown here")
     args = p.parse_args(argv)
-    from megatron_rmt.evaluate import read_results
+    from megatron_rmt.evaluation.report import read_results
 
     base = None
     if args.base_loss:

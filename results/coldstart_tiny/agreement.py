@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from megatron_rmt import config, parallel, prompts, train
+from megatron_rmt import config, launch, parallel, prompts
 from megatron_rmt.evaluation import evalset, forward
 from megatron_rmt.tokenizer import tokenizer_of
 
@@ -19,7 +19,7 @@ cfg = config.parse(
 )
 parallel.init(1, 1, 1234, 10)
 tok = tokenizer_of(cfg.data)
-model = forward.build_eval_model(cfg.model, train.model_vocab(cfg, tok), ck)[0]
+model = forward.build_eval_model(cfg.model, launch.model_vocab(cfg, tok), ck)[0]
 _, pos = evalset.read_set("/tmp/cs/set.jsonl")
 t = prompts.load_template(tmpl)
 agree = hit_ntp = hit_first = 0
