@@ -278,7 +278,7 @@ def test_truncated_bin_stops_at_set_up_before_the_model(tiny_corpus, tmp_path, m
     def no_model(*args):
         raise AssertionError("the model was built before the data was checked")
 
-    monkeypatch.setattr(train, "build_trainable", no_model)
+    monkeypatch.setattr(launch, "build_trainable", no_model)
     with pytest.raises(config.UserError, match=f"{prefix}.bin: truncated"):
         launch.setup(config.parse(_flags(prefix)))
 

@@ -114,6 +114,9 @@ def test_grpo_steps_on_math_problems(sevens, tmp_path):
     assert state["progress"] == {
         "step": 2,
         "consumed_samples": 8,
-        "totals": {"rollout_failures": 0},
+        "totals": {
+            "rollout_failures": 0,
+            "flops_total": int(one[0]["flops"]) + int(one[1]["flops"]),
+        },
         "pending_rollouts": None,  # post-training is on-policy: nothing in flight
     }
