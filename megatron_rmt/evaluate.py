@@ -89,11 +89,9 @@ def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, config.Con
 def main(argv: list[str] | None = None) -> None:
     args, cfg = parse(argv)
     if cfg is None:
-        text = report.render_table([report.read_results(path) for path in args.results])
-        print(text)
-        if args.output:
-            with open(args.output, "w") as fh:
-                fh.write(text + "\n")
+        report.show(
+            report.render_table([report.read_results(p) for p in args.results]), args.output
+        )
         return
     init_distributed(cfg)
     try:

@@ -161,15 +161,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default=None, help="also write the markdown here")
     args = p.parse_args(argv)
-    from megatron_rmt.evaluation.report import read_results
+    from megatron_rmt.evaluation.report import read_results, show
 
-    text = render(
-        comparisons(read_results(args.first), read_results(args.second), args.resamples, args.seed)
-    )
-    print(text)
-    if args.output:
-        with open(args.output, "w") as fh:
-            fh.write(text + "\n")
+    first, second = read_results(args.first), read_results(args.second)
+    show(render(comparisons(first, second, args.resamples, args.seed)), args.output)
 
 
 if __name__ == "__main__":

@@ -213,3 +213,11 @@ def read_results(path: str) -> dict:
     if not isinstance(results, dict) or not {"name", "ntp", "ntr"} <= results.keys():
         raise InputError(f"{path}:1: not a results file of `evaluate run` (name, ntp, ntr)")
     return results
+
+
+def show(text: str, output: str | None) -> None:
+    """A rendered table on stdout, and in `output` too when one is given."""
+    print(text)
+    if output:
+        with open(output, "w") as fh:
+            fh.write(text + "\n")

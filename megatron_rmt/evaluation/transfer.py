@@ -88,18 +88,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--base-loss", default=None, help="the base checkpoint's X.loss.json")
     p.add_argument("--output", default=None, help="also write the markdown here")
     args = p.parse_args(argv)
-    from megatron_rmt.evaluation.report import read_results
+    from megatron_rmt.evaluation.report import read_results, show
 
     base = None
     if args.base_loss:
         with open(args.base_loss) as fh:
             base = float(json.load(fh)["loss"])
     rows = [row(read_results(path), loss_beside(path), base) for path in args.results]
-    text = render(rows, base)
-    print(text)
-    if args.output:
-        with open(args.output, "w") as fh:
-            fh.write(text + "\n")
+    show(render(rows, base), args.output)
 
 
 if __name__ == "__main__":
