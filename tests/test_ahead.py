@@ -130,7 +130,8 @@ def test_one_step_ahead_bookkeeping(tiny_corpus, tp, pp):
     first, _ = rows[0]
     assert first["rl_from_step"] == -1 and first["rl_tokens"] == 0 and trained[0] == []
     for t, ((m, expected), (picked, mask_tokens)) in enumerate(zip(rows, chosen, strict=True)):
-        assert m["rl_positions"] == len(picked) == 4  # one per window, chosen in step t
+        assert len(picked) == 4  # one per window, chosen in step t
+        assert m["rl_positions"] == len(trained[t])  # the served groups its RL term trained on
         assert m["ntp_tokens"] == mask_tokens - len(picked)
         assert m["budget"] == _budget(config.parse(argv, world_size=tp * pp), t)
         if expected is None:
