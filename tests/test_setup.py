@@ -73,13 +73,13 @@ def checkout(tmp_path):
 
 # An outer make (`make test PYTEST_ARGS=...`) exports its flags and variables: not to the fakes.
 MAKE_ENV = {"MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES", "PYTEST_ARGS", "ARGS", "VENV",
-            "VLLM_VENV", "TORCH", "VLLM"}  # fmt: skip
+            "VLLM_VENV", "TORCH", "VLLM", "MC019", "MC019_VENV", "MC019_MCORE"}  # fmt: skip
 
 
 def run(checkout, *args, cmd=("make",), **env):
     root, fake, log = checkout
     full = {k: v for k, v in os.environ.items() if k not in MAKE_ENV}
-    full.update(PYTHON=str(fake), LOG=str(log), **env)
+    full.update(PYTHON=str(fake), PYTHON312=str(fake), LOG=str(log), **env)
     full.pop("MEGATRON_RMT_VLLM_PYTHON", None)
     full.pop("MEGATRON_RMT_REQUIRE_ALL", None)  # CI sets it; here only the Makefile may
     proc = subprocess.run([*cmd, *args], cwd=root, env=full, capture_output=True, text=True)
@@ -102,21 +102,32 @@ VLLM_INSTALL = [
     ".venv-vllm pip uninstall -y torchvision torchaudio torchcodec",
     ".venv-vllm pip install --no-deps -e .",  # the gloo weight-transfer plugin
 ]
+MC019_INSTALL = [  # the second Megatron-Core line (Python 3.12)
+    "venv .venv-mc019",
+    ".venv-mc019 pip install -q --upgrade pip",
+    ".venv-mc019 pip install torch==2.13.0 megatron-core==0.19.2",
+    ".venv-mc019 pip install -e .[dev]",
+]
+
+
+def pytest_lines(root, args="-q tests"):
+    """`make test`: the whole suite on the 0.16 line, then the mcore-marked tests on 0.19."""
+    return [
+        f".venv pytest {args} vllm={root}/.venv-vllm/bin/python require_all=1",
+        f".venv-mc019 pytest -m mcore {args} vllm= require_all=1",
+    ]
 
 
 def test_make_test_installs_both_venvs_once_then_runs_pytest(checkout):
     root = checkout[0]
     proc, lines = run(checkout, "test")
     assert proc.returncode == 0, proc.stderr
-    pytest_line = f".venv pytest -q tests vllm={root}/.venv-vllm/bin/python require_all=1"
-    assert lines == TRAINER_INSTALL + VLLM_INSTALL + [pytest_line]
-    assert (root / ".venv" / ".installed").exists()
-    assert (root / ".venv-vllm" / ".installed").exists()
+    assert lines == TRAINER_INSTALL + VLLM_INSTALL + MC019_INSTALL + pytest_lines(root)
+    for venv in (".venv", ".venv-vllm", ".venv-mc019"):
+        assert (root / venv / ".installed").exists()
     proc, lines = run(checkout, "test", "PYTEST_ARGS=-q tests/test_x.py")
     assert proc.returncode == 0, proc.stderr
-    assert lines == [
-        f".venv pytest -q tests/test_x.py vllm={root}/.venv-vllm/bin/python require_all=1"
-    ]
+    assert lines == pytest_lines(root, "-q tests/test_x.py")
 
 
 def test_make_main_needs_only_the_trainer_venv(checkout):
@@ -138,7 +149,7 @@ def test_an_interrupted_install_is_redone(checkout):
     assert not (root / ".venv-vllm" / ".installed").exists()
     proc, lines = run(checkout, "test")
     assert proc.returncode == 0, proc.stderr
-    assert lines[:-1] == VLLM_INSTALL and "pytest" in lines[-1]
+    assert lines == VLLM_INSTALL + MC019_INSTALL + pytest_lines(root)
 
 
 def test_a_changed_setup_py_reinstalls_the_trainer_venv(checkout):
@@ -158,12 +169,10 @@ def test_ci_run_is_make_test_and_no_tests_selected_passes(checkout, pytest_rc, e
     root = checkout[0]
     proc, lines = run(checkout, cmd=(str(root / ".ci" / "run"),), PYTEST_RC=str(pytest_rc))
     assert proc.returncode == expected, proc.stdout + proc.stderr
-    assert lines[-1] == f".venv pytest -q tests vllm={root}/.venv-vllm/bin/python require_all=1"
+    assert lines[-2:] == pytest_lines(root)  # a failing first line still runs the second
     assert ("pytest selected no tests" in proc.stdout) == (pytest_rc == 5)
     _, lines = run(checkout, "-q", "tests/test_x.py", cmd=(str(root / ".ci" / "run"),))
-    assert lines == [
-        f".venv pytest -q tests/test_x.py vllm={root}/.venv-vllm/bin/python require_all=1"
-    ]
+    assert lines == pytest_lines(root, "-q tests/test_x.py")
 
 
 def test_readme_start_here_is_two_make_commands():
