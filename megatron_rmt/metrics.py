@@ -102,7 +102,6 @@ def _step_of(line: str) -> int | None:
 def step_metrics(
     *,
     ntp,
-    served,
     rl,
     scored,
     zero_groups,
@@ -125,18 +124,19 @@ def step_metrics(
 ) -> dict[str, float]:
     """The step's metrics, summed over data-parallel replicas, then turned into means.
 
-    `served`: the chosen positions (problems.Problem) that have rollouts, of which
-    `rl_positions` and `entropy_chosen` are; `failed`: every rollout request failed, the step
+    `failed`: every rollout request failed, the step
     trained NTP only; `dropped`: requests that
     failed (the step trained without them); `invalid`: rollout replies rejected (both from
     `dispatch.StepRollouts`); a non-finite `grad_norm` means the optimizer step was skipped
     (`build.Trainable.optimizer_step`). `rl_time` and `sync_time` are the RL update's and the
     weight sync's seconds (loop.finish_step); `ahead` (ahead.Source) says which step's positions
-    the RL term trained on and how many results were refused as stale.
+    the RL term trained on (its served groups: `rl_positions`, `entropy_chosen`) and how many
+    results were refused as stale.
 
     Every rank calls this (it all-reduces); only the logging rank writes the result."""
     from megatron_rmt import parallel
 
+    trained = ahead.groups if ahead is not None else []  # post-training: no positions
     local = {  # sums over this replica; summed again over DP below
         "ntp_sum": ntp.ntp_loss_sum,
         "ntp_tok": ntp.ntp_tokens,
@@ -156,8 +156,8 @@ def step_metrics(
         "samples": scored.rewards.numel(),
         "groups": scored.rewards.shape[0],
         "zero": zero_groups,
-        "ent_chosen": sum(p.entropy for p in served),
-        "chosen": len(served),
+        "ent_chosen": sum(g.problem.entropy for g in trained),
+        "chosen": len(trained),
         "failed": float(failed),
         "invalid": float(invalid),
         "dropped": float(dropped),

@@ -86,7 +86,6 @@ def posttrain_step(run: Run, t: int) -> dict:
 
     return step_metrics(
         ntp=step.NTPOutcome(),
-        served=[],
         rl=update.rl,
         scored=scored,
         zero_groups=zero_groups,

@@ -88,7 +88,6 @@ def train_step(run: Run, t: int) -> dict:
 
     return step_metrics(
         ntp=ntp,
-        served=[g.problem for g in groups],
         rl=update.rl,
         scored=scored,
         zero_groups=zero_groups,
