@@ -155,7 +155,7 @@ def rl_update(
     reference: list | None = None,
 ) -> RLOutcome:
     """The GRPO backward over this replica's `groups` (each with advantages), normalised by the
-    RL count over all replicas. `batches` lays the groups out as RL microbatches (rl_batch.build
+    RL count over all replicas. `batches` lays the groups out as RL microbatches (rl_batch.builder
     with the run's layout); `reference`: the frozen pi_ref of the KL term."""
     microbatches = batches(groups)
     local_count = sum(
