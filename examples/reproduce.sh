@@ -22,6 +22,7 @@
 #   bash examples/reproduce.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source examples/vllm_server.sh
 
 OUT=${OUT:-runs/reproduce_smollm2}
 BASE=${BASE-../shared/assets/models/SmolLM2-135M-Instruct.Q4_1.gguf}
@@ -78,8 +79,8 @@ if [ -z "$BASE" ] && ! done_at "$BASE_CKPT" "$WARMUP_STEPS"; then
     $( [ -d "$BASE_CKPT" ] && echo "--load $BASE_CKPT" )
 fi
 
-# The rollout engine: one vLLM server for the whole script (every run and evaluation pushes its
-# own weights into it first), or the embedded engine.
+# The rollout engine: one vLLM server for the whole script (examples/vllm_server.sh), or the
+# embedded engine.
 VLLM_PYTHON=${MEGATRON_RMT_VLLM_PYTHON:-}
 if [ "$ROLLOUT" = auto ]; then
   ROLLOUT=embedded
@@ -88,16 +89,7 @@ fi
 ROLL=""
 if [ "$ROLLOUT" = vllm ]; then
   [ -d "$OUT/base_hf" ] || python tools/convert_megatron_to_hf.py --load "$BASE_CKPT" --save "$OUT/base_hf"
-  say "starting the vLLM server"
-  python -m megatron_rmt.rollout.serve --model "$OUT/base_hf" --log "$OUT/vllm.log" >"$OUT/serve.out" 2>&1 &
-  SERVER=$!
-  trap 'kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null' EXIT
-  until grep -q "server ready" "$OUT/serve.out"; do
-    kill -0 $SERVER 2>/dev/null || { cat "$OUT/serve.out"; exit 1; }
-    sleep 2
-  done
-  URL=$(grep -o 'http://[^ ]*' "$OUT/serve.out" | head -1)
-  ROLL="--rollout-url $URL --weight-sync-dir $OUT/weight_sync"
+  start_vllm_server "$OUT/base_hf" "$OUT"
 fi
 say "rollouts: $ROLLOUT $ROLL"
 

@@ -60,7 +60,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from megatron_rmt import budget as budget_mod
-from megatron_rmt import checkpoint, config, parallel, prompts, selection, step
+from megatron_rmt import checkpoint, compute, config, parallel, prompts, selection, step
 from megatron_rmt.build import build_trainable
 from megatron_rmt.data import DataError, MicrobatchIterator, build_train_dataset, parse_data_path
 from megatron_rmt.evaluation import forward
@@ -321,11 +321,7 @@ def run(cfg: config.Config) -> list[float]:
     examples = training_examples(cfg, tokenizer, model)
     del model
     d = cfg.data
-    order = list(range(len(examples)))
-    epochs = []
-    for epoch in range(cfg.coldstart.coldstart_epochs):
-        random.Random(cfg.parallel.seed + epoch).shuffle(order)
-        epochs += [examples[i] for i in order]
+    epochs = in_epochs(examples, cfg.coldstart.coldstart_epochs, cfg.parallel.seed)
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     steps = step_batches(
         epochs, d.global_batch_size, d.micro_batch_size, dp_rank, dp_size, tokenizer.eod
@@ -337,13 +333,16 @@ def run(cfg: config.Config) -> list[float]:
     checkpoint.load(cfg.checkpoint.load, trainable, load_optimizer=False)
     sft_only = selection.Selector(None, (1.0, 0.0, 0.0), 0, None, tokenizer.eod, 0, 0)
     windows = ntp_windows(cfg, tokenizer, len(steps), dp_rank, dp_size)
-    losses, ntp_losses = [], []
+    losses, ntp_losses, flops = [], [], 0.0
     for t, microbatches in enumerate(steps):
         trainable.zero_grads()
-        ntp = ""
+        ntp, computed = "", compute.window_computed(microbatches)
         if windows:
-            ntp_losses.append(ntp_then_scale(trainable, windows, microbatches, cfg, tokenizer.eod))
+            batches = [next(windows) for _ in range(windows.num_microbatches)]
+            computed += compute.window_computed(batches)
+            ntp_losses.append(ntp_then_scale(trainable, batches, microbatches, cfg, tokenizer.eod))
             ntp = f"| ntp loss {ntp_losses[-1]:.4f} "
+        flops += compute.pass_flops(cfg.model, vocab, computed, True)
         outcome = step.ntp_pass(
             trainable, microbatches, sft_only, 1.0, cfg.rmt.entropy_chunk_tokens
         )
@@ -356,8 +355,18 @@ def run(cfg: config.Config) -> list[float]:
                 f"response tokens {n:.0f} | grad norm {grad_norm:.3f}",
                 flush=True,
             )
-    _save(cfg, trainable, tokenizer, examples, losses, ntp_losses)
+    flops = parallel.all_reduce_sum_dp([flops])[0]
+    _save(cfg, trainable, tokenizer, examples, losses, ntp_losses, flops)
     return losses
+
+
+def in_epochs(examples: list[Example], epochs: int, seed: int) -> list[Example]:
+    """The examples `epochs` times, each pass in its own seeded order."""
+    order, out = list(range(len(examples))), []
+    for epoch in range(epochs):
+        random.Random(seed + epoch).shuffle(order)
+        out += [examples[i] for i in order]
+    return out
 
 
 def ntp_windows(cfg: config.Config, tokenizer, steps: int, dp_rank: int, dp_size: int):
@@ -375,12 +384,14 @@ def ntp_windows(cfg: config.Config, tokenizer, steps: int, dp_rank: int, dp_size
     return MicrobatchIterator(dataset, micro, per_step, dp_rank, dp_size)
 
 
-def ntp_then_scale(trainable, windows, sft_microbatches: list[dict], cfg, eod: int) -> float:
-    """The NTP term of one step, first: its gradients, w x (sum of CE) / (NTP tokens), then
-    scaled by the step's SFT token count, so that the SFT pass after it (which divides every
-    gradient by that count) leaves w x mean NTP CE + mean SFT CE. Returns the NTP loss."""
+def ntp_then_scale(
+    trainable, batches: list[dict], sft_microbatches: list[dict], cfg, eod: int
+) -> float:
+    """The NTP term of one step over the windows `batches`, first: its gradients,
+    w x (sum of CE) / (NTP tokens), then scaled by the step's SFT token count, so that the SFT
+    pass after it (which divides every gradient by that count) leaves w x mean NTP CE + mean
+    SFT CE. Returns the NTP loss."""
     plain = selection.Selector(None, (1.0, 0.0, 0.0), 0, None, eod, 0, 0)
-    batches = [next(windows) for _ in range(windows.num_microbatches)]
     weight = cfg.coldstart.coldstart_ntp_weight
     outcome = step.ntp_pass(trainable, batches, plain, weight, cfg.rmt.entropy_chunk_tokens)
     local = sum(float((mb["loss_mask"] > 0).sum()) for mb in sft_microbatches)
@@ -392,8 +403,9 @@ def ntp_then_scale(trainable, windows, sft_microbatches: list[dict], cfg, eod: i
 
 
 def _save(
-    cfg, trainable, tokenizer, examples: list[Example], losses: list[float], ntp_losses: list
-) -> None:
+    cfg, trainable, tokenizer, examples: list[Example], losses: list[float], ntp_losses: list,
+    flops: float,
+) -> None:  # fmt: skip
     out = cfg.checkpoint.save
     trainable.gather_params()
     path = checkpoint.save_model(out, trainable.model[0].module, cfg)
@@ -413,8 +425,9 @@ def _save(
             }
             fh.write(json.dumps(record) + "\n")
     with open(os.path.join(out, "coldstart.json"), "w") as fh:
-        json.dump({"examples": len(examples), "steps": len(losses), "sft_loss": losses,
-                   "ntp_loss": ntp_losses}, fh)  # fmt: skip
+        json.dump({"examples": len(examples), "steps": len(losses),
+                   "epochs": cfg.coldstart.coldstart_epochs, "sft_loss": losses,
+                   "ntp_loss": ntp_losses, "flops": flops}, fh)  # fmt: skip
     print(f"cold start: {len(losses)} steps, checkpoint {path}, examples {out}", flush=True)
 
 

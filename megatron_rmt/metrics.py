@@ -19,6 +19,7 @@ CONSOLE_KEYS = (
     ("rl_tokens", "rl_tok {:.0f}"),
     ("ntp_tokens", "ntp_tok {:.0f}"),
     ("zero_adv_share", "zero_adv {:.2f}"),
+    ("mixed_match_share", "mixed {:.2f}"),
     ("step_time", "{:.2f}s"),
 )
 
@@ -150,6 +151,7 @@ def step_metrics(
         "match": float(scored.match.sum()),
         "length": float(scored.length.sum()),
         "hits": float((scored.match == 1).sum()),
+        "mixed": float(mixed_groups(scored.match)),
         "resp_len": float(scored.response_tokens.sum()),
         "think_len": float(scored.think_tokens.sum()),
         "unparsed": float(scored.unparsed.sum()),
@@ -198,6 +200,7 @@ def step_metrics(
         "ntp_tokens": g["ntp_tok"],
         "rl_positions": g["chosen"],
         "zero_adv_share": mean(g["zero"], g["groups"]),
+        "mixed_match_share": mean(g["mixed"], g["groups"]),  # groups GRPO's match signal reaches
         "unparsed_share": mean(g["unparsed"], g["samples"]),
         "entropy_chosen": mean(g["ent_chosen"], g["chosen"]),
         "entropy_all": mean(g["ent_sum"], g["ent_n"]),
@@ -223,6 +226,13 @@ def step_metrics(
         "flops_rollout": g["flops_rollout"],
         "flops": g["flops_ntp"] + g["flops_rl"] + g["flops_rollout"],
     } | _mfu(flops_per_token * g["win_tok"], g["ntp_s"] / dp)
+
+
+def mixed_groups(match) -> int:
+    """Groups (rows of `match`, [n, G]) with both an exact hit and a miss: the only ones whose
+    advantages carry the match reward; in the others only the length term differs."""
+    hit = match == 1
+    return int((hit.any(dim=1) & ~hit.all(dim=1)).sum())
 
 
 def _source(ahead) -> dict[str, float]:

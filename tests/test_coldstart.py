@@ -128,7 +128,24 @@ def cold_start_tiny(tmp: str, corpus: str):
         guess = tokenizer.token_text(int(last.argmax())).strip()
         answer = prompts.extract_prediction(tokenizer.decode(ex.response_ids[:-1]))
         rows.append((answer, guess, truth[tuple(ex.prefix_ids)]))
-    return rows, coldstart.run(cfg)
+    return rows, coldstart.run(cfg), hand_counted_flops(cfg, examples, vocab)
+
+
+def hand_counted_flops(cfg, examples, vocab: int) -> float:
+    """The cold start's training FLOPs written out: per step, forward + backward (3 x forward)
+    over its SFT rows, all padded to the step's longest, and over its NTP windows."""
+    h, f, layers, q, kv = 64, 176, 2, 4 * 16, 2 * 2 * 16  # configs/tiny_cpu.yaml
+
+    def token(context):  # one token's forward with logits, multiply-adds x 2
+        per_layer = 2 * h * (q + kv) + 4 * context * q + 2 * q * h + 2 * h * 2 * f + 2 * f * h
+        return layers * per_layer + 2 * h * vocab
+
+    order = coldstart.in_epochs(examples, 3, cfg.parallel.seed)
+    total = 0.0
+    for first in range(0, len(order) - 3, 4):  # global batch 4, a last partial one dropped
+        length = max(len(e.prompt_ids) + len(e.response_ids) for e in order[first : first + 4]) - 1
+        total += 3 * (4 * length * token(length) + 2 * 48 * token(48))  # + 2 windows of 48
+    return total
 
 
 def learned(losses: list[float], epochs: int = 3) -> bool:
@@ -141,14 +158,14 @@ def learned(losses: list[float], epochs: int = 3) -> bool:
 def cold_starts_tiny(tmp: str, corpus: str):
     """cold_start_tiny, then the same cold start again with an optimizer that does nothing
     (lr 0): its SFT losses. One process for both (start-up is most of the cost)."""
-    rows, losses = cold_start_tiny(tmp, corpus)
+    rows, losses, flops = cold_start_tiny(tmp, corpus)
     noop = config.parse([*_flags(tmp, corpus, "cs_noop"), "--lr", "0"], world_size=1)
-    return rows, losses, coldstart.run(noop)
+    return rows, losses, flops, coldstart.run(noop)
 
 
 def test_cold_start_trains_on_its_own_guesses_never_the_truth_and_learns(tmp_path, tiny_corpus):
     """Fails for a cold start that boxes the true token, or whose optimizer does nothing."""
-    rows, losses, noop = spawn(cold_starts_tiny, 1, args=(str(tmp_path), tiny_corpus))[0]
+    rows, losses, flops, noop = spawn(cold_starts_tiny, 1, args=(str(tmp_path), tiny_corpus))[0]
     assert len(rows) >= 4
     for answer, guess, true in rows:
         assert answer == guess  # the box holds the model's own top-1 ...
@@ -163,6 +180,7 @@ def test_cold_start_trains_on_its_own_guesses_never_the_truth_and_learns(tmp_pat
     assert "</think>" in json.loads(lines[0])["response"]
     record = json.loads((tmp_path / "cs" / "coldstart.json").read_text())
     assert len(record["ntp_loss"]) == len(losses)  # the NTP windows went into every step
+    assert record["flops"] == pytest.approx(flops, rel=1e-12)  # the compute column's count
 
 
 def test_think_restates_the_ending_and_continues_it_with_the_guess(tok):

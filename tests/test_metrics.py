@@ -70,3 +70,18 @@ def test_step_flops_by_hand(tiny_corpus):
     assert metrics["flops_rollout"] == pytest.approx(generated, rel=1e-12)
     total = metrics["flops_ntp"] + metrics["flops_rl"] + metrics["flops_rollout"]
     assert metrics["flops"] == pytest.approx(total, rel=1e-12)
+
+
+def test_mixed_groups_against_a_loop():
+    """A group counts when it holds both an exact hit (match 1) and a miss; RPT's partial
+    prefix rewards (0 < match < 1) are misses."""
+    import torch
+
+    from megatron_rmt.metrics import mixed_groups
+
+    match = torch.tensor(
+        [[1.0, 0.0, 0.0], [1.0, 1.0, 1.0], [0.0, 0.0, 0.0], [0.5, 1.0, 1.0], [0.5, 0.5, 0.0]]
+    )
+    naive = sum(1 for row in match.tolist() if 1.0 in row and any(x != 1.0 for x in row))
+    assert mixed_groups(match) == naive == 2
+    assert mixed_groups(torch.zeros(0, 4)) == 0

@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# Does next-token reasoning overtake next-token prediction after RMT? The experiment of
+# docs/results_smollm2.md on SmolLM2-135M-Instruct, 2-core CPU, real vLLM server:
+#   0. the base (the GGUF converted), the training shards (corpus/sample_math.jsonl), and an
+#      evaluation set of 3 x PER_LEVEL positions of held-out MATH500 solutions, levels fixed
+#      once by the base model's entropy;
+#   1. the format cold start (COLDSTART_CONFIG, configs/coldstart_smollm2.yaml: self-distillation,
+#      never the true token, plain NTP mixed in);
+#   2. RMT for STEPS steps from the cold start;
+#   3. compute-matched baselines from the cold start (beyond the paper): NTP only for the RMT
+#      run's training FLOPs (NTP pass + RL pass + rollout generation, compute.py), and the
+#      cold-start SFT continued for those FLOPs;
+#   4. every checkpoint scored on the same positions: NTP top-1, NTR pass@1 over SAMPLES samples
+#      at budget EVAL_BUDGET, held-out NTP loss; paired bootstrap intervals
+#      (evaluation/transfer.py) in $OUT/results/transfer.md, the paper's table in table.md.
+# Every stage is skipped when its output exists and a killed run resumes from its checkpoint:
+# rerun the same command to continue. Set MEGATRON_RMT_VLLM_PYTHON to .venv-vllm's python.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source examples/vllm_server.sh
+
+OUT=${OUT:-runs/effect_smollm2}
+GGUF=${GGUF:-../shared/assets/models/SmolLM2-135M-Instruct.Q4_1.gguf}
+EVAL_TEXT=${EVAL_TEXT:-../shared/assets/math/math500.jsonl}
+EVAL_DOCS=${EVAL_DOCS:-100}                # held-out documents the positions come from
+LOSS_DOCS=${LOSS_DOCS:-40}                 # of those, the ones the held-out NTP loss reads
+PER_LEVEL=${PER_LEVEL:-100}
+SAMPLES=${SAMPLES:-4}
+EVAL_BUDGET=${EVAL_BUDGET:-8}
+STEPS=${STEPS:-40}
+# The run's presets (configs/effect_smollm2.yaml: template, budgets, batch), the cold start's
+# after them, and EXTRA: trainer flags for every stage.
+CONFIGS=${CONFIGS:-"configs/smollm2_135m.yaml configs/reproduce_cpu.yaml configs/effect_smollm2.yaml"}
+COLDSTART_CONFIG=${COLDSTART_CONFIG:-configs/coldstart_smollm2.yaml}
+EXTRA=${EXTRA:-}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}  # one trainer process at a time
+say() { echo "== $* ($(date +%H:%M:%S))"; }
+done_at() { [ -f "$1/latest_checkpointed_iteration.txt" ] && [ "$(cat "$1/latest_checkpointed_iteration.txt")" = "$2" ]; }
+R=$OUT/results
+mkdir -p "$R" "$OUT/metrics"
+
+BASE=$OUT/base
+[ -d "$BASE" ] || { say "converting $GGUF"; python tools/convert_hf_to_megatron.py --load "$GGUF" --save "$BASE"; }
+TOK="--tokenizer-type HuggingFaceTokenizer --tokenizer-model $BASE"
+FLAGS="$TOK $EXTRA"
+MODEL="--config $CONFIGS $FLAGS"
+DATA=$OUT/data/train_text_document
+if [ ! -f "$DATA.idx" ]; then
+  mkdir -p "$OUT/data"
+  python tools/preprocess_data.py --input corpus/sample_math.jsonl --output-prefix "$OUT/data/train" \
+    $TOK --append-eod --workers 1
+fi
+HELD="--eval-data $EVAL_TEXT --text-field solution"
+SET=$R/set.jsonl
+[ -f "$SET" ] || python -m megatron_rmt.evaluate build-set $HELD --max-documents "$EVAL_DOCS" --per-level "$PER_LEVEL" \
+  --output "$SET" $MODEL --load "$BASE" --eval-micro-batch 8
+[ -d "$OUT/base_hf" ] || python tools/convert_megatron_to_hf.py --load "$BASE" --save "$OUT/base_hf"
+start_vllm_server "$OUT/base_hf" "$OUT"
+
+evaluate() {  # name checkpoint samples: evaluation set (NTP, NTR) and held-out text loss
+  [ -f "$R/$1.json" ] || { say "evaluating $1"; python -m megatron_rmt.evaluate run --eval-set "$SET" \
+    --samples "$3" --budget "$EVAL_BUDGET" --ntr-batch 50 --eval-micro-batch 8 --output "$R/$1.json" \
+    --name "$1" $MODEL --load "$2" $ROLL >"$R/$1.eval.log" 2>&1; }
+  [ -f "$R/$1.loss.json" ] || python -m megatron_rmt.evaluation.text_loss $HELD --max-documents "$LOSS_DOCS" \
+    --output "$R/$1.loss.json" $MODEL --load "$2" >"$R/$1.loss.log" 2>&1
+}
+train() {  # name variant steps [flags]: a run from the cold start, resumed when killed
+  local ckpt=$OUT/runs/$1 from="--load $OUT/coldstart --no-load-optim"
+  done_at "$ckpt" "$3" && return
+  [ -f "$ckpt/latest_checkpointed_iteration.txt" ] && from="--load $ckpt"
+  say "training $1 ($2), $3 steps"
+  python -m megatron_rmt.train --config $CONFIGS configs/variants/$2.yaml $FLAGS $from ${@:4} \
+    --data-path "$DATA" --train-iters "$3" --save "$ckpt" --save-interval 10 --log-interval 1 \
+    --metrics-file "$OUT/metrics/$1.jsonl" $ROLL
+}
+total_flops() { python -c "import json,sys; print(sum(json.loads(l)['flops'] for l in open(sys.argv[1])))" "$1"; }
+
+evaluate base "$BASE" 0
+if ! done_at "$OUT/coldstart" 0; then
+  say "format cold start"
+  python -m megatron_rmt.coldstart --config $CONFIGS $COLDSTART_CONFIG $FLAGS --load "$BASE" --data-path "$DATA" \
+    --save "$OUT/coldstart" 2>&1 | tee "$OUT/coldstart.log"
+fi
+evaluate coldstart "$OUT/coldstart" "$SAMPLES"
+python -m megatron_rmt.evaluation.transfer --base-loss "$R/base.loss.json" "$R/coldstart.json" \
+  --output "$R/transfer.md"
+
+train rmt rmt "$STEPS"
+evaluate rmt "$OUT/runs/rmt" "$SAMPLES"
+FLOPS=$(total_flops "$OUT/metrics/rmt.jsonl")
+# NTP only: an NTP step costs the RMT step's NTP pass (the same windows, forward and backward).
+NTP_STEPS=$(python -c "import json,math,sys; r=[json.loads(l) for l in open(sys.argv[1])]
+print(math.ceil(float(sys.argv[2]) / (sum(x['flops_ntp'] for x in r) / len(r))))" "$OUT/metrics/rmt.jsonl" "$FLOPS")
+say "RMT: $FLOPS FLOPs; NTP-only matched: $NTP_STEPS steps"
+train ntp_matched ntp "$NTP_STEPS"
+evaluate ntp_matched "$OUT/runs/ntp_matched" "$SAMPLES"
+# The cold start continued: the same recipe from the cold-started model (its own guesses now),
+# epochs enough for the RMT run's FLOPs.
+if ! done_at "$OUT/sft_matched" 0; then
+  EPOCHS=$(python -c "import json,math,sys; c=json.load(open(sys.argv[1]))
+print(max(1, round(float(sys.argv[2]) / (c['flops'] / c['epochs']))))" "$OUT/coldstart/coldstart.json" "$FLOPS")
+  say "SFT continued: $EPOCHS epochs"
+  python -m megatron_rmt.coldstart --config $CONFIGS $COLDSTART_CONFIG $FLAGS --coldstart-epochs "$EPOCHS" \
+    --load "$OUT/coldstart" --data-path "$DATA" --save "$OUT/sft_matched" 2>&1 | tee "$OUT/sft_matched.log"
+fi
+evaluate sft_matched "$OUT/sft_matched" "$SAMPLES"
+
+say "tables"
+python -m megatron_rmt.evaluation.transfer --base-loss "$R/base.loss.json" \
+  "$R"/{coldstart,rmt,ntp_matched,sft_matched}.json --output "$R/transfer.md"
+python -m megatron_rmt.evaluate table "$R"/{base,coldstart,rmt,ntp_matched,sft_matched}.json \
+  --output "$R/table.md"
+python -m megatron_rmt.evaluation.learning "$OUT/metrics/rmt.jsonl" >"$R/learning.md"
+echo "results: $R/transfer.md $R/table.md $R/learning.md"
