@@ -114,7 +114,7 @@ def measure(case_index: int) -> dict:
     measured = _rss("VmHWM") - baseline
     params = memory.count_params(trainable.model[0].module)
     work = memory.Workload(micro * m.seq_length, rows, length)
-    est = memory.predict(m, memory.Layout(), params, work, gpu=False, vocab=vocab)
+    est = memory.predict(m, memory.Layout(), params, work, gpu=False, vocab=vocab, ce_chunk=16)
     parallel.destroy()
     return {"name": name, "measured": measured, "predicted": est.peak,
             "rows": memory.table(est)}  # fmt: skip
@@ -139,7 +139,8 @@ def check_on_cpu() -> list[dict]:
 
 
 def paper_table() -> None:
-    """The 14B paper setting: TP 8, DP 2, bf16, TE (flash attention), batch 128 x 4096, G 8."""
+    """The 14B paper setting: TP 8, DP 2, bf16, TE (flash attention; TE's unfused attention for
+    the shared-prefix mask), batch 128 x 4096, G 8."""
     from megatron_rmt import memory
     from megatron_rmt.dryrun import meta_params
 
@@ -160,17 +161,23 @@ def paper_table() -> None:
          dataclasses.replace(plain, sequence_parallel=True, **full), 8),
         ("no recompute, SP, 1-row RL microbatches",
          dataclasses.replace(plain, sequence_parallel=True), 1),
+        ("shared prefix, no recompute, no SP", plain, None),
+        ("shared prefix, full recompute, no SP", dataclasses.replace(plain, **full), None),
     ]  # fmt: skip
-    lengths = [4096 + 1700, 4096 + 2048]
+    responses = [1700, 2048]
     print("\nQwen3-14B, TP 8 x DP 2, bf16, distributed optimizer; GiB per GPU")
     header = f"{'setting':44s} {'RL len':>6s} {'static':>7s} {'NTP act':>8s} {'RL act':>7s} "
-    print(header + f"{'logits':>7s} {'peak':>6s}")
+    print(header + f"{'RL logits':>9s} {'peak':>6s}")
     for name, mc, rows in settings:
-        for length in lengths:
-            work = memory.Workload(4096, rows, length)
+        for response in responses:
+            if rows is None:  # one row: the prompt, then the G responses
+                work = memory.shared_prefix_workload(4096, 8, 4096, response)
+            else:
+                work = memory.Workload(4096, rows, 4096 + response)
             e = memory.predict(mc, layout, params, work, gpu=True)
-            print(f"{name:44s} {length:6d} {e.static / GIB:7.1f} {e.ntp_activations / GIB:8.1f} "
-                  f"{e.rl_activations / GIB:7.1f} {e.logits / GIB:7.1f} {e.peak / GIB:6.1f}")  # fmt: skip
+            print(f"{name:44s} {work.rl_length:6d} {e.static / GIB:7.1f} "
+                  f"{e.ntp_activations / GIB:8.1f} {e.rl_activations / GIB:7.1f} "
+                  f"{e.rl_logits / GIB:9.1f} {e.peak / GIB:6.1f}")  # fmt: skip
 
 
 def main() -> None:

@@ -538,6 +538,17 @@ def _validate_scale(cfg: Config, dp: int) -> list[str]:
         problems.append("rl_micro_batch_rows must be at least 1 (unset: one group per microbatch)")
     if rows is not None and m.rl_layout == "shared_prefix":
         problems.append("rl_micro_batch_rows splits rows of the rows layout; shared_prefix has one")
+    # model/logits.py refuses both under SP: the output layer's input is then a sequence shard.
+    if m.sequence_parallel and m.rl_layout == "shared_prefix":
+        problems.append(
+            "rl_layout shared_prefix needs sequence_parallel off (its RL pass projects only the "
+            "response positions, which SP splits over TP)"
+        )
+    if m.sequence_parallel and cfg.rmt.fused_linear_chunk_tokens:
+        problems.append(
+            "fused_linear_chunk_tokens needs sequence_parallel off (it projects the final hidden "
+            "states, which SP splits over TP)"
+        )
     if c.keep_last_n_checkpoints is not None and c.keep_last_n_checkpoints < 1:
         problems.append("keep_last_n_checkpoints must be at least 1 (unset: keep all)")
     return problems

@@ -5,7 +5,8 @@ The config is parsed and validated as for a run; the model is built at TP 1 on t
 shard them; the memory model (memory.py) then prints the per-GPU peak of a step for the run's
 layout. The data-parallel size is WORLD_SIZE / (TP x PP), WORLD_SIZE as torchrun sets it
 (unset: one replica). The RL microbatch is taken at its worst: `rl_micro_batch_rows` (or G) rows
-of a whole window of prompt plus `max_response_tokens`.
+of a whole window of prompt plus `max_response_tokens` (`rl_layout: shared_prefix`: one row of
+that prompt and G such responses).
 """
 
 import dataclasses
@@ -52,14 +53,21 @@ def run(cfg: Config) -> memory.Estimate:
     )
     params = meta_params(m, vocab)
     layout = memory.Layout(tp, pp, dp, p.use_distributed_optimizer)
-    rows = r.rl_micro_batch_rows or r.group_size
-    work = memory.Workload(
-        cfg.data.micro_batch_size * m.seq_length, rows, m.seq_length + r.max_response_tokens
-    )
-    est = memory.predict(m, layout, params, work, gpu=True, kl_beta=r.kl_beta, vocab=vocab)
+    ntp_tokens = cfg.data.micro_batch_size * m.seq_length
+    if m.rl_layout == "shared_prefix":
+        work = memory.shared_prefix_workload(
+            ntp_tokens, r.group_size, m.seq_length, r.max_response_tokens
+        )
+    else:
+        rows = r.rl_micro_batch_rows or r.group_size
+        work = memory.Workload(ntp_tokens, rows, m.seq_length + r.max_response_tokens)
+    est = memory.predict(
+        m, layout, params, work, gpu=True, kl_beta=r.kl_beta, vocab=vocab,
+        ce_chunk=r.entropy_chunk_tokens, fused_linear_chunk=r.fused_linear_chunk_tokens,
+    )  # fmt: skip
     total = params.per_rank(m.num_layers, 1, 1)
     print(f"dry run: {total / 1e9:.2f}B parameters; TP {tp} x PP {pp} x DP {dp}; "
-          f"RL microbatch {rows} rows x {work.rl_length} tokens")  # fmt: skip
+          f"RL microbatch {work.rl_rows} rows x {work.rl_length} tokens")  # fmt: skip
     for name, gib in memory.table(est):
         print(f"  {name:24s} {gib:8.2f} GiB")
     verdict = "fits" if est.peak / memory.GIB < GPU_MEMORY_GIB else "does NOT fit"

@@ -187,6 +187,12 @@ def test_overlapped_grad_reduce_gives_the_same_step():
         (["--keep-last-n-checkpoints", "0"], "keep_last_n_checkpoints must be at least 1"),
         (["--tensor-model-parallel-size", "2", "--num-attention-heads", "4",
           "--sequence-parallel", "--seq-length", "15"], "seq_length 15 divisible by TP 2"),
+        (["--tensor-model-parallel-size", "2", "--num-attention-heads", "4",
+          "--sequence-parallel", "--rl-layout", "shared_prefix"],
+         "rl_layout shared_prefix needs sequence_parallel off"),
+        (["--tensor-model-parallel-size", "2", "--num-attention-heads", "4",
+          "--sequence-parallel", "--fused-linear-chunk-tokens", "256"],
+         "fused_linear_chunk_tokens needs sequence_parallel off"),
     ],
 )  # fmt: skip
 def test_impossible_combinations_are_refused(flags, message):
