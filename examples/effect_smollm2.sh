@@ -34,6 +34,9 @@ CONFIGS=${CONFIGS:-"configs/smollm2_135m.yaml configs/reproduce_cpu.yaml configs
 COLDSTART_CONFIG=${COLDSTART_CONFIG:-configs/coldstart_smollm2.yaml}
 EXTRA=${EXTRA:-}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}  # one trainer process at a time
+# The server decodes while the trainer waits (evaluation) or computes (RMT steps): two threads,
+# and KV cache for the evaluation's 50 x 4 sequences (SmolLM2 in fp32: 46 KB a token).
+export SERVE_FLAGS=${SERVE_FLAGS:-"--cpu-threads 2 -- --kv-cache-memory-bytes 1073741824"}
 say() { echo "== $* ($(date +%H:%M:%S))"; }
 done_at() { [ -f "$1/latest_checkpointed_iteration.txt" ] && [ "$(cat "$1/latest_checkpointed_iteration.txt")" = "$2" ]; }
 R=$OUT/results

@@ -117,3 +117,12 @@ def test_a_killed_launcher_takes_the_server_with_it(launcher):
     proc.wait(timeout=10)
     assert wait_group_gone(group, 20) == [], "the server outlived its killed launcher"
     assert not _listening(url)
+
+
+def test_cpu_server_threads_default_to_one_and_follow_the_option():
+    from megatron_rmt.rollout.serve import server_env
+
+    base = {"OMP_NUM_THREADS": "8", "PATH": "/bin"}
+    assert server_env(False, base)["OMP_NUM_THREADS"] == "1"  # shares the cores: the tests
+    assert server_env(False, base, cpu_threads=2)["OMP_NUM_THREADS"] == "2"
+    assert server_env(True, base, cpu_threads=2)["OMP_NUM_THREADS"] == "8"  # GPU: untouched

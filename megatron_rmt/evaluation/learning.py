@@ -38,6 +38,7 @@ RL_KEYS = frozenset(
         "response_len",
         "think_len",
         "zero_adv_share",
+        "mixed_match_share",
         "unparsed_share",
         "entropy_chosen",
         "rl_loss",
@@ -57,6 +58,7 @@ DEFAULT_KEYS = (
     "ntp_loss",
     "unparsed_share",
     "zero_adv_share",
+    "mixed_match_share",
 )
 
 

@@ -2,6 +2,7 @@
 
     python -m megatron_rmt.rollout.serve --model HF_DIR [--host 127.0.0.1] [--port N]
         [--api-key K] [--python PY] [--device auto|cpu|gpu] [--weight-transfer gloo|nccl]
+        [--cpu-threads N]
         [-- extra vLLM flags]
 
 Prints the URL to pass as `--rollout-url`, then runs until SIGINT/SIGTERM and stops the server;
@@ -165,10 +166,12 @@ def server_command(
     return cmd + list(extra)
 
 
-def server_env(gpu: bool, base: dict, api_key: str | None = None) -> dict:
+def server_env(gpu: bool, base: dict, api_key: str | None = None, cpu_threads: int = 1) -> dict:
+    """The server's environment; on CPU `cpu_threads` OpenMP threads (1 where it shares the
+    cores with a trainer, as in the tests)."""
     env = dict(base, VLLM_SERVER_DEV_MODE="1")
     if not gpu:
-        env.update(CPU_ENV)
+        env.update(CPU_ENV, OMP_NUM_THREADS=str(cpu_threads))
     if api_key:  # read by vLLM's /v1 check and by rmt_key_guard, which guards the rest
         env["VLLM_API_KEY"] = api_key
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [KEY_GUARD_DIR, base.get("PYTHONPATH")]))
@@ -206,6 +209,7 @@ def start_server(
     startup_timeout: float = 300.0,
     log_path: str | None = None,
     weight_transfer: str | None = None,
+    cpu_threads: int = 1,
 ) -> ServerHandle:
     """Launch the server and return once /health answers; raises with the log tail if it dies
     or does not become healthy within `startup_timeout` seconds."""
@@ -223,7 +227,7 @@ def start_server(
             cmd,
             stdout=log,
             stderr=subprocess.STDOUT,
-            env=server_env(gpu, os.environ, api_key),
+            env=server_env(gpu, os.environ, api_key, cpu_threads),
             start_new_session=True,
             preexec_fn=_die_with_this_thread(),
         )
@@ -294,12 +298,16 @@ def main(argv: list[str] | None = None) -> None:
         "--weight-transfer", choices=["gloo", "nccl"],
         help="accept in-memory weight updates over this backend (the trainer's --weight-transfer)",
     )  # fmt: skip
+    p.add_argument(
+        "--cpu-threads", type=int, default=1,
+        help="CPU server: OpenMP threads (more when the server has cores of its own)",
+    )  # fmt: skip
     args, extra = p.parse_known_args(argv)
     extra = [a for a in extra if a != "--"]
     handle = start_server(
         args.model, host=args.host, port=args.port, api_key=args.api_key, python=args.python,
         device=args.device, extra_args=tuple(extra), startup_timeout=args.startup_timeout,
-        log_path=args.log, weight_transfer=args.weight_transfer,
+        log_path=args.log, weight_transfer=args.weight_transfer, cpu_threads=args.cpu_threads,
     )  # fmt: skip
     url = advertised_url(args.advertise_host or args.host, handle.url)
     print(f"vLLM rollout server ready: {url} (log {handle.log_path})", flush=True)
