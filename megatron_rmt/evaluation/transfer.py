@@ -3,12 +3,14 @@ checkpoint, all scored on the same evaluation set:
 
     NTP top-1 | NTR pass@1 | NTR / NTP with its paired 95% interval | NTR - NTP [95%] |
     unreadable | held-out NTP loss and its change against a base checkpoint's
+    [| training FLOPs spent since the common start, with `--flops NAME=VALUE ...`]
 
 The cold start's targets (docs/coldstart.md): NTR / NTP >= 0.8 and the held-out NTP loss at most
 2% above the base's. The ratio's interval is evaluation/paired.py's bootstrap over positions
 (NTR and NTP of the same checkpoint on the same positions).
 
-    python -m megatron_rmt.evaluation.transfer --base-loss BASE.loss.json A.json B.json ...
+    python -m megatron_rmt.evaluation.transfer --base-loss BASE.loss.json A.json B.json ... \
+        [--flops A=3.1e14 B=...]
 
 Each results file `X.json` (evaluate run) may have its held-out loss beside it, `X.loss.json`
 (evaluation/text_loss.py); without one the loss cells show "-".
@@ -20,6 +22,7 @@ import os
 import sys
 
 from megatron_rmt.evaluation import paired
+from megatron_rmt.jsonl import InputError
 
 RATIO_TARGET = 0.8  # NTR pass@1 >= 0.8 x NTP top-1
 LOSS_TARGET = 0.02  # held-out NTP loss rises by at most 2%
@@ -56,10 +59,12 @@ def row(results: dict, loss: float | None, base_loss: float | None, seed: int = 
     }
 
 
-def render(rows: list[dict], base_loss: float | None) -> str:
+def render(rows: list[dict], base_loss: float | None, flops: dict | None = None) -> str:
+    """The table; `flops` (checkpoint name -> training FLOPs) adds a column, "-" where absent."""
     head = "| Checkpoint | NTP top-1 | NTR pass@1 | NTR / NTP [95%] | NTR - NTP, pt [95%] |"
     head += " Unreadable | Held-out NTP loss (change) | Both targets |"
-    lines = [head, "|" + "---|" * 8]
+    head += " Training FLOPs |" if flops else ""
+    lines = [head, "|" + "---|" * (9 if flops else 8)]
     for r in rows:
         ratio = "-" if r["ratio"] is None else f"{r['ratio']:.3f}"
         lo, hi = r["ratio_ci95"]
@@ -71,6 +76,7 @@ def render(rows: list[dict], base_loss: float | None) -> str:
             f"| {r['name']} | {100 * r['ntp']:.2f}% | {100 * r['ntr']:.2f}% | {ratio} "
             f"[{lo:.3f}, {hi:.3f}] | {100 * (r['ntr'] - r['ntp']):+.2f} [{dlo:.2f}, {dhi:.2f}] "
             f"| {100 * r['unparsed']:.1f}% | {loss} | {'yes' if r['meets'] else 'no'} |"
+            + (f" {_flops(flops.get(r['name']))} |" if flops else "")
         )
     n = rows[0]["n"] if rows else 0
     base = "-" if base_loss is None else f"{base_loss:.4f}"
@@ -82,12 +88,32 @@ def render(rows: list[dict], base_loss: float | None) -> str:
     )
 
 
+def _flops(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g}"
+
+
+def parse_flops(pairs: list[str]) -> dict[str, float]:
+    """`NAME=VALUE` pairs; a malformed one is an input error naming it."""
+    out = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        try:
+            out[name] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not name:
+            raise InputError(f"--flops {pair!r}: expected NAME=NUMBER, e.g. rmt=3.1e14")
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m megatron_rmt.evaluation.transfer")
     p.add_argument("results", nargs="+", help="results JSON files of `evaluate run`")
     p.add_argument("--base-loss", default=None, help="the base checkpoint's X.loss.json")
     p.add_argument("--output", default=None, help="also write the markdown here")
+    p.add_argument("--flops", nargs="*", default=[], help="NAME=FLOPS: a training-FLOPs column")
     args = p.parse_args(argv)
+    flops = parse_flops(args.flops)
     from megatron_rmt.evaluation.report import read_results, show
 
     base = None
@@ -95,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
         with open(args.base_loss) as fh:
             base = float(json.load(fh)["loss"])
     rows = [row(read_results(path), loss_beside(path), base) for path in args.results]
-    show(render(rows, base), args.output)
+    show(render(rows, base, flops), args.output)
 
 
 if __name__ == "__main__":
