@@ -72,6 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     table = sub.add_parser("table", allow_abbrev=False, help="results side by side")
     table.add_argument("results", nargs="+", help="results JSON files from `run`")
     table.add_argument("--output", default=None, help="also write the table here")
+    table.add_argument("--flops", nargs="*", default=[], help="NAME=FLOPS: a training-FLOPs column")
     return parser
 
 
@@ -90,7 +91,10 @@ def main(argv: list[str] | None = None) -> None:
     args, cfg = parse(argv)
     if cfg is None:
         report.show(
-            report.render_table([report.read_results(p) for p in args.results]), args.output
+            report.render_table(
+                [report.read_results(p) for p in args.results], report.parse_flops(args.flops)
+            ),
+            args.output,
         )
         return
     init_distributed(cfg)

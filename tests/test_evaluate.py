@@ -446,11 +446,11 @@ def test_compare_needs_the_same_positions_and_renders_intervals(tmp_path):
     r = transfer.row(a, 2.0, 2.0)
     assert r["ratio"] == pytest.approx((4.25 / 8) / (5 / 8)) and r["loss_change"] == 0.0
     assert r["meets"] is True
-    table = transfer.render([r], 2.0, transfer.parse_flops(["cs=1.5e14"]))
+    table = transfer.render([r], 2.0, report.parse_flops(["cs=1.5e14"]))
     assert table.splitlines()[0].endswith("| Training FLOPs |") and "| 1.5e+14 |" in table
     assert "FLOPs" not in transfer.render([r], 2.0)
     with pytest.raises(InputError, match="NAME=NUMBER"):
-        transfer.parse_flops(["rmt:3e14"])
+        report.parse_flops(["rmt:3e14"])
 
 
 def text_loss_and_naive(tmp):

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from megatron_rmt.evaluation import learning, report
+from megatron_rmt.jsonl import InputError
 from megatron_rmt.selection import LEVELS
 
 Z = 1.959963984540054
@@ -287,3 +288,19 @@ def test_paired_difference_over_common_steps_against_a_naive_t_interval(tmp_path
     path_b.write_text("".join(json.dumps(r) + "\n" for r in b))
     stats = learning.main([str(path_a), "--against", str(path_b)])
     assert stats["ntp_loss_vs"]["diff"] == pytest.approx(m)
+
+
+def test_table_flops_column_through_the_command_line(tmp_path, capsys):
+    from megatron_rmt import evaluate
+
+    paths = []
+    for name, ntr in (("base", None), ("rmt", [0.1] * 3)):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(_old_result(name, [0.5] * 3, ntr)))
+    evaluate.main(["table", *map(str, paths), "--flops", "rmt=5.9e13"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith("| Positions | Training FLOPs |") and lines[1].count("---") == 10
+    assert lines[2].endswith("| 60 | - |")  # base: no FLOPs given
+    assert lines[3].endswith("| 60 | 5.9e+13 |") and lines[4].endswith("| 60 | 5.9e+13 |")
+    with pytest.raises(InputError, match="NAME=NUMBER"):
+        evaluate.main(["table", str(paths[0]), "--flops", "rmt"])

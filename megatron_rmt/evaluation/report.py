@@ -152,14 +152,16 @@ CAPTION = (
 )
 
 
-def render_table(results: list[dict]) -> str:
+def render_table(results: list[dict], flops: dict[str, float] | None = None) -> str:
     """Markdown in the paper's Table 1 shape: for every results dict (as `evaluate run` writes
     them) a row "NAME (NTP)" and, when it has NTR results, "NAME (NTR)", with the accuracy (%)
     and its 95% interval on easy / medium / hard positions and their average, then (NTR rows)
     the mean thinking and response length, the unparsed share and the positions evaluated;
-    a caption line below says which intervals these are."""
+    a caption line below says which intervals these are. `flops` (name -> training FLOPs, see
+    `parse_flops`) adds a last column, "-" for a name it lacks."""
     head = ["Model", "Easy", "Medium", "Hard", "Average"]
     head += ["Think len", "Resp. len", "Unparsed %", "Positions"]
+    head += ["Training FLOPs"] if flops else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         for setting in ("ntp", "ntr"):
@@ -177,8 +179,27 @@ def render_table(results: list[dict]) -> str:
             else:
                 cells += ["-", "-", "-"]
             cells.append(str(every["n"]) if every.get("n") is not None else "-")
+            cells += [flops_cell(flops.get(r["name"]))] if flops else []
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n\n" + CAPTION
+
+
+def parse_flops(pairs: list[str]) -> dict[str, float]:
+    """`NAME=VALUE` pairs (a table's `--flops`); a malformed one is an input error naming it."""
+    out = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        try:
+            out[name] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not name:
+            raise InputError(f"--flops {pair!r}: expected NAME=NUMBER, e.g. rmt=3.1e14")
+    return out
+
+
+def flops_cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g}"
 
 
 def _cell(value, interval) -> str:

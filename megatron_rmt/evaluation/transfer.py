@@ -21,8 +21,7 @@ import json
 import os
 import sys
 
-from megatron_rmt.evaluation import paired
-from megatron_rmt.jsonl import InputError
+from megatron_rmt.evaluation import paired, report
 
 RATIO_TARGET = 0.8  # NTR pass@1 >= 0.8 x NTP top-1
 LOSS_TARGET = 0.02  # held-out NTP loss rises by at most 2%
@@ -76,7 +75,7 @@ def render(rows: list[dict], base_loss: float | None, flops: dict | None = None)
             f"| {r['name']} | {100 * r['ntp']:.2f}% | {100 * r['ntr']:.2f}% | {ratio} "
             f"[{lo:.3f}, {hi:.3f}] | {100 * (r['ntr'] - r['ntp']):+.2f} [{dlo:.2f}, {dhi:.2f}] "
             f"| {100 * r['unparsed']:.1f}% | {loss} | {'yes' if r['meets'] else 'no'} |"
-            + (f" {_flops(flops.get(r['name']))} |" if flops else "")
+            + (f" {report.flops_cell(flops.get(r['name']))} |" if flops else "")
         )
     n = rows[0]["n"] if rows else 0
     base = "-" if base_loss is None else f"{base_loss:.4f}"
@@ -88,24 +87,6 @@ def render(rows: list[dict], base_loss: float | None, flops: dict | None = None)
     )
 
 
-def _flops(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3g}"
-
-
-def parse_flops(pairs: list[str]) -> dict[str, float]:
-    """`NAME=VALUE` pairs; a malformed one is an input error naming it."""
-    out = {}
-    for pair in pairs:
-        name, sep, value = pair.partition("=")
-        try:
-            out[name] = float(value)
-        except ValueError:
-            sep = ""
-        if not sep or not name:
-            raise InputError(f"--flops {pair!r}: expected NAME=NUMBER, e.g. rmt=3.1e14")
-    return out
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m megatron_rmt.evaluation.transfer")
     p.add_argument("results", nargs="+", help="results JSON files of `evaluate run`")
@@ -113,15 +94,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--output", default=None, help="also write the markdown here")
     p.add_argument("--flops", nargs="*", default=[], help="NAME=FLOPS: a training-FLOPs column")
     args = p.parse_args(argv)
-    flops = parse_flops(args.flops)
-    from megatron_rmt.evaluation.report import read_results, show
+    flops = report.parse_flops(args.flops)
 
     base = None
     if args.base_loss:
         with open(args.base_loss) as fh:
             base = float(json.load(fh)["loss"])
-    rows = [row(read_results(path), loss_beside(path), base) for path in args.results]
-    show(render(rows, base, flops), args.output)
+    rows = [row(report.read_results(path), loss_beside(path), base) for path in args.results]
+    report.show(render(rows, base, flops), args.output)
 
 
 if __name__ == "__main__":
