@@ -109,9 +109,19 @@ fi
 evaluate sft_matched "$OUT/sft_matched" "$SAMPLES"
 
 say "tables"
+# Training FLOPs from the base: the cold start's, plus each run's own after it.
+CS=$(python -c "import json,sys; print(json.load(open(sys.argv[1]))['flops'])" "$OUT/coldstart/coldstart.json")
+SFT=$(python -c "import json,sys; print(json.load(open(sys.argv[1]))['flops'])" "$OUT/sft_matched/coldstart.json")
+plus() { python -c "import sys; print(float(sys.argv[1]) + float(sys.argv[2]))" "$1" "$2"; }
+SPENT="base=0 coldstart=$CS rmt=$(plus "$CS" "$FLOPS") sft_matched=$(plus "$CS" "$SFT")
+  ntp_matched=$(plus "$CS" "$(total_flops "$OUT/metrics/ntp_matched.jsonl")")"
 python -m megatron_rmt.evaluation.transfer --base-loss "$R/base.loss.json" \
-  "$R"/{coldstart,rmt,ntp_matched,sft_matched}.json --output "$R/transfer.md"
+  "$R"/{coldstart,rmt,ntp_matched,sft_matched}.json --flops $SPENT --output "$R/transfer.md"
 python -m megatron_rmt.evaluate table "$R"/{base,coldstart,rmt,ntp_matched,sft_matched}.json \
-  --output "$R/table.md"
-python -m megatron_rmt.evaluation.learning "$OUT/metrics/rmt.jsonl" >"$R/learning.md"
-echo "results: $R/transfer.md $R/table.md $R/learning.md"
+  --flops $SPENT --output "$R/table.md"
+for other in coldstart ntp_matched sft_matched; do  # paired over the same positions
+  python -m megatron_rmt.evaluation.paired "$R/$other.json" "$R/rmt.json" --output "$R/paired_rmt_vs_$other.md"
+done
+python -m megatron_rmt.evaluation.learning "$OUT/metrics/rmt.jsonl" \
+  --against "$OUT/metrics/ntp_matched.jsonl" >"$R/learning.md"
+echo "results: $R/transfer.md $R/table.md $R/paired_rmt_vs_*.md $R/learning.md"
