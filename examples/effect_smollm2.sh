@@ -110,10 +110,10 @@ evaluate sft_matched "$OUT/sft_matched" "$SAMPLES"
 
 say "tables"
 # Training FLOPs from the base: the cold start's, plus each run's own after it.
-CS=$(python -c "import json,sys; print(json.load(open(sys.argv[1]))['flops'])" "$OUT/coldstart/coldstart.json")
-SFT=$(python -c "import json,sys; print(json.load(open(sys.argv[1]))['flops'])" "$OUT/sft_matched/coldstart.json")
+trained() { python -c "import json,sys; print(json.load(open(sys.argv[1]))['flops'])" "$1/coldstart.json"; }
 plus() { python -c "import sys; print(float(sys.argv[1]) + float(sys.argv[2]))" "$1" "$2"; }
-SPENT="base=0 coldstart=$CS rmt=$(plus "$CS" "$FLOPS") sft_matched=$(plus "$CS" "$SFT")
+CS=$(trained "$OUT/coldstart")
+SPENT="base=0 coldstart=$CS rmt=$(plus "$CS" "$FLOPS") sft_matched=$(plus "$CS" "$(trained "$OUT/sft_matched")")
   ntp_matched=$(plus "$CS" "$(total_flops "$OUT/metrics/ntp_matched.jsonl")")"
 python -m megatron_rmt.evaluation.transfer --base-loss "$R/base.loss.json" \
   "$R"/{coldstart,rmt,ntp_matched,sft_matched}.json --flops $SPENT --output "$R/transfer.md"
