@@ -20,6 +20,7 @@ from megatron_rmt.rollout.contract import RolloutEngine
 from megatron_rmt.rollout.embedded import EmbeddedEngine
 from megatron_rmt.rollout.engines import build_engine
 from megatron_rmt.tokenizer import TextTokenizer, tokenizer_of
+from megatron_rmt.variants import VARIANTS
 
 
 @dataclass
@@ -75,7 +76,8 @@ def setup(cfg: config.Config, engine: RolloutEngine | None = None) -> Run:
     if decay_from is not None:  # Stable-then-Decay: the decay phase draws from its own blend
         done = max(progress.step - decay_from, 0) * d.global_batch_size
         decay_data = _stream(cfg, tokenizer, layout, d.decay_data_path, done)
-    if engine is None and cfg.rollout.rollout_url:
+    samples = VARIANTS[cfg.rmt.rmt_variant].rl  # NTP only: no server to build, no weights to sync
+    if engine is None and cfg.rollout.rollout_url and samples:
         engine = build_engine(cfg, trainable, tokenizer, served_vocab(cfg, tokenizer))
     engine = engine or EmbeddedEngine(trainable.model, tokenizer.vocab_size, tokenizer.eod)
     engine.sync_weights(progress.step)

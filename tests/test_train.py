@@ -85,6 +85,18 @@ def save_initial(argv, path):
     checkpoint.save(path, run.trainable, checkpoint.Progress(), run.cfg)
 
 
+def engine_of_setup(argv) -> str:
+    return type(launch.setup(config.parse(argv)).engine).__name__
+
+
+def test_ntp_only_run_builds_no_rollout_engine(tiny_corpus, tmp_path):
+    """NTP only samples nothing: its --rollout-url (nothing listens there) is never contacted,
+    and no weights are synced each step (the embedded engine's sync copies nothing)."""
+    url = ["--rollout-url", "http://127.0.0.1:9", "--weight-sync-dir", str(tmp_path)]
+    argv = _flags(tiny_corpus, extra=[*url, "--rmt-variant", "ntp"])
+    assert spawn(engine_of_setup, 1, args=(argv,))[0] == "EmbeddedEngine"
+
+
 @pytest.fixture(scope="module")
 def initial(tiny_corpus, tmp_path_factory):
     path = str(tmp_path_factory.mktemp("init"))
