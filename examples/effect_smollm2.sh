@@ -10,6 +10,7 @@
 #   3. compute-matched baselines from the cold start (beyond the paper): NTP only for the RMT
 #      run's training FLOPs (NTP pass + RL pass + rollout generation, compute.py), and the
 #      cold-start SFT continued for those FLOPs;
+#   3b. with AHEAD=1, the same RMT run with one-step-ahead rollouts (docs/rollout.md);
 #   4. every checkpoint scored on the same positions: NTP top-1, NTR pass@1 over SAMPLES samples
 #      at budget EVAL_BUDGET, held-out NTP loss; paired bootstrap intervals
 #      (evaluation/transfer.py) in $OUT/results/transfer.md, the paper's table in table.md.
@@ -28,6 +29,8 @@ PER_LEVEL=${PER_LEVEL:-100}
 SAMPLES=${SAMPLES:-4}
 EVAL_BUDGET=${EVAL_BUDGET:-8}
 STEPS=${STEPS:-40}
+BASELINES=${BASELINES:-1}  # 0: no compute-matched baselines (stage 3)
+AHEAD=${AHEAD:-0}          # 1: also RMT with one-step-ahead rollouts (--rollout-ahead 1), same steps
 # The run's presets (configs/effect_smollm2.yaml: template, budgets, batch), the cold start's
 # after them, and EXTRA: trainer flags for every stage.
 CONFIGS=${CONFIGS:-"configs/smollm2_135m.yaml configs/reproduce_cpu.yaml configs/effect_smollm2.yaml"}
@@ -91,37 +94,58 @@ python -m megatron_rmt.evaluation.transfer --base-loss "$R/base.loss.json" "$R/c
 train rmt rmt "$STEPS"
 evaluate rmt "$OUT/runs/rmt" "$SAMPLES"
 FLOPS=$(total_flops "$OUT/metrics/rmt.jsonl")
-# NTP only: an NTP step costs the RMT step's NTP pass (the same windows, forward and backward).
-NTP_STEPS=$(python -c "import json,math,sys; r=[json.loads(l) for l in open(sys.argv[1])]
-print(math.ceil(float(sys.argv[2]) / (sum(x['flops_ntp'] for x in r) / len(r))))" "$OUT/metrics/rmt.jsonl" "$FLOPS")
-say "RMT: $FLOPS FLOPs; NTP-only matched: $NTP_STEPS steps"
-train ntp_matched ntp "$NTP_STEPS"
-evaluate ntp_matched "$OUT/runs/ntp_matched" "$SAMPLES"
-# The cold start continued: the same recipe from the cold-started model (its own guesses now),
-# epochs enough for the RMT run's FLOPs.
-if ! done_at "$OUT/sft_matched" 0; then
-  EPOCHS=$(python -c "import json,math,sys; c=json.load(open(sys.argv[1]))
-print(max(1, round(float(sys.argv[2]) / (c['flops'] / c['epochs']))))" "$OUT/coldstart/coldstart.json" "$FLOPS")
-  say "SFT continued: $EPOCHS epochs"
-  python -m megatron_rmt.coldstart --config $CONFIGS $COLDSTART_CONFIG $FLAGS --coldstart-epochs "$EPOCHS" \
-    --load "$OUT/coldstart" --data-path "$DATA" --save "$OUT/sft_matched" 2>&1 | tee "$OUT/sft_matched.log"
+if [ "$AHEAD" = 1 ]; then
+  train rmt_ahead rmt "$STEPS" --rollout-ahead 1
+  evaluate rmt_ahead "$OUT/runs/rmt_ahead" "$SAMPLES"
 fi
-evaluate sft_matched "$OUT/sft_matched" "$SAMPLES"
+if [ "$BASELINES" = 1 ]; then
+  # NTP only: an NTP step costs the RMT step's NTP pass (the same windows, forward and backward).
+  NTP_STEPS=$(python -c "import json,math,sys; r=[json.loads(l) for l in open(sys.argv[1])]; \
+print(math.ceil(float(sys.argv[2]) / (sum(x['flops_ntp'] for x in r) / len(r))))" "$OUT/metrics/rmt.jsonl" "$FLOPS")
+  say "RMT: $FLOPS FLOPs; NTP-only matched: $NTP_STEPS steps"
+  train ntp_matched ntp "$NTP_STEPS"
+  evaluate ntp_matched "$OUT/runs/ntp_matched" "$SAMPLES"
+  # The cold start continued: the same recipe from the cold-started model (its own guesses now),
+  # epochs enough for the RMT run's FLOPs.
+  if ! done_at "$OUT/sft_matched" 0; then
+    EPOCHS=$(python -c "import json,math,sys; c=json.load(open(sys.argv[1])); \
+print(max(1, round(float(sys.argv[2]) / (c['flops'] / c['epochs']))))" "$OUT/coldstart/coldstart.json" "$FLOPS")
+    say "SFT continued: $EPOCHS epochs"
+    python -m megatron_rmt.coldstart --config $CONFIGS $COLDSTART_CONFIG $FLAGS --coldstart-epochs "$EPOCHS" \
+      --load "$OUT/coldstart" --data-path "$DATA" --save "$OUT/sft_matched" 2>&1 | tee "$OUT/sft_matched.log"
+  fi
+  evaluate sft_matched "$OUT/sft_matched" "$SAMPLES"
+fi
 
 say "tables"
 # Training FLOPs from the base: the cold start's, plus each run's own after it.
 trained() { python -c "import json,sys; print(json.load(open(sys.argv[1]))['flops'])" "$1/coldstart.json"; }
 plus() { python -c "import sys; print(float(sys.argv[1]) + float(sys.argv[2]))" "$1" "$2"; }
 CS=$(trained "$OUT/coldstart")
-SPENT="base=0 coldstart=$CS rmt=$(plus "$CS" "$FLOPS") sft_matched=$(plus "$CS" "$(trained "$OUT/sft_matched")")
-  ntp_matched=$(plus "$CS" "$(total_flops "$OUT/metrics/ntp_matched.jsonl")")"
-python -m megatron_rmt.evaluation.transfer --base-loss "$R/base.loss.json" \
-  "$R"/{coldstart,rmt,ntp_matched,sft_matched}.json --flops $SPENT --output "$R/transfer.md"
-python -m megatron_rmt.evaluate table "$R"/{base,coldstart,rmt,ntp_matched,sft_matched}.json \
-  --flops $SPENT --output "$R/table.md"
-for other in coldstart ntp_matched sft_matched; do  # paired over the same positions
-  python -m megatron_rmt.evaluation.paired "$R/$other.json" "$R/rmt.json" --output "$R/paired_rmt_vs_$other.md"
+NAMES="coldstart rmt" SPENT="base=0 coldstart=$CS rmt=$(plus "$CS" "$FLOPS")"
+if [ "$AHEAD" = 1 ]; then
+  NAMES="$NAMES rmt_ahead" SPENT="$SPENT rmt_ahead=$(plus "$CS" "$(total_flops "$OUT/metrics/rmt_ahead.jsonl")")"
+fi
+if [ "$BASELINES" = 1 ]; then
+  NAMES="$NAMES ntp_matched sft_matched"
+  SPENT="$SPENT ntp_matched=$(plus "$CS" "$(total_flops "$OUT/metrics/ntp_matched.jsonl")")"
+  SPENT="$SPENT sft_matched=$(plus "$CS" "$(trained "$OUT/sft_matched")")"
+fi
+RESULTS=$(for n in $NAMES; do echo "$R/$n.json"; done)
+python -m megatron_rmt.evaluation.transfer --base-loss "$R/base.loss.json" $RESULTS --flops $SPENT \
+  --output "$R/transfer.md"
+python -m megatron_rmt.evaluate table "$R/base.json" $RESULTS --flops $SPENT --output "$R/table.md"
+for other in $NAMES; do  # paired over the same positions
+  [ "$other" = rmt ] || python -m megatron_rmt.evaluation.paired "$R/$other.json" "$R/rmt.json" \
+    --output "$R/paired_rmt_vs_$other.md"
 done
-python -m megatron_rmt.evaluation.learning "$OUT/metrics/rmt.jsonl" \
-  --against "$OUT/metrics/ntp_matched.jsonl" >"$R/learning.md"
-echo "results: $R/transfer.md $R/table.md $R/paired_rmt_vs_*.md $R/learning.md"
+if [ "$BASELINES" = 1 ]; then
+  python -m megatron_rmt.evaluation.learning "$OUT/metrics/rmt.jsonl" \
+    --against "$OUT/metrics/ntp_matched.jsonl" >"$R/learning.md"
+fi
+if [ "$AHEAD" = 1 ]; then
+  python -m megatron_rmt.evaluation.learning "$OUT/metrics/rmt_ahead.jsonl" \
+    --against "$OUT/metrics/rmt.jsonl" --against-keys reward,match_acc,mixed_match_share,think_len,ntp_loss \
+    >"$R/learning_ahead.md"
+fi
+echo "results: $R/transfer.md $R/table.md $R/paired_rmt_vs_*.md $R/learning*.md"

@@ -271,7 +271,7 @@ def test_bad_metrics_file_names_file_and_line(tmp_path):
         learning.read_metrics(path)
 
 
-def test_paired_difference_over_common_steps_against_a_naive_t_interval(tmp_path):
+def test_paired_difference_over_common_steps_against_a_naive_t_interval(tmp_path, capsys):
     a = [{"step": s, "ntp_loss": 2.0 + 0.1 * s, "ntp_tokens": 10} for s in range(6)]
     b = [{"step": s, "ntp_loss": 2.0 + 0.1 * s + d, "ntp_tokens": 10}
          for s, d in zip(range(1, 8), [0.3, -0.1, 0.2, 0.0, 0.4, 0.1, 9.0], strict=True)]  # fmt: skip
@@ -288,6 +288,20 @@ def test_paired_difference_over_common_steps_against_a_naive_t_interval(tmp_path
     path_b.write_text("".join(json.dumps(r) + "\n" for r in b))
     stats = learning.main([str(path_a), "--against", str(path_b)])
     assert stats["ntp_loss_vs"]["diff"] == pytest.approx(m)
+    # An RL metric: only the steps where both runs trained RL positions pair up.
+    for r, reward in zip(a, [0.1, 0.5, 0.2, 0.4, 0.3, 0.6], strict=True):
+        r.update(reward=reward, rl_positions=0 if r["step"] == 3 else 4)
+    for r, reward in zip(b, [0.2, 0.1, 0.9, 0.1, 0.5, 0.0, 0.0], strict=True):
+        r.update(reward=reward, rl_positions=4)
+    path_a.write_text("".join(json.dumps(r) + "\n" for r in a))
+    path_b.write_text("".join(json.dumps(r) + "\n" for r in b))
+    stats = learning.main([str(path_a), "--against", str(path_b), "--against-keys", "reward,ntp_loss"])
+    diffs = [0.5 - 0.2, 0.2 - 0.1, 0.3 - 0.1, 0.6 - 0.5]  # steps 1, 2, 4, 5 (a skipped step 3)
+    m, sd = statistics.mean(diffs), statistics.stdev(diffs)
+    half = 3.182446305284263 * sd / 2  # t quantile 0.975, 3 degrees of freedom; sqrt(4)
+    assert stats["reward_vs"]["steps"] == 4 and stats["reward_vs"]["diff"] == pytest.approx(m)
+    assert stats["reward_vs"]["ci"] == pytest.approx([m - half, m + half])
+    assert "reward minus" in capsys.readouterr().out and "ntp_loss_vs" in stats
 
 
 def test_table_flops_column_through_the_command_line(tmp_path, capsys):

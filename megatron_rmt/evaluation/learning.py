@@ -3,7 +3,7 @@
 the first and the last quarter of the steps, and how closely did thinking follow the budget B_t?
 
     python -m megatron_rmt.evaluation.learning runs/tiny_cpu/metrics.jsonl [--json stats.json]
-        [--keys reward,match_acc,think_len]
+        [--keys reward,match_acc,think_len] [--against OTHER.jsonl --against-keys reward,ntp_loss]
 
 prints a markdown table: per metric, the mean over the first and the last quarter of the steps,
 last - first with a 95% Welch interval (steps as samples, Student t with Welch-Satterthwaite
@@ -15,6 +15,10 @@ failed rollout) has no reward, match accuracy, lengths, entropy of the chosen po
 a step without a budget logs B_t = 0 and has neither B_t nor a budget deviation; a step with no
 NTP tokens has no NTP loss. Such values are left out, not counted as 0. A step logged twice (a
 resumed run appends) counts once, with its last record.
+
+`--against OTHER.jsonl`: per metric of `--against-keys` (default ntp_loss), the mean over the
+steps both runs define of this run's value minus the other's, with a t interval over those
+per-step differences (`paired`): runs that read the same windows in the same order.
 
 Quarters: with n steps and q = ceil(n / 4), the first quarter is the first q steps, the last
 quarter the last q, and the steps between are halved into the second and third. n = 1 has only
@@ -306,7 +310,12 @@ def main(argv: list[str] | None = None) -> dict:
         help=f"comma-separated metric names (default: {','.join(DEFAULT_KEYS)})",
     )
     parser.add_argument(
-        "--against", default=None, help="another run's metrics: paired NTP-loss difference"
+        "--against", default=None, help="another run's metrics: paired per-step differences"
+    )
+    parser.add_argument(
+        "--against-keys",
+        default="ntp_loss",
+        help="comma-separated metrics compared with --against's run (default: ntp_loss)",
     )
     args = parser.parse_args(argv)
     rows = read_metrics(args.metrics)
@@ -316,14 +325,15 @@ def main(argv: list[str] | None = None) -> dict:
     stats["file"] = args.metrics
     print(render(stats, args.metrics), flush=True)
     if args.against:
-        stats["ntp_loss_vs"] = paired(rows, read_metrics(args.against), "ntp_loss")
-        d = stats["ntp_loss_vs"]
-        if d is not None:
-            print(
-                f"\nntp_loss minus {args.against}'s over the same {d['steps']} steps: "
-                f"{_fmt(d['diff'], sign=True)} [{_fmt(d['ci'][0])}, {_fmt(d['ci'][1])}]",
-                flush=True,
-            )
+        other = read_metrics(args.against)
+        for key in [k for k in args.against_keys.split(",") if k]:
+            d = stats[f"{key}_vs"] = paired(rows, other, key)
+            if d is not None:
+                print(
+                    f"\n{key} minus {args.against}'s over the same {d['steps']} steps: "
+                    f"{_fmt(d['diff'], sign=True)} [{_fmt(d['ci'][0])}, {_fmt(d['ci'][1])}]",
+                    flush=True,
+                )
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump(stats, fh, indent=1)
