@@ -295,7 +295,9 @@ def test_paired_difference_over_common_steps_against_a_naive_t_interval(tmp_path
         r.update(reward=reward, rl_positions=4)
     path_a.write_text("".join(json.dumps(r) + "\n" for r in a))
     path_b.write_text("".join(json.dumps(r) + "\n" for r in b))
-    stats = learning.main([str(path_a), "--against", str(path_b), "--against-keys", "reward,ntp_loss"])
+    stats = learning.main(
+        [str(path_a), "--against", str(path_b), "--against-keys", "reward,ntp_loss"]
+    )
     diffs = [0.5 - 0.2, 0.2 - 0.1, 0.3 - 0.1, 0.6 - 0.5]  # steps 1, 2, 4, 5 (a skipped step 3)
     m, sd = statistics.mean(diffs), statistics.stdev(diffs)
     half = 3.182446305284263 * sd / 2  # t quantile 0.975, 3 degrees of freedom; sqrt(4)
