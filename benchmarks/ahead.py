@@ -46,6 +46,9 @@ SHAPE = [
     "--hidden-size", "128", "--ffn-hidden-size", "256", "--num-attention-heads", "4",
     "--num-query-groups", "2", "--kv-channels", "32", "--num-layers", "2",
 ]  # fmt: skip
+# The fastest exact paths (tests/test_shared_prefix.py, tests/test_fused_linear.py): the RL pass
+# over shared prefixes, the NTP pass's output layer fused into its CE + entropy.
+FAST = ["--rl-layout", "shared_prefix", "--fused-linear-chunk-tokens", "128"]
 RUNS = (
     ("ntp only", ["--rmt-variant", "ntp"]),
     ("on-policy", []),
@@ -67,6 +70,12 @@ def pin(pid: int, cores: str) -> None:
         subprocess.run(["taskset", "-a", "-p", "-c", cores, p], check=True, capture_output=True)
 
 
+def core_count(cores: str) -> int:
+    """Cores in a taskset list such as "0", "0,2" or "0-3,6"."""
+    spans = [part.partition("-") for part in cores.split(",")]
+    return sum(int(last or first) - int(first) + 1 for first, _, last in spans)
+
+
 def train(
     model: list[str], url: str, extra: list[str], steps: int, cores: str, tmp: str, name: str
 ):
@@ -77,8 +86,7 @@ def train(
         "--train-iters", str(steps), "--group-size", "4", "--rollout-url", url,
         "--weight-transfer", "gloo", "--metrics-file", metrics, *extra,
     ]  # fmt: skip
-    threads = str(len(cores.split(",")))
-    env = dict(os.environ, OMP_NUM_THREADS=threads, PYTHONPATH=ROOT)
+    env = dict(os.environ, OMP_NUM_THREADS=str(core_count(cores)), PYTHONPATH=ROOT)
     subprocess.run(cmd, check=True, env=env, capture_output=True)
     with open(metrics) as fh:
         return [json.loads(line) for line in fh][1:]
@@ -92,7 +100,7 @@ def tiny_model(tmp: str) -> tuple[str, list[str]]:
     build_hf_model(model_dir, 50257)
     flags = ["--train-rewarding-half", "--config", f"{ROOT}/configs/tiny_cpu.yaml", *TOK, *SHAPE]
     flags += ["--data-path", corpus(tmp), "--budget-initial", "16", "--max-response-tokens", "40"]
-    return model_dir, flags
+    return model_dir, flags + FAST
 
 
 def checkpoint_model(args) -> tuple[str, list[str]]:

@@ -5,6 +5,7 @@ bad input, and the table.
 """
 
 import json
+import math
 
 import pytest
 import torch
@@ -446,6 +447,13 @@ def test_compare_needs_the_same_positions_and_renders_intervals(tmp_path):
     r = transfer.row(a, 2.0, 2.0)
     assert r["ratio"] == pytest.approx((4.25 / 8) / (5 / 8)) and r["loss_change"] == 0.0
     assert r["meets"] is True
+    assert r["p_true"] is None and "| - | 0.0% |" in transfer.render([r], 2.0)  # no NTP losses
+    losses = [0.1, 0.7, 2.5, 0.05, 3.0, 0.4, 0.2, 1.5]
+    a["per_position"]["ntp_loss"] = losses
+    r = transfer.row(a, 2.0, 2.0)
+    p_true = sum(math.exp(-x) for x in losses) / 8  # the T = 1 sampler's pass@1
+    assert r["p_true"] == pytest.approx(p_true)
+    assert f"| {100 * p_true:.2f}% ({p_true / (5 / 8):.3f}) |" in transfer.render([r], 2.0)
     table = transfer.render([r], 2.0, report.parse_flops(["cs=1.5e14"]))
     assert table.splitlines()[0].endswith("| Training FLOPs |") and "| 1.5e+14 |" in table
     assert "FLOPs" not in transfer.render([r], 2.0)

@@ -2,8 +2,14 @@
 checkpoint, all scored on the same evaluation set:
 
     NTP top-1 | NTR pass@1 | NTR / NTP with its paired 95% interval | NTR - NTP [95%] |
-    unreadable | held-out NTP loss and its change against a base checkpoint's
-    [| training FLOPs spent since the common start, with `--flops NAME=VALUE ...`]
+    mean p(true) (/ NTP top-1) | unreadable | held-out NTP loss and its change against a base
+    checkpoint's [| training FLOPs spent since the common start, with `--flops NAME=VALUE ...`]
+
+Mean p(true) is the checkpoint's own next-token probability of the true token, averaged over the
+positions (exp of minus each position's NTP loss): the pass@1 of a reasoner that, at temperature
+1, samples its answer from the model's plain next-token distribution. Reasoning beats it only by
+sharpening that distribution (picking the most probable candidate, as the prompt asks); NTP
+top-1 is the pass@1 of a perfectly sharpened one.
 
 The cold start's targets (docs/coldstart.md): NTR / NTP >= 0.8 and the held-out NTP loss at most
 2% above the base's. The ratio's interval is evaluation/paired.py's bootstrap over positions
@@ -18,6 +24,7 @@ Each results file `X.json` (evaluate run) may have its held-out loss beside it, 
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -41,6 +48,8 @@ def row(results: dict, loss: float | None, base_loss: float | None, seed: int = 
     ratio = paired.paired_bootstrap(ntp, ntr, "ratio", seed=seed)
     diff = paired.paired_bootstrap(ntp, ntr, "difference", seed=seed)
     change = None if loss is None or base_loss is None else loss / base_loss - 1
+    losses = results["per_position"].get("ntp_loss")
+    p_true = math.fsum(math.exp(-x) for x in losses) / len(losses) if losses else None
     return {
         "name": results["name"],
         "n": ratio["n"],
@@ -49,6 +58,7 @@ def row(results: dict, loss: float | None, base_loss: float | None, seed: int = 
         "ratio": ratio["estimate"],
         "ratio_ci95": ratio["ci95"],
         "difference_ci95": diff["ci95"],
+        "p_true": p_true,
         "unparsed": results["ntr"]["all"]["parse_failures"],
         "loss": loss,
         "loss_change": change,
@@ -61,20 +71,24 @@ def row(results: dict, loss: float | None, base_loss: float | None, seed: int = 
 def render(rows: list[dict], base_loss: float | None, flops: dict | None = None) -> str:
     """The table; `flops` (checkpoint name -> training FLOPs) adds a column, "-" where absent."""
     head = "| Checkpoint | NTP top-1 | NTR pass@1 | NTR / NTP [95%] | NTR - NTP, pt [95%] |"
-    head += " Unreadable | Held-out NTP loss (change) | Both targets |"
+    head += " Mean p(true) (/ NTP) | Unreadable | Held-out NTP loss (change) | Both targets |"
     head += " Training FLOPs |" if flops else ""
-    lines = [head, "|" + "---|" * (9 if flops else 8)]
+    lines = [head, "|" + "---|" * (10 if flops else 9)]
     for r in rows:
         ratio = "-" if r["ratio"] is None else f"{r['ratio']:.3f}"
         lo, hi = r["ratio_ci95"]
         dlo, dhi = (100 * v for v in r["difference_ci95"])
+        p_true = "-"
+        if r["p_true"] is not None:
+            p_true = f"{100 * r['p_true']:.2f}%"
+            p_true += f" ({r['p_true'] / r['ntp']:.3f})" if r["ntp"] else ""
         loss = "-" if r["loss"] is None else f"{r['loss']:.4f}"
         if r["loss_change"] is not None:
             loss += f" ({100 * r['loss_change']:+.2f}%)"
         lines.append(
             f"| {r['name']} | {100 * r['ntp']:.2f}% | {100 * r['ntr']:.2f}% | {ratio} "
             f"[{lo:.3f}, {hi:.3f}] | {100 * (r['ntr'] - r['ntp']):+.2f} [{dlo:.2f}, {dhi:.2f}] "
-            f"| {100 * r['unparsed']:.1f}% | {loss} | {'yes' if r['meets'] else 'no'} |"
+            f"| {p_true} | {100 * r['unparsed']:.1f}% | {loss} | {'yes' if r['meets'] else 'no'} |"
             + (f" {report.flops_cell(flops.get(r['name']))} |" if flops else "")
         )
     n = rows[0]["n"] if rows else 0
