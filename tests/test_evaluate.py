@@ -444,6 +444,9 @@ def test_compare_needs_the_same_positions_and_renders_intervals(tmp_path):
     assert "| NTP acc: rmt - cs | +12.50 pt |" in text
     with pytest.raises(InputError, match="same set"):
         paired.comparisons(a, results("x", a["per_position"]["ntp"], None, pos[::-1]))
+    assert paired.comparisons(a, {**b, "eval_set": "/copy/s.jsonl"}, resamples=10)  # same set
+    with pytest.raises(InputError, match="same set"):  # another set at the same positions
+        paired.comparisons(a, {**b, "set_header": {"per_level": 3}}, resamples=10)
     r = transfer.row(a, 2.0, 2.0)
     assert r["ratio"] == pytest.approx((4.25 / 8) / (5 / 8)) and r["loss_change"] == 0.0
     assert r["meets"] is True

@@ -23,7 +23,8 @@ Deliberate choices:
 - A ratio whose denominator is 0 in a resample counts as +inf there (it can only widen the
   interval); the point estimate of a ratio with a zero denominator is None.
 - `compare` reads results files of `evaluate run`, which keep the per-position values in
-  `per_position`; the two files must be scored on the same set (same positions, same order).
+  `per_position`; the two files must be scored on the same set (same header, same positions
+  in the same order; the set file's path may differ).
 """
 
 import argparse
@@ -104,7 +105,8 @@ def per_position(results: dict, key: str) -> torch.Tensor:
 
 def _same_set(a: dict, b: dict) -> None:
     pa, pb = a.get("per_position") or {}, b.get("per_position") or {}
-    if a.get("eval_set") != b.get("eval_set") or pa.get("positions") != pb.get("positions"):
+    # The set's header and positions, not its path: a set copied to another run is the same set.
+    if a.get("set_header") != b.get("set_header") or pa.get("positions") != pb.get("positions"):
         raise InputError(f"{a.get('name')} and {b.get('name')} were not scored on the same set")
 
 
