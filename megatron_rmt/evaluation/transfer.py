@@ -24,7 +24,6 @@ Each results file `X.json` (evaluate run) may have its held-out loss beside it, 
 
 import argparse
 import json
-import math
 import os
 import sys
 
@@ -48,8 +47,9 @@ def row(results: dict, loss: float | None, base_loss: float | None, seed: int = 
     ratio = paired.paired_bootstrap(ntp, ntr, "ratio", seed=seed)
     diff = paired.paired_bootstrap(ntp, ntr, "difference", seed=seed)
     change = None if loss is None or base_loss is None else loss / base_loss - 1
-    losses = results["per_position"].get("ntp_loss")
-    p_true = math.fsum(math.exp(-x) for x in losses) / len(losses) if losses else None
+    p_true = None
+    if results["per_position"].get("ntp_loss"):  # older results files have no NTP losses
+        p_true = float(paired.per_position(results, "ntp_loss").neg().exp().mean())
     return {
         "name": results["name"],
         "n": ratio["n"],
