@@ -1,8 +1,9 @@
-# The greedy diagnostic of results/effect_smollm2_many (README): both checkpoints, NTR at temperature 0, one sample.
+# The greedy diagnostic of results/effect_smollm2_many (README): NTR at temperature 0, one sample, for
+# $OUT/coldstart and $OUT/runs/rmt of an examples/effect_smollm2.sh run (OUT=runs/effect_many by default).
 set -euo pipefail
-cd /work/main; source .venv/bin/activate; source examples/vllm_server.sh
-OUT=runs/effect_many; R=$OUT/results
-export MEGATRON_RMT_VLLM_PYTHON=/work/main/.venv-vllm/bin/python OMP_NUM_THREADS=2 SERVE_FLAGS="--cpu-threads 2 -- --kv-cache-memory-bytes 1073741824"
+cd "$(dirname "$0")/../.."; source .venv/bin/activate; source examples/vllm_server.sh
+OUT=${OUT:-runs/effect_many}; R=$OUT/results
+export MEGATRON_RMT_VLLM_PYTHON=${MEGATRON_RMT_VLLM_PYTHON:-$PWD/.venv-vllm/bin/python} OMP_NUM_THREADS=2 SERVE_FLAGS="--cpu-threads 2 -- --kv-cache-memory-bytes 1073741824"
 mkdir -p $OUT/greedy
 start_vllm_server $OUT/base_hf $OUT/greedy
 for name in coldstart rmt; do
