@@ -37,6 +37,9 @@ CONFIGS=${CONFIGS:-"configs/smollm2_135m.yaml configs/reproduce_cpu.yaml configs
 COLDSTART_CONFIG=${COLDSTART_CONFIG:-configs/coldstart_smollm2.yaml}
 EXTRA=${EXTRA:-}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}  # one trainer process at a time
+# Trainer and server share the two cores: OpenMP threads that spin while they wait starve the
+# other process (docs/rollout.md, "Sharing the cores"), so both sleep instead.
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 # The server decodes while the trainer waits (evaluation) or computes (RMT steps): two threads,
 # and KV cache for the evaluation's 50 x 4 sequences (SmolLM2 in fp32: 46 KB a token).
 export SERVE_FLAGS=${SERVE_FLAGS:-"--cpu-threads 2 -- --kv-cache-memory-bytes 1073741824"}
@@ -106,13 +109,16 @@ print(math.ceil(float(sys.argv[2]) / (sum(x['flops_ntp'] for x in r) / len(r))))
   train ntp_matched ntp "$NTP_STEPS"
   evaluate ntp_matched "$OUT/runs/ntp_matched" "$SAMPLES"
   # The cold start continued: the same recipe from the cold-started model (its own guesses now),
-  # epochs enough for the RMT run's FLOPs.
+  # for the steps (of the cold start's mean cost) that spend the RMT run's FLOPs: the epochs
+  # that hold them, stopped there.
   if ! done_at "$OUT/sft_matched" 0; then
-    EPOCHS=$(python -c "import json,math,sys; c=json.load(open(sys.argv[1])); \
-print(max(1, round(float(sys.argv[2]) / (c['flops'] / c['epochs']))))" "$OUT/coldstart/coldstart.json" "$FLOPS")
-    say "SFT continued: $EPOCHS epochs"
+    read -r EPOCHS SFT_STEPS < <(python -c "import json,math,sys; c=json.load(open(sys.argv[1])); \
+n=math.ceil(float(sys.argv[2]) / (c['flops'] / c['steps'])); print(math.ceil(n / (c['steps'] / c['epochs'])), n)" \
+      "$OUT/coldstart/coldstart.json" "$FLOPS")
+    say "SFT continued: $SFT_STEPS steps ($EPOCHS epochs)"
     python -m megatron_rmt.coldstart --config $CONFIGS $COLDSTART_CONFIG $FLAGS --coldstart-epochs "$EPOCHS" \
-      --load "$OUT/coldstart" --data-path "$DATA" --save "$OUT/sft_matched" 2>&1 | tee "$OUT/sft_matched.log"
+      --coldstart-max-steps "$SFT_STEPS" --load "$OUT/coldstart" --data-path "$DATA" --save "$OUT/sft_matched" \
+      2>&1 | tee "$OUT/sft_matched.log"
   fi
   evaluate sft_matched "$OUT/sft_matched" "$SAMPLES"
 fi

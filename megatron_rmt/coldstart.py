@@ -326,6 +326,7 @@ def run(cfg: config.Config) -> list[float]:
     steps = step_batches(
         epochs, d.global_batch_size, d.micro_batch_size, dp_rank, dp_size, tokenizer.eod
     )
+    steps = steps[: cfg.coldstart.coldstart_max_steps]  # None: every step of every epoch
     if not steps:
         raise InputError(f"{len(examples)} examples: fewer than one --global-batch-size")
     cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, train_iters=len(steps)))

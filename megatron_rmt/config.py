@@ -265,6 +265,7 @@ class ColdStartConfig:
     coldstart_free_share: float = _f(0.25, "share of examples without the budget sentence")
     coldstart_restate_tokens: int = _f(0, "text tokens the think restates before the guess")
     coldstart_epochs: int = _f(1, "passes over the examples")
+    coldstart_max_steps: int | None = _f(None, "stop after this many steps (a FLOPs budget)")
     coldstart_max_documents: int | None = _f(None, "read at most this many training documents")
     coldstart_think: str = _f(
         "candidates", "think text: list the candidates, restate the text's end then guess, or "

@@ -157,9 +157,11 @@ def learned(losses: list[float], epochs: int = 3) -> bool:
 
 def cold_starts_tiny(tmp: str, corpus: str):
     """cold_start_tiny, then the same cold start again with an optimizer that does nothing
-    (lr 0): its SFT losses. One process for both (start-up is most of the cost)."""
+    (lr 0), stopped one step early (--coldstart-max-steps): its SFT losses. One process for
+    both (start-up is most of the cost)."""
     rows, losses, flops = cold_start_tiny(tmp, corpus)
-    noop = config.parse([*_flags(tmp, corpus, "cs_noop"), "--lr", "0"], world_size=1)
+    stop = ["--coldstart-max-steps", str(len(losses) - 1)]
+    noop = config.parse([*_flags(tmp, corpus, "cs_noop"), "--lr", "0", *stop], world_size=1)
     return rows, losses, flops, coldstart.run(noop)
 
 
@@ -174,6 +176,7 @@ def test_cold_start_trains_on_its_own_guesses_never_the_truth_and_learns(tmp_pat
     assert sum(guess != true for _, guess, true in rows) >= len(rows) // 2  # a real check
     assert len(losses) >= 3 and learned(losses), losses
     assert not learned(noop), noop  # the check catches an optimizer that does nothing
+    assert len(noop) == len(losses) - 1  # --coldstart-max-steps cuts the run short
     assert (tmp_path / "cs" / checkpoint.TRACKER).read_text().strip() == "0"
     lines = (tmp_path / "cs" / "examples.jsonl").read_text().splitlines()
     assert len(lines) == len(rows)

@@ -126,3 +126,5 @@ def test_cpu_server_threads_default_to_one_and_follow_the_option():
     assert server_env(False, base)["OMP_NUM_THREADS"] == "1"  # shares the cores: the tests
     assert server_env(False, base, cpu_threads=2)["OMP_NUM_THREADS"] == "2"
     assert server_env(True, base, cpu_threads=2)["OMP_NUM_THREADS"] == "8"  # GPU: untouched
+    assert server_env(False, base)["OMP_WAIT_POLICY"] == "PASSIVE"  # idle threads sleep
+    assert "OMP_WAIT_POLICY" not in server_env(True, base)
