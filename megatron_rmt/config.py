@@ -447,6 +447,9 @@ def validate(cfg: Config, world_size: int) -> None:
         problems.append("weight_sync_interval must be at least 1")
     if cfg.rollout.weight_transfer_bucket_mb < 1:
         problems.append("weight_transfer_bucket_mb must be at least 1 (MiB)")
+    stop = cfg.coldstart.coldstart_max_steps
+    if stop is not None and stop < 1:
+        problems.append("coldstart_max_steps must be at least 1 (unset: every step)")
     if o.lr_decay_style == "WSD" and not o.lr_wsd_decay_iters:
         problems.append("lr_decay_style WSD needs lr_wsd_decay_iters")
     if d.tokenizer_type == "HuggingFaceTokenizer" and d.data_path and not d.tokenizer_model:
