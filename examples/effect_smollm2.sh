@@ -79,8 +79,8 @@ train() {  # name variant steps [flags]: a run from the cold start, resumed when
   [ -f "$ckpt/latest_checkpointed_iteration.txt" ] && from="--load $ckpt"
   say "training $1 ($2), $3 steps"
   python -m megatron_rmt.train --config $CONFIGS configs/variants/$2.yaml $FLAGS $from ${@:4} \
-    --data-path "$DATA" --train-iters "$3" --save "$ckpt" --save-interval 10 --log-interval 1 \
-    --metrics-file "$OUT/metrics/$1.jsonl" $ROLL
+    --data-path "$DATA" --train-iters "$3" --save "$ckpt" --save-interval 10 --keep-last-n-checkpoints 1 \
+    --log-interval 1 --metrics-file "$OUT/metrics/$1.jsonl" $ROLL
 }
 total_flops() { python -c "import json,sys; print(sum(json.loads(l)['flops'] for l in open(sys.argv[1])))" "$1"; }
 
