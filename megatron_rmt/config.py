@@ -173,7 +173,7 @@ class RMTConfig:
     match_fold_case: bool = _f(False, "r_match ignores case ('paris' matches ' Paris')")
     ntp_weight: float = _f(0.1, "lambda in L = L_RL + lambda L_NTP")
     group_size: int = _f(8, "G responses per chosen position")
-    rollout_temperature: float = _f(1.0, "sampling temperature")
+    rollout_temperature: float = _f(1.0, "sampling temperature; 0: greedy (evaluation, vLLM only)")
     rollout_top_p: float = _f(1.0, "nucleus sampling p")
     max_response_tokens: int = _f(2048, "sampling cap; must exceed 2*B_0 plus the answer")
     response_cap: str = _f(
@@ -447,6 +447,11 @@ def validate(cfg: Config, world_size: int) -> None:
         problems.append("weight_sync_interval must be at least 1")
     if cfg.rollout.weight_transfer_bucket_mb < 1:
         problems.append("weight_transfer_bucket_mb must be at least 1 (MiB)")
+    if r.rollout_temperature < 0 or (r.rollout_temperature == 0 and not cfg.rollout.rollout_url):
+        problems.append(
+            f"rollout_temperature {r.rollout_temperature}: must be > 0 (0, greedy decoding, needs "
+            "a vLLM server, --rollout-url; the embedded engine only samples)"
+        )
     stop = cfg.coldstart.coldstart_max_steps
     if stop is not None and stop < 1:
         problems.append("coldstart_max_steps must be at least 1 (unset: every step)")

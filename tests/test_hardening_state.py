@@ -309,6 +309,12 @@ def test_user_errors_are_one_line_and_exit_2(tiny_corpus, tmp_path, module, args
     "main,args,expected",
     [
         (train.main, ["--data-path", "CORPUS", "--group-size", "1"], "group_size"),
+        (
+            train.main,
+            ["--data-path", "CORPUS", "--rollout-temperature", "0", "--rollout-url", "http://x:1",
+             "--weight-transfer", "gloo"],
+            "--rollout-temperature 0 (greedy) is for evaluation",
+        ),  # fmt: skip
         (posttrain.main, [], "--prompt-data is required"),
         (coldstart.main, [], "coldstart needs --data-path"),
     ],

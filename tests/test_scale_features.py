@@ -186,6 +186,8 @@ def test_overlapped_grad_reduce_gives_the_same_step():
         (["--rl-micro-batch-rows", "0"], "rl_micro_batch_rows must be at least 1"),
         (["--keep-last-n-checkpoints", "0"], "keep_last_n_checkpoints must be at least 1"),
         (["--coldstart-max-steps", "0"], "coldstart_max_steps must be at least 1"),
+        (["--rollout-temperature", "-1"], "rollout_temperature -1.0: must be > 0"),
+        (["--rollout-temperature", "0"], "greedy decoding, needs a vLLM server"),
         (["--tensor-model-parallel-size", "2", "--num-attention-heads", "4",
           "--sequence-parallel", "--seq-length", "15"], "seq_length 15 divisible by TP 2"),
         (["--tensor-model-parallel-size", "2", "--num-attention-heads", "4",
