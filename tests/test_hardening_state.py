@@ -305,16 +305,14 @@ def test_user_errors_are_one_line_and_exit_2(tiny_corpus, tmp_path, module, args
     assert expected in one_error_line(result)
 
 
+GREEDY = "--data-path CORPUS --rollout-temperature 0 --rollout-url http://x:1 --weight-transfer gloo".split()
+
+
 @pytest.mark.parametrize(
     "main,args,expected",
     [
         (train.main, ["--data-path", "CORPUS", "--group-size", "1"], "group_size"),
-        (
-            train.main,
-            ["--data-path", "CORPUS", "--rollout-temperature", "0", "--rollout-url", "http://x:1",
-             "--weight-transfer", "gloo"],
-            "--rollout-temperature 0 (greedy) is for evaluation",
-        ),  # fmt: skip
+        (train.main, GREEDY, "--rollout-temperature 0 (greedy) is for evaluation"),
         (posttrain.main, [], "--prompt-data is required"),
         (coldstart.main, [], "coldstart needs --data-path"),
     ],
