@@ -87,6 +87,9 @@ def train(
         "--weight-transfer", "gloo", "--metrics-file", metrics, *extra,
     ]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS=str(core_count(cores)), PYTHONPATH=ROOT)
+    # as the server (serve.CPU_ENV) and the experiment scripts: threads that wait sleep rather
+    # than spin on cores the other side needs (docs/rollout.md, "Sharing the cores")
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     subprocess.run(cmd, check=True, env=env, capture_output=True)
     with open(metrics) as fh:
         return [json.loads(line) for line in fh][1:]
