@@ -463,6 +463,16 @@ def validate(cfg: Config, world_size: int) -> None:
         raise ConfigError("invalid configuration: " + "; ".join(problems))
 
 
+def require_sampling(r: RMTConfig) -> None:
+    """The training entry points (RMT, post-training): the RL loss recomputes the sampler's
+    log-probs at its temperature, so greedy decoding (0), which evaluation may use, is refused."""
+    if r.rollout_temperature == 0:
+        raise ConfigError(
+            "--rollout-temperature 0 (greedy) is for evaluation: the RL loss needs the log-probs "
+            "of a sampling temperature > 0"
+        )
+
+
 def _validate_rollout(ro: RolloutConfig, timeout_minutes: int) -> list[str]:
     problems = []
     if ro.rollout_url and ro.weight_transfer == "disk" and not ro.weight_sync_dir:

@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None, engine: RolloutEngine | None = None) -> 
     cfg = config.parse(argv)
     if not cfg.data.prompt_data:
         raise config.ConfigError("--prompt-data is required: a JSONL of math problems")
+    config.require_sampling(cfg.rmt)
     if cfg.rollout.rollout_ahead:
         raise config.ConfigError("post-training is on-policy: --rollout-ahead is for RMT training")
     math_problems = read_problems(cfg.data.prompt_data)  # a bad file fails before any work

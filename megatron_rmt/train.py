@@ -38,11 +38,7 @@ def main(argv: list[str] | None = None, engine: RolloutEngine | None = None) -> 
         return
     if not cfg.data.data_path:
         raise config.ConfigError("--data-path is required: the pretraining windows to train on")
-    if cfg.rmt.rollout_temperature == 0:
-        raise config.ConfigError(
-            "--rollout-temperature 0 (greedy) is for evaluation: the RL loss needs the log-probs "
-            "of a sampling temperature > 0"
-        )
+    config.require_sampling(cfg.rmt)
     init_distributed(cfg)
     try:
         with save_lock(cfg.checkpoint.save):

@@ -305,14 +305,15 @@ def test_user_errors_are_one_line_and_exit_2(tiny_corpus, tmp_path, module, args
     assert expected in one_error_line(result)
 
 
-GREEDY = "--data-path CORPUS --rollout-temperature 0 --rollout-url http://x:1 --weight-transfer gloo".split()
+GREEDY = "--rollout-temperature 0 --rollout-url http://x:1 --weight-transfer gloo".split()
 
 
 @pytest.mark.parametrize(
     "main,args,expected",
     [
         (train.main, ["--data-path", "CORPUS", "--group-size", "1"], "group_size"),
-        (train.main, GREEDY, "--rollout-temperature 0 (greedy) is for evaluation"),
+        (train.main, ["--data-path", "CORPUS", *GREEDY], "--rollout-temperature 0 (greedy)"),
+        (posttrain.main, ["--prompt-data", "PREFIX_NOWHERE", *GREEDY], "is for evaluation"),
         (posttrain.main, [], "--prompt-data is required"),
         (coldstart.main, [], "coldstart needs --data-path"),
     ],
