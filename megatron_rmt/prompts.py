@@ -35,7 +35,7 @@ class PromptTemplate:
 
 
 def load_template(name: str, directory: Path = TEMPLATE_DIR) -> PromptTemplate:
-    """Read `<directory>/<name>.yaml` (ntr_base, ntr_chat, math_base, math_chat ship here)."""
+    """Read `<directory>/<name>.yaml` (the NTR and math templates in templates/ ship here)."""
     data = yaml.safe_load((directory / f"{name}.yaml").read_text())
     template = PromptTemplate(name=name, **data)
     if template.kind not in ("plain", "chat"):

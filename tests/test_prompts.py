@@ -55,6 +55,18 @@ def test_base_prompt_ids_with_qwen3(qwen3):
     assert ids[-2:] == [qwen3.convert_tokens_to_ids("<think>"), qwen3.encode("\n")[0]]
 
 
+def test_text_last_prompt_ends_with_the_text_inside_the_think(qwen3):
+    # The first response token must follow the text itself (its own next token), not markup.
+    prefix_ids = qwen3.encode("The capital of France is")
+    ids = build_prompt_ids(qwen3, load_template("ntr_text_last"), prefix_ids, 6)
+    text = qwen3.decode(ids)
+    assert "exactly 6 tokens" in text
+    assert text.endswith("\n<think>\nThe text is: The capital of France is")
+    assert ids[-4:] == prefix_ids[-4:]  # the text's own last tokens end the prompt (its first
+    # token merges with the space before it)
+    assert text.count("<think>") == 2  # the instruction's "<think></think>" and the opened block
+
+
 def test_chat_prompt_ids_with_qwen3(qwen3):
     prefix_ids = qwen3.encode("Once upon a")
     ids = build_prompt_ids(qwen3, load_template("ntr_chat"), prefix_ids, 8)
