@@ -7,8 +7,9 @@ templates: ntr_restated (think opens after the text, its last words restated), n
 (think opens before the text, the prompt ends with it), and the text twice (given, then
 restated in full inside the think).
     PYTHONPATH=. python results/effect_smollm2_text_last/first_token.py HF_DIR [SET]
-Output for the base and the fourth cold start: first_token.txt."""
+Output for the base, the fourth and the fifth cold start: first_token.txt."""
 
+import dataclasses
 import json
 import sys
 
@@ -28,12 +29,10 @@ instruction = restated.user.split("\n")[0]
 templates = {
     "restated": restated,
     "text_last": prompts.load_template("ntr_text_last"),
-    "text_twice": prompts.PromptTemplate(
+    "text_twice": dataclasses.replace(
+        restated,
         name="text_twice",
-        kind="plain",
         user=instruction + "\nThe text is: ${text}\n<think>\nThe text ends: ${text}",
-        reasoning_budget=restated.reasoning_budget,
-        reasoning_free=restated.reasoning_free,
     ),
 }
 

@@ -22,7 +22,6 @@ rows = [json.loads(line) for line in open(set_path)][1:][::10]
 tok = build_tokenizer("HuggingFaceTokenizer", hf, None, None, "endoftext")
 model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
 template = prompts.load_template(template_name)
-close = tok.encode("\n</think>")
 first_is_top = box_is_first = box_is_last = right = 0
 for row in rows:
     prefix = row["prefix_ids"]
@@ -31,9 +30,10 @@ for row in rows:
         top = int(model(torch.tensor([prefix])).logits[0, -1].argmax())
         out = model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)[0, len(ids) :]
     out = out.tolist()
-    thinking, _ = prompts.split_response(tok.decode(out))
+    response = tok.decode(out)
+    thinking, _ = prompts.split_response(response)
     think_ids = tok.encode(thinking.rstrip("\n")) if thinking else []
-    answer = prompts.extract_prediction(tok.decode(out))
+    answer = prompts.extract_prediction(response)
     first_is_top += out[0] == top
     if answer is not None and think_ids:
         box_is_first += match_reward(answer, tok.token_text(out[0]))
