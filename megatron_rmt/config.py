@@ -224,7 +224,9 @@ class RolloutConfig:
     )
     weight_sync_dir: str | None = _f(None, "directory the service reads synced weights from")
     weight_transfer: str = _f(
-        "disk", "how weights reach the servers: files, or in memory", ("disk", "gloo", "nccl")
+        "disk",
+        "how weights reach the servers: files, or in memory (shm: a server on this host)",
+        ("disk", "gloo", "shm", "nccl"),
     )
     weight_transfer_address: str | None = _f(
         None, "this host's address the servers reach (default: the route to each server)"

@@ -1,4 +1,6 @@
-"""The `gloo` weight-transfer backend inside a vLLM worker (CPU or GPU).
+"""The `gloo` weight-transfer backend inside a vLLM worker (CPU or GPU); it also takes the
+shared-memory hand-off of a trainer on the same host (`--weight-transfer shm` on the trainer's
+side, wire.py), which needs no group.
 
 The trainer opens a TCP store and a gloo group with rank 0 (itself) and ranks `rank_offset + i`
 for the server's workers, then drives the routes: `/start_weight_update` begins vLLM's layerwise
@@ -33,6 +35,9 @@ class GlooUpdateInfo(WeightTransferUpdateInfo):
     names: list[str]
     dtype_names: list[str]
     shapes: list[list[int]]
+    shm_path: str | None = None  # set: the tensors are in this shared file, not on the group
+    shm_bytes: int = 0
+    offsets: list[int] | None = None
 
 
 class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo]):
@@ -42,6 +47,7 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
     def __init__(self, config, vllm_config, device, model) -> None:
         super().__init__(config, vllm_config, device, model)
         self.group = None
+        self.region = None  # ((path, bytes), the mapped shared file) of the last shm update
 
     def init_transfer_engine(self, init_info: GlooInitInfo) -> None:
         """(Re)join the trainer: a trainer that restarted, or reconnects after a failure, gets a
@@ -70,9 +76,24 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
         self.receive_weights(self.parse_update_info(update_info))
 
     def receive_weights(self, update_info: GlooUpdateInfo) -> None:
-        if self.group is None:
+        info = vars(update_info)
+        if update_info.shm_path:
+            tensors = wire.read_shared(
+                self._mapped(update_info.shm_path, update_info.shm_bytes), info
+            )
+        elif self.group is None:
             raise RuntimeError("gloo weight transfer not initialised: call init first")
-        self.model.load_weights(wire.receive(self.group, vars(update_info)))
+        else:
+            tensors = wire.receive(self.group, info)
+        self.model.load_weights(tensors)
+
+    def _mapped(self, path: str, nbytes: int):
+        """The trainer's shared file, mapped once: it stays mapped after the trainer unlinks it,
+        and a new file (a new trainer, a bigger model) replaces the mapping."""
+        if self.region is None or self.region[0] != (path, nbytes):
+            self.region = ((path, nbytes), wire.shared_file(path, nbytes))
+        return self.region[1]
 
     def shutdown(self) -> None:
         self.group = None
+        self.region = None

@@ -1,13 +1,22 @@
-"""The gloo weight transfer's wire format, shared by the trainer (sender) and the vLLM worker
-(receiver); torch only.
+"""The in-memory weight transfer's wire formats, shared by the trainer (sender) and the vLLM
+worker (receiver); torch only.
 
-One `/update_weights` call carries one bucket: its parameters' names, dtypes and shapes as JSON,
-while the tensors themselves are broadcast from the trainer (rank 0) over a gloo group, one
-broadcast each, all queued before the first wait: no packing copy on either side (measured:
-packing 50 MiB into one buffer cost 30-90 ms here, more than the transfer).
+One `/update_weights` call carries one bucket: its parameters' names, dtypes and shapes as JSON.
+The tensors themselves travel one of two ways:
+- **gloo**: broadcast from the trainer (rank 0) over a gloo group, one broadcast each, all queued
+  before the first wait: no packing copy on either side (measured: packing 50 MiB into one buffer
+  cost 30-90 ms here, more than the transfer).
+- **shared memory** (a server on the trainer's host): the trainer copies them into a file in
+  /dev/shm that both sides map; the JSON adds the file, its size and each tensor's byte offset,
+  and the worker loads straight from views of its own mapping. Every tensor of a sync has its
+  own place in the file: vLLM's layerwise reload keeps the tensors it is given until their layer
+  is complete (some layers only at `/finish_weight_update`), so no byte may be reused within a
+  sync.
 """
 
 import datetime
+import math
+import os
 from collections.abc import Iterator
 
 import torch
@@ -41,6 +50,47 @@ def receive(group: dist.ProcessGroupGloo, info: dict) -> Iterator[tuple[str, tor
     for name, tensor, work in zip(info["names"], tensors, works, strict=True):
         work.wait()
         yield name, tensor
+
+
+ALIGN = 64  # bytes: every tensor's offset in the shared file, enough for any dtype's view
+
+
+def layout(tensors: list[torch.Tensor], start: int = 0) -> tuple[list[int], int]:
+    """Byte offsets for `tensors` placed one after another from `start`, each aligned to
+    `ALIGN`, and the end of the last one."""
+    offsets, end = [], start
+    for t in tensors:
+        end = -(-end // ALIGN) * ALIGN
+        offsets.append(end)
+        end += t.numel() * t.element_size()
+    return offsets, end
+
+
+def shared_file(path: str, nbytes: int, create: bool = False) -> torch.Tensor:
+    """The file at `path` mapped shared as `nbytes` bytes; `create`: made (or grown) to that
+    size, else it must exist with at least that size (a worker never maps a file of zeros)."""
+    if not create:
+        size = os.path.getsize(path) if os.path.exists(path) else None
+        if size is None or size < nbytes:
+            raise FileNotFoundError(
+                f"no shared weight file {path} of {nbytes} bytes on this host (found: "
+                f"{size}): the shm weight transfer needs the trainer on the server's host"
+            )
+    return torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
+
+
+def place(region: torch.Tensor, offset: int, dtype: torch.dtype, shape) -> torch.Tensor:
+    """The tensor of `dtype` and `shape` stored at `offset` of a mapped region (a view)."""
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return region[offset : offset + nbytes].view(dtype).view(shape)
+
+
+def read_shared(region: torch.Tensor, info: dict) -> Iterator[tuple[str, torch.Tensor]]:
+    """A worker: the bucket the trainer placed in the shared region, as (name, view) in order."""
+    for name, dtype, shape, offset in zip(
+        info["names"], info["dtype_names"], info["shapes"], info["offsets"], strict=True
+    ):
+        yield name, place(region, offset, getattr(torch, dtype), shape)
 
 
 def open_group(

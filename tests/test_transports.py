@@ -8,6 +8,7 @@ Found in the full suite: a server restarted without `--weight-transfer gloo` ans
 join the gloo group, 30 s on every sync, and every step trained NTP-only."""
 
 import json
+import os
 import time
 
 import pytest
@@ -21,7 +22,7 @@ from megatron_rmt.build import build_trainable
 from megatron_rmt.config import Config, ModelConfig
 from megatron_rmt.model import hf_mapping
 from megatron_rmt.rollout import client
-from megatron_rmt.rollout.transports import GlooTransport
+from megatron_rmt.rollout.transports import GlooTransport, ShmTransport
 from megatron_rmt.rollout.weight_transfer import MemoryWeightSync, _buckets
 from megatron_rmt_vllm import wire
 
@@ -223,3 +224,90 @@ def test_a_push_in_small_buckets_delivers_the_trainers_exact_weights():
         for rank, out in enumerate(ranks):  # both stages, both replicas: fp32, bit for bit
             verdicts = out[version][2]
             assert verdicts and set(verdicts.values()) == {"equal"}, (version, rank, verdicts)
+
+
+def test_the_shared_layout_keeps_every_tensor_apart_aligned_and_intact(tmp_path):
+    tensors = [torch.randn(3, 5), torch.arange(7), torch.randn(11).bfloat16(), torch.ones(1)]
+    offsets, end = wire.layout(tensors, start=3)
+    spans = [(o, o + t.nbytes) for o, t in zip(offsets, tensors, strict=True)]
+    assert all(o % wire.ALIGN == 0 for o in offsets) and offsets[0] >= 3
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False)) and end == spans[-1][1]
+    region = wire.shared_file(str(tmp_path / "w"), end, create=True)
+    for t, o in zip(tensors, offsets, strict=True):
+        wire.place(region, o, t.dtype, t.shape).copy_(t)
+    info = {"names": list("abcd"), "offsets": offsets, **wire.describe(list("abcd"), tensors)}
+    seen = dict(wire.read_shared(wire.shared_file(str(tmp_path / "w"), end), info))
+    assert all(torch.equal(seen[n], t) for n, t in zip("abcd", tensors, strict=True))
+
+
+def test_a_worker_never_maps_a_shared_file_that_is_not_there(tmp_path):
+    with pytest.raises(FileNotFoundError, match="trainer on the server's host"):
+        wire.shared_file(str(tmp_path / "absent"), 64)
+    wire.shared_file(str(tmp_path / "small"), 32, create=True)
+    with pytest.raises(FileNotFoundError, match="of 64 bytes"):
+        wire.shared_file(str(tmp_path / "small"), 64)
+
+
+def test_shm_refuses_a_server_on_another_host():
+    with pytest.raises(ValueError, match="--weight-transfer gloo"):
+        ShmTransport(TIMEOUT_S).connect("http://192.0.2.1:8000", _call(), workers=1)
+
+
+class SharedMemoryServer(ReceivingServer):
+    """A server on this host taking shm updates as vLLM's layerwise reload does: it keeps the
+    views it is given (a layer is loaded once all its weights arrived, some only at
+    `/finish_weight_update`) and copies them out only at the finish; each update takes a while,
+    so the trainer copies the next bucket in meanwhile."""
+
+    def answer(self, path, body):
+        if path == "/start_weight_update":
+            self.held = []
+        elif path == "/update_weights":
+            info = body["update_info"]
+            key = (info["shm_path"], info["shm_bytes"])
+            if getattr(self, "mapped", (None,))[0] != key:  # mapped once, as the worker does
+                self.mapped = (key, wire.shared_file(*key))
+            self.paths.add(info["shm_path"])
+            time.sleep(0.05)
+            self.held.append(list(wire.read_shared(self.mapped[1], info)))
+            return 200, b"{}"
+        elif path == "/finish_weight_update":
+            self.buckets = [[(n, t.clone()) for n, t in bucket] for bucket in self.held]
+        return super().answer(path, body)
+
+
+def push_through_shared_memory():
+    m = ModelConfig(num_layers=2)
+    torch.manual_seed(0)
+    trainable = build_trainable(Config(model=m), VOCAB)
+    fake = SharedMemoryServer()
+    fake.paths = set()
+    sync = MemoryWeightSync(
+        trainable.model, m, VOCAB, ShmTransport(TIMEOUT_S), bucket_bytes=BUCKET_BYTES
+    )
+    out = []
+    try:
+        for version in (0, 1):
+            if version:
+                with torch.no_grad():
+                    for p in trainable.model[0].parameters():
+                        p.add_(0.01 * torch.randn(p.shape))
+            held = sync.push(version, [fake.server.url], _call())
+            received = {n: t for bucket in fake.buckets for n, t in bucket}
+            out.append(
+                (list(held.values()), len(fake.buckets), _compare_stage(trainable, m, received))
+            )
+    finally:
+        fake.server.close()
+    return out, sorted(fake.paths), [os.path.exists(p) for p in fake.paths]
+
+
+def test_an_shm_push_delivers_the_trainers_exact_weights_and_leaves_no_file():
+    """Every tensor of both versions bit for bit, though the server holds each bucket's views
+    until the finish (a file reused within a sync would have been overwritten by then), through
+    one file mapped once and unlinked after the first sync."""
+    out, paths, left = spawn(push_through_shared_memory, 1, timeout=120)[0]
+    for version, (held, n_buckets, verdicts) in enumerate(out):
+        assert held == [version] and n_buckets >= 8
+        assert verdicts and set(verdicts.values()) == {"equal"}, (version, verdicts)
+    assert len(paths) == 1 and paths[0].startswith("/dev/shm/") and left == [False]

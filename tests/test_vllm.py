@@ -284,7 +284,7 @@ def push_then_reload(argv, url, sync_dir, transfer="gloo"):
     """The same new weights in memory (`transfer`), then through files: what the server samples
     (tokens and log-probs) before and after each."""
     run = launch.setup(config.parse(argv))
-    _perturb(run, 3)
+    _perturb(run, {"gloo": 3, "shm": 4}[transfer])  # not what the other test left served
     req = RolloutRequest(PROMPT * 3, n=4, max_tokens=8, temperature=1.0, top_p=1.0, seed=5)
     served = [client_mod.VLLMEngine([url], eos_id=run.tokenizer.eod).generate([req])[0]]
     for path in (transfer, "disk"):
@@ -297,16 +297,21 @@ def push_then_reload(argv, url, sync_dir, transfer="gloo"):
     return served
 
 
-def test_in_memory_push_loads_the_same_bits_as_the_file_reload(server, tiny_corpus, tmp_path):
+@pytest.mark.parametrize("transfer", ["gloo", "shm"])
+def test_in_memory_push_loads_the_same_bits_as_the_file_reload(
+    server, tiny_corpus, tmp_path, transfer
+):
     """fp32 end to end, at PP 2 (the second stage's tensors reach the server through rank 0) in
     1 MiB buckets (the 26 MB embedding alone in one, each layer over two): if any weight
     differed by one bit between the two paths, or a bucket boundary lost a tensor (the server
     would keep its old value), the sampled log-probs (and likely the tokens) would differ too.
+    shm: vLLM keeps the views of layers it has not finished (the padded vocabulary's until
+    `/finish_weight_update`), so a shared file reused within the sync would show here.
     That what is pushed is bit for bit the trainer's weights: test_transports.py."""
     argv = _flags(tiny_corpus, ["--pipeline-model-parallel-size", "2",
                                 "--weight-transfer-bucket-mb", "1"])  # fmt: skip
     for before, pushed, reloaded in spawn(
-        push_then_reload, 2, pp=2, args=(argv, server.url, str(tmp_path / "sync"))
+        push_then_reload, 2, pp=2, args=(argv, server.url, str(tmp_path / "sync"), transfer)
     ):
         assert pushed.logprobs != before.logprobs  # the push changed what the server holds
         assert pushed.responses == reloaded.responses

@@ -3,6 +3,10 @@ trainer side of vLLM's weight-transfer backends.
 
 - `GlooTransport` pairs with this project's `gloo` backend (`megatron_rmt_vllm`, a vLLM plugin):
   any host, CPU or GPU server, over TCP. The trainer hosts the TCP store.
+- `ShmTransport` pairs with the same backend for a server on the trainer's own host: the buckets
+  go through a file in /dev/shm that both sides map, so neither side copies them through a
+  socket; the next bucket is copied in while the server loads the last one. It holds one copy
+  of the model's weights in shared memory per server (wire.py says why no less).
 - `NcclTransport` pairs with vLLM's built-in `nccl` backend (GPU servers): vLLM's own trainer
   endpoint and packed broadcast (double-buffered 1 GiB chunks by default), so the trainer needs
   vLLM importable on GPU hosts. Untested here (no GPU): it follows vLLM 0.32's
@@ -22,9 +26,15 @@ server is reconnected with a fresh group next time.
 """
 
 import datetime
+import ipaddress
+import os
 import socket
+import tempfile
 import threading
 import urllib.parse
+import uuid
+import weakref
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.distributed as dist
@@ -73,7 +83,28 @@ def _init_on_server(url: str, call, info: dict, backend: str, wait: dict) -> Non
         ) from e
 
 
-class GlooTransport:
+def on_this_host(url: str) -> bool:
+    """Whether the server's address is one of this host's (loopback, or the address this host
+    reaches it from)."""
+    host = urllib.parse.urlsplit(url).hostname
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except socket.gaierror:
+        return False
+    if any(ipaddress.ip_address(a).is_loopback for a in addresses):
+        return True
+    return local_address_towards(url) in addresses
+
+
+class _Bucketwise:
+    """Transports that send a sync's buckets one at a time."""
+
+    def send_all(self, url: str, buckets: list, call) -> None:
+        for info, payload in buckets:
+            self.send(url, info, payload, call)
+
+
+class GlooTransport(_Bucketwise):
     backend = "gloo"
 
     def __init__(self, timeout_s: float, address: str | None = None):
@@ -111,7 +142,90 @@ class GlooTransport:
         self.groups.pop(url, None)
 
 
-class NcclTransport:
+class ShmTransport:
+    backend = "gloo"  # the server's side: the same plugin, no group needed
+
+    def __init__(self, timeout_s: float, address: str | None = None, directory: str = "/dev/shm"):
+        self.timeout_s = timeout_s
+        self.wait = {"timeout": timeout_s}
+        self.directory = directory if os.path.isdir(directory) else tempfile.gettempdir()
+        self.regions: dict[str, _SharedFile] = {}  # url -> its file, while the server maps it
+
+    def connect(self, url: str, call, workers: int) -> None:
+        """A new or restarted server: it maps a new file at its first update."""
+        if not on_this_host(url):
+            raise ValueError(
+                f"{url} is not on this host: the shm weight transfer needs the server beside "
+                "the trainer (use --weight-transfer gloo for a server elsewhere)"
+            )
+        self.drop(url)
+
+    def pack(self, names: list[str], tensors: list[torch.Tensor]):
+        return wire.describe(names, tensors), tensors
+
+    def send_all(self, url: str, buckets: list, call) -> None:
+        """Every tensor of the sync gets its own place in the server's file; bucket k + 1 is
+        copied in while the server loads bucket k (one `/update_weights` call each)."""
+        placed, end = [], 0
+        for info, tensors in buckets:
+            offsets, end = wire.layout(tensors, end)
+            placed.append((info, tensors, offsets))
+        shared = self._file(url, end)
+        where = {"shm_path": shared.path, "shm_bytes": shared.nbytes}
+        with ThreadPoolExecutor(1, thread_name_prefix="weight-update") as pool:
+            loading = None
+            for info, tensors, offsets in placed:
+                for tensor, offset in zip(tensors, offsets, strict=True):
+                    wire.place(shared.region, offset, tensor.dtype, tensor.shape).copy_(tensor)
+                if loading is not None:
+                    self._loaded(url, loading)
+                body = {"update_info": dict(info, offsets=offsets, **where)}
+                loading = pool.submit(call, url, "/update_weights", body, **self.wait)
+            if loading is not None:
+                self._loaded(url, loading)
+        shared.unlink()  # mapped by every worker now; gone from /dev/shm once they let go
+
+    @staticmethod
+    def _loaded(url: str, loading) -> None:
+        try:
+            loading.result()
+        except OSError as e:
+            raise OSError(
+                f"{url} did not load a shared-memory weight update (is it serving with "
+                f"`--weight-transfer gloo` on this host?): {e}"
+            ) from e
+
+    def _file(self, url: str, nbytes: int) -> "_SharedFile":
+        shared = self.regions.get(url)
+        if shared is None or shared.nbytes < nbytes:
+            shared = self.regions[url] = _SharedFile(self.directory, nbytes)
+        return shared
+
+    def drop(self, url: str) -> None:
+        shared = self.regions.pop(url, None)
+        if shared is not None:
+            shared.unlink()
+
+
+class _SharedFile:
+    """One server's file in shared memory, mapped here; unlinked at the latest when this object
+    or the process goes."""
+
+    def __init__(self, directory: str, nbytes: int):
+        name = f"megatron-rmt-weights-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.path, self.nbytes = os.path.join(directory, name), nbytes
+        self.region = wire.shared_file(self.path, nbytes, create=True)
+        self.unlink = weakref.finalize(self, _remove, self.path)
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+class NcclTransport(_Bucketwise):
     backend = "nccl"
 
     def __init__(self, timeout_s: float, address: str | None = None, bucket_bytes: int = 1 << 30):
@@ -161,7 +275,7 @@ class NcclTransport:
             group.destroy()
 
 
-TRANSPORTS = {"gloo": GlooTransport, "nccl": NcclTransport}
+TRANSPORTS = {"gloo": GlooTransport, "shm": ShmTransport, "nccl": NcclTransport}
 
 
 def transfer_timeout(rollout_timeout: float) -> float:

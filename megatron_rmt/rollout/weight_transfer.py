@@ -120,8 +120,7 @@ class MemoryWeightSync(WeightSyncSchedule):
         if error is not None:
             return self._failed(url, error)
         try:
-            for info, payload in buckets:
-                self.transport.send(url, info, payload, call)
+            self.transport.send_all(url, buckets, call)
             tag = self.tag_of(version)
             call(url, "/finish_weight_update", {"weight_version": tag}, **self.transport.wait)
             self.held[url] = tag
