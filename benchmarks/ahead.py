@@ -1,7 +1,7 @@
 """On-policy vs one-step-ahead rollouts with a real vLLM server, same steps, same windows.
 
 Starts one CPU vLLM server (tiny Qwen3: hidden 128, 4 heads of 32, 2 layers, GPT-2 vocabulary;
-the weights pushed in memory over gloo after every step), then trains the same model three
+the weights pushed in memory after every step, over gloo or `--weight-transfer shm`), then trains the same model three
 times from the same seed on the same windows: NTP only (`--rmt-variant ntp`), RMT on-policy and
 RMT one step ahead (`--rollout-ahead 1`). Prints per run the medians over the steps after the
 first (warm-up) of the step time and its split: NTP pass, rollout wait after it, RL update,
@@ -77,14 +77,15 @@ def core_count(cores: str) -> int:
 
 
 def train(
-    model: list[str], url: str, extra: list[str], steps: int, cores: str, tmp: str, name: str
-):
+    model: list[str], url: str, extra: list[str], steps: int, cores: str, tmp: str, name: str,
+    transfer: str,
+):  # fmt: skip
     """One run of `steps` steps; its metrics after the first (warm-up) step."""
     metrics = os.path.join(tmp, name.replace(" ", "_") + ".jsonl")
     cmd = [
         "taskset", "-c", cores, sys.executable, os.path.abspath(__file__), *model,
         "--train-iters", str(steps), "--group-size", "4", "--rollout-url", url,
-        "--weight-transfer", "gloo", "--metrics-file", metrics, *extra,
+        "--weight-transfer", transfer, "--metrics-file", metrics, *extra,
     ]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS=str(core_count(cores)), PYTHONPATH=ROOT)
     # as the server (serve.CPU_ENV) and the experiment scripts: threads that wait sleep rather
@@ -135,6 +136,7 @@ def main() -> None:
     ap.add_argument("--trainer-cores", default=",".join(map(str, cores[:-1] or cores)))
     ap.add_argument("--share-cores", action="store_true", help="server and trainer on every core")
     ap.add_argument("--server-threads", type=int, default=1, help="the CPU server's threads")
+    ap.add_argument("--weight-transfer", choices=["gloo", "shm"], default="gloo")
     ap.add_argument("--kv-cache-bytes", type=int, default=None, help="the server's KV cache")
     ap.add_argument("--load", default=None, help="a checkpoint instead of the tiny random model")
     ap.add_argument("--hf", default=None, help="with --load: the model the server starts from")
@@ -160,14 +162,24 @@ def main() -> None:
         try:
             pin(handle.process.pid, args.server_cores)
             rows = {
-                name: train(model, handle.url, extra, args.steps, args.trainer_cores, tmp, name)
+                name: train(
+                    model,
+                    handle.url,
+                    extra,
+                    args.steps,
+                    args.trainer_cores,
+                    tmp,
+                    name,
+                    args.weight_transfer,
+                )  # fmt: skip
                 for name, extra in RUNS
             }
         finally:
             handle.stop()
     print(f"{args.load or 'tiny random model'}: {args.steps} steps each, medians of steps "
           f"1..{args.steps - 1}; server on cores {args.server_cores} ({args.server_threads} "
-          f"threads), trainer on {args.trainer_cores}")  # fmt: skip
+          f"threads), trainer on {args.trainer_cores}, weights over "
+          f"{args.weight_transfer}")  # fmt: skip
     print(f"{'run':<11}" + "".join(f"{title:>9}" for _, title in COLUMNS) + f"{'/ NTP':>8}")
     base = statistics.median(m["step_time"] for m in rows["ntp only"])
     for name, ms in rows.items():

@@ -5,8 +5,9 @@
 2. weight sync time against writing the same tensors with `safetensors.save_file` alone: the
    client's sync through files and the previous recipe (write, then pause, reload,
    reset_prefix_cache, resume one after the other), each part timed alone, and the in-memory
-   sync (`--weight-transfer gloo`: no file), side by side against the same server; and the
-   floor under all of them: vLLM reloading the same tensors already in its worker's memory.
+   syncs (`--weight-transfer gloo`: no file; `shm`: a file in /dev/shm both sides map), side
+   by side against the same server; and the floor under all of them: vLLM reloading the same
+   tensors already in its worker's memory.
 
     python benchmarks/rollout.py --model tiny      # Qwen3, hidden 128, 4x32 heads, 2 layers
     python benchmarks/rollout.py --model smollm2   # SmolLM2-135M from the GGUF in assets
@@ -38,7 +39,7 @@ from megatron_rmt.model.hf_mapping import load_hf_tensors_into_megatron, megatro
 from megatron_rmt.rollout.client import VLLMEngine
 from megatron_rmt.rollout.contract import RolloutRequest
 from megatron_rmt.rollout.serve import CPU_ENV, default_python, start_server
-from megatron_rmt.rollout.transports import GlooTransport
+from megatron_rmt.rollout.transports import GlooTransport, ShmTransport
 from megatron_rmt.rollout.weight_sync import DiskWeightSync
 from megatron_rmt.rollout.weight_transfer import MemoryWeightSync
 
@@ -163,23 +164,29 @@ BEFORE_CALLS = {
 }
 
 
-def sync_times(url, eos, model, m, vocab, sync_dir, reps):
+def sync_times(url, eos, model, m, vocab, sync_dir, reps, shm_chunk_bytes):
     """Medians over reps, against the same server, of:
     - `after`: the sync as the client runs it (`sync_weights`: the pause overlaps the write);
     - `before`: the previous recipe, one step after the other: write, pause, reload_weights,
       reset_prefix_cache, resume (each call also timed alone: `pause`, `reload`, ...);
     - `memory`: the in-memory sync (gloo transfer group, pause, start, update, finish, resume);
+    - `shm`: the same through shared memory, one call per `shm_chunk_bytes`;
     - `gather` (the HF tensors from the Megatron model), `write` (`DiskWeightSync.write`:
       gather, save, rename, clean-up) and `save_file` of the same tensors alone.
-    The three recipes rotate which goes first. Also returns the bytes written."""
+    The four recipes rotate which goes first. Also returns the bytes written."""
     weights = DiskWeightSync(model, m, vocab, sync_dir)
     engine = VLLMEngine([url], eos, weights=weights)
     in_memory = VLLMEngine(
         [url], eos, weights=MemoryWeightSync(model, m, vocab, GlooTransport(120.0))
     )
     in_memory.sync_weights(0)  # opens the transfer group once, as a run does at its start
+    in_shm = VLLMEngine(
+        [url], eos,
+        weights=MemoryWeightSync(model, m, vocab, ShmTransport(120.0, chunk_bytes=shm_chunk_bytes)),
+    )  # fmt: skip
+    in_shm.sync_weights(0)  # the server maps the shared file once
     tensors = {k: v.detach().clone() for k, v in megatron_to_hf_tensors(model[0], m, vocab)}
-    keys = ("after", "before", "memory", "write", *BEFORE_CALLS, "gather", "save_file")
+    keys = ("after", "before", "memory", "shm", "write", *BEFORE_CALLS, "gather", "save_file")
     times = {k: [] for k in keys}
 
     def timed(key, fn):
@@ -206,9 +213,14 @@ def sync_times(url, eos, model, m, vocab, sync_dir, reps):
         if in_memory.loaded[url] != v:
             raise RuntimeError(f"server did not take v{v} in memory")
 
-    recipes = [after, before, memory]
+    def shm(v):
+        timed("shm", lambda: in_shm.sync_weights(v))
+        if in_shm.loaded[url] != v:
+            raise RuntimeError(f"server did not take v{v} through shared memory")
+
+    recipes = [after, before, memory, shm]
     for v in range(reps):
-        for recipe in recipes[v % 3 :] + recipes[: v % 3]:
+        for recipe in recipes[v % 4 :] + recipes[: v % 4]:
             recipe(v)
         timed("gather", lambda: [t.contiguous() for _, t in megatron_to_hf_tensors(model[0], m)])
         plain = os.path.join(sync_dir, f"plain{v}")
@@ -248,6 +260,7 @@ def main(argv=None) -> None:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--sync-reps", type=int, default=15, help="repetitions of each sync recipe")
     p.add_argument("--sync-only", action="store_true", help="skip the throughput comparison")
+    p.add_argument("--shm-chunk-mb", type=int, default=64, help="MiB per call of the shm sync")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     parallel.init()
@@ -271,8 +284,9 @@ def main(argv=None) -> None:
                     server.url, eos, prompts, args.n, args.max_tokens, args.reps
                 )
             sync = sync_times(
-                server.url, eos, model, m, vocab, os.path.join(work, "sync"), args.sync_reps
-            )
+                server.url, eos, model, m, vocab, os.path.join(work, "sync"), args.sync_reps,
+                args.shm_chunk_mb << 20,
+            )  # fmt: skip
         finally:
             server.stop()
         reloads = offline_vllm(RELOAD_FLOOR, model=model_dir, reps=args.sync_reps)
@@ -311,6 +325,7 @@ def report_sync(args, t: dict, nbytes: int, reload: dict) -> None:
         ("before", "write, pause, reload, reset_prefix_cache, resume in turn"),
         ("after", "sync_weights through files: pause during the write, no reset"),
         ("memory", "sync_weights in memory: gather, gloo transfer, no file"),
+        ("shm", f"sync_weights through shared memory, {args.shm_chunk_mb} MiB a call"),
     ):
         print(f"  {key:<7}{ms[key]:>7.1f} ms = {t[key] / t['save_file']:.2f}x save_file  ({what})")
     print(f"  in memory / files: {t['memory'] / t['after']:.2f}x")
@@ -318,7 +333,8 @@ def report_sync(args, t: dict, nbytes: int, reload: dict) -> None:
     print(f"  floor: vLLM reloading the same tensors from its own memory (offline, no transfer) "
           f"{floor * 1e3:.1f} ms = {floor / t['save_file']:.2f}x save_file, using "
           f"{reload['cpu'] / floor:.2f} cores (CPU time {reload['cpu'] * 1e3:.1f} ms)")  # fmt: skip
-    print(f"  in memory / floor: {t['memory'] / floor:.2f}x (target <= 1.2x)")
+    print(f"  in memory / floor: gloo {t['memory'] / floor:.2f}x, shm {t['shm'] / floor:.2f}x "
+          "(target <= 1.2x)")  # fmt: skip
     print("  targets: files <= 3x save_file; in memory <= 1.5x save_file and below files")
 
 

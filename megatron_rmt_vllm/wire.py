@@ -32,6 +32,21 @@ def describe(names: list[str], tensors: list[torch.Tensor]) -> dict:
     }
 
 
+def buckets(tensors: list, bucket_bytes: int) -> Iterator[tuple[list, list]]:
+    """(names, tensors) of about `bucket_bytes` each, in order, from (name, tensor) pairs: a
+    bucket closes with the tensor that fills it."""
+    names, bucket, size = [], [], 0
+    for name, tensor in tensors:
+        names.append(name)
+        bucket.append(tensor)
+        size += tensor.numel() * tensor.element_size()
+        if size >= bucket_bytes:
+            yield names, bucket
+            names, bucket, size = [], [], 0
+    if bucket:
+        yield names, bucket
+
+
 def send(group: dist.ProcessGroupGloo, tensors: list[torch.Tensor]) -> None:
     """Rank 0: broadcast every tensor of the bucket, all queued at once, then wait."""
     tensors = [t.contiguous() for t in tensors]

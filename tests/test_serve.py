@@ -128,3 +128,18 @@ def test_cpu_server_threads_default_to_one_and_follow_the_option():
     assert server_env(True, base, cpu_threads=2)["OMP_NUM_THREADS"] == "8"  # GPU: untouched
     assert server_env(False, base)["OMP_WAIT_POLICY"] == "PASSIVE"  # idle threads sleep
     assert "OMP_WAIT_POLICY" not in server_env(True, base)
+
+
+def test_a_cpu_server_preloads_tcmalloc_where_installed_and_keeps_the_callers_preloads(
+    monkeypatch,
+):
+    from megatron_rmt.rollout import serve
+
+    monkeypatch.setattr(serve.ctypes.util, "find_library", lambda name: f"lib{name}.so.4")
+    monkeypatch.setitem(serve.CPU_ENV, "LD_PRELOAD", serve._tcmalloc()["LD_PRELOAD"])
+    assert serve.server_env(False, {})["LD_PRELOAD"] == "libtcmalloc_minimal.so.4"
+    mine = serve.server_env(False, {"LD_PRELOAD": "libmine.so"})["LD_PRELOAD"]
+    assert mine == "libtcmalloc_minimal.so.4:libmine.so"
+    assert "LD_PRELOAD" not in serve.server_env(True, {})  # GPU servers: untouched
+    monkeypatch.setattr(serve.ctypes.util, "find_library", lambda name: None)
+    assert serve._tcmalloc() == {}  # not installed: no preload

@@ -23,7 +23,7 @@ from megatron_rmt.config import Config, ModelConfig
 from megatron_rmt.model import hf_mapping
 from megatron_rmt.rollout import client
 from megatron_rmt.rollout.transports import GlooTransport, ShmTransport
-from megatron_rmt.rollout.weight_transfer import MemoryWeightSync, _buckets
+from megatron_rmt.rollout.weight_transfer import MemoryWeightSync
 from megatron_rmt_vllm import wire
 
 TIMEOUT_S = 120.0  # what the trainer would wait before this fix
@@ -120,7 +120,7 @@ def test_a_transfer_both_sides_complete_returns_its_result():
 def test_buckets_hold_every_tensor_once_in_order():
     tensors = [(f"t{i}", torch.empty(n)) for i, n in enumerate([3, 1, 8, 2, 2, 2, 9, 1, 1, 4])]
     for bucket_bytes in (1, 4, 12, 16, 40, 1 << 30):  # bytes: fp32 elements x 4
-        buckets = list(_buckets(tensors, bucket_bytes))
+        buckets = list(wire.buckets(tensors, bucket_bytes))
         names = [n for names, _ in buckets for n in names]
         assert names == [n for n, _ in tensors], bucket_bytes
         assert [t for _, b in buckets for t in b] == [t for _, t in tensors]
@@ -282,9 +282,8 @@ def push_through_shared_memory():
     trainable = build_trainable(Config(model=m), VOCAB)
     fake = SharedMemoryServer()
     fake.paths = set()
-    sync = MemoryWeightSync(
-        trainable.model, m, VOCAB, ShmTransport(TIMEOUT_S), bucket_bytes=BUCKET_BYTES
-    )
+    transport = ShmTransport(TIMEOUT_S, chunk_bytes=BUCKET_BYTES)  # one bucket, cut in calls
+    sync = MemoryWeightSync(trainable.model, m, VOCAB, transport)
     out = []
     try:
         for version in (0, 1):

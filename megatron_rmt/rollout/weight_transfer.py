@@ -35,6 +35,7 @@ from megatron_rmt import platform
 from megatron_rmt.config import ModelConfig
 from megatron_rmt.model.hf_mapping import megatron_to_hf_tensors
 from megatron_rmt.rollout.weight_sync import WeightSyncSchedule, _rank
+from megatron_rmt_vllm import wire
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,9 @@ class MemoryWeightSync(WeightSyncSchedule):
             with ThreadPoolExecutor(max(1, len(urls))) as pool:
                 ready = {url: pool.submit(self._prepare, url, call) for url in urls}
                 tensors = self.gather()  # while the servers pause and get ready
-                buckets = [self.transport.pack(*b) for b in _buckets(tensors, self.bucket_bytes)]
+                buckets = [
+                    self.transport.pack(*b) for b in wire.buckets(tensors, self.bucket_bytes)
+                ]
                 del tensors
                 futures = {
                     url: pool.submit(self._push_one, url, ready[url], buckets, version, call)
@@ -159,20 +162,6 @@ def held_tag(url: str, call) -> str | None:
 def _workers(url: str, call) -> int:
     """The server's worker processes (its TP x PP), each of which joins the transfer group."""
     return len(call(url, "/collective_rpc", {"method": "check_health"})["results"])
-
-
-def _buckets(tensors: list, bucket_bytes: int):
-    """(names, tensors) of about `bucket_bytes` each, in order."""
-    names, bucket, size = [], [], 0
-    for name, tensor in tensors:
-        names.append(name)
-        bucket.append(tensor)
-        size += tensor.numel() * tensor.element_size()
-        if size >= bucket_bytes:
-            yield names, bucket
-            names, bucket, size = [], [], 0
-    if bucket:
-        yield names, bucket
 
 
 def _to_first_stage(local: list) -> list:
