@@ -480,7 +480,7 @@ def _validate_rollout(ro: RolloutConfig, timeout_minutes: int) -> list[str]:
     if ro.rollout_url and ro.weight_transfer == "disk" and not ro.weight_sync_dir:
         problems.append(
             "--rollout-url needs --weight-sync-dir (a directory the servers can read) or "
-            "--weight-transfer gloo|nccl"
+            "--weight-transfer gloo|shm|nccl"
         )
     wait = ro.rollout_timeout * (ro.rollout_retries + 1)
     if ro.rollout_url and wait + 30 > 60 * timeout_minutes:

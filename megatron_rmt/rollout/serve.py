@@ -76,9 +76,9 @@ CPU_ARGS = [
 def _tcmalloc() -> dict:
     """vLLM's CPU backend wants tcmalloc preloaded (it warns at start without it). Measured here
     (SmolLM2-135M, 9 in-memory syncs each): the gloo sync's median 1384 -> 650 ms, shm 752 ->
-    689 ms, the outliers fewer: glibc hands the reload's large staging tensors back to the
-    system and faults them in again every sync (docs/rollout.md). Used where installed
-    (Debian: libtcmalloc-minimal4)."""
+    689 ms, the outliers fewer (likely glibc handing the reload's large staging tensors back to
+    the system every sync; docs/rollout.md). Used where installed (Debian:
+    libtcmalloc-minimal4)."""
     name = ctypes.util.find_library("tcmalloc_minimal") or ctypes.util.find_library("tcmalloc")
     return {"LD_PRELOAD": name} if name else {}
 
