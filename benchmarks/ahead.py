@@ -1,14 +1,14 @@
 """On-policy vs one-step-ahead rollouts with a real vLLM server, same steps, same windows.
 
 Starts one CPU vLLM server (tiny Qwen3: hidden 128, 4 heads of 32, 2 layers, GPT-2 vocabulary;
-the weights pushed in memory after every step, over gloo or `--weight-transfer shm`), then trains the same model three
-times from the same seed on the same windows: NTP only (`--rmt-variant ntp`), RMT on-policy and
-RMT one step ahead (`--rollout-ahead 1`). Prints per run the medians over the steps after the
-first (warm-up) of the step time and its split: NTP pass, rollout wait after it, RL update,
-weight sync; and each RMT run's step time over the NTP-only one. The randomly initialised model
-never writes a parseable answer, so every reward would be 0 and the RL pass would skip every
-group: as tests/test_vllm.py does, the trainer keeps the real scoring and then rewards every
-other sample, so every group trains.
+the weights pushed in memory after every step, over gloo or `--weight-transfer shm`), then
+trains the same model three times from the same seed on the same windows: NTP only
+(`--rmt-variant ntp`), RMT on-policy and RMT one step ahead (`--rollout-ahead 1`). Prints per
+run the medians over the steps after the first (warm-up) of the step time and its split: NTP
+pass, rollout wait after it, RL update, weight sync; and each RMT run's step time over the
+NTP-only one. The randomly initialised model never writes a parseable answer, so every reward
+would be 0 and the RL pass would skip every group: as tests/test_vllm.py does, the trainer
+keeps the real scoring and then rewards every other sample, so every group trains.
 
 With `--load CKPT` the three runs train a real checkpoint instead, with its real rewards (e.g.
 the effect experiment's SmolLM2 cold start, docs/results_smollm2.md): `--hf` names the model
@@ -171,7 +171,7 @@ def main() -> None:
                     tmp,
                     name,
                     args.weight_transfer,
-                )  # fmt: skip
+                )
                 for name, extra in RUNS
             }
         finally:

@@ -96,7 +96,7 @@ def shared_file(path: str, nbytes: int, create: bool = False) -> torch.Tensor:
 
 def place(region: torch.Tensor, offset: int, dtype: torch.dtype, shape) -> torch.Tensor:
     """The tensor of `dtype` and `shape` stored at `offset` of a mapped region (a view)."""
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    nbytes = math.prod(shape) * dtype.itemsize
     return region[offset : offset + nbytes].view(dtype).view(shape)
 
 

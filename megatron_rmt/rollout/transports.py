@@ -96,15 +96,19 @@ def on_this_host(url: str) -> bool:
     return local_address_towards(url) in addresses
 
 
-class _Bucketwise:
-    """Transports that send a sync's buckets one at a time."""
+class _Transport:
+    """What the transports share unless they say otherwise: a bucket goes as its description
+    (wire.py) and its tensors, and a sync's buckets are sent one at a time."""
+
+    def pack(self, names: list[str], tensors: list[torch.Tensor]):
+        return wire.describe(names, tensors), tensors
 
     def send_all(self, url: str, buckets: list, call) -> None:
         for info, payload in buckets:
             self.send(url, info, payload, call)
 
 
-class GlooTransport(_Bucketwise):
+class GlooTransport(_Transport):
     backend = "gloo"
 
     def __init__(self, timeout_s: float, address: str | None = None):
@@ -128,9 +132,6 @@ class GlooTransport(_Bucketwise):
             lambda: wire.open_group(store, 0, 1 + workers, self.timeout_s),
         )
 
-    def pack(self, names: list[str], tensors: list[torch.Tensor]):
-        return wire.describe(names, tensors), tensors
-
     def send(self, url: str, info: dict, tensors: list[torch.Tensor], call) -> None:
         group = self.groups[url]
         _while(
@@ -142,14 +143,14 @@ class GlooTransport(_Bucketwise):
         self.groups.pop(url, None)
 
 
-class ShmTransport:
+class ShmTransport(_Transport):
     backend = "gloo"  # the server's side: the same plugin, no group needed
 
     def __init__(
         self, timeout_s: float, address: str | None = None, chunk_bytes: int = 64 << 20,
         directory: str = "/dev/shm",
     ):  # fmt: skip
-        self.timeout_s = timeout_s
+        del address  # the server is on this host
         self.wait = {"timeout": timeout_s}
         self.chunk_bytes = chunk_bytes  # one /update_weights call: the unit of the overlap
         self.directory = directory if os.path.isdir(directory) else tempfile.gettempdir()
@@ -163,9 +164,6 @@ class ShmTransport:
                 "the trainer (use --weight-transfer gloo for a server elsewhere)"
             )
         self.drop(url)
-
-    def pack(self, names: list[str], tensors: list[torch.Tensor]):
-        return wire.describe(names, tensors), tensors
 
     def send_all(self, url: str, buckets: list, call) -> None:
         """Every tensor of the sync gets its own place in the server's file. The sync's buckets
@@ -234,7 +232,7 @@ def _remove(path: str) -> None:
         pass
 
 
-class NcclTransport(_Bucketwise):
+class NcclTransport(_Transport):
     backend = "nccl"
 
     def __init__(self, timeout_s: float, address: str | None = None, bucket_bytes: int = 1 << 30):
